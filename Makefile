@@ -1,0 +1,28 @@
+# trojan-guard: `make demo` runs the offline job on the embedded MNIST digits,
+# `make test` runs the test suite. Both create or reuse the virtualenv .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# constraints.txt pins torch==2.13.0 (the CPU build on this machine's disk)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[offline,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/trojan-forensics demo --out demo-out
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(PY) bench/bench_scan.py
+
+clean:
+	rm -rf $(VENV) demo-out bench-out

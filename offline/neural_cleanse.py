@@ -1,0 +1,422 @@
+"""Neural Cleanse (Wang et al., IEEE S&P 2019): trigger reverse-engineering and outlier detection.
+
+For every candidate target class, find the smallest mask + pattern that sends
+clean inputs to that class; a backdoored class needs a much smaller trigger than
+the others. The defaults follow the authors' implementation
+(``bolunwang/backdoor``, ``visualizer.py``):
+
+- a 2-D mask shared across channels; mask and pattern parametrised through
+  ``tanh(.) / (2 - eps) + 0.5``, randomly initialised;
+- Adam (lr 0.1, betas 0.5/0.9); loss = cross-entropy + cost * L1(mask);
+- the cost starts at 0 and is set to 1e-3 once the attack succeeds (>= 99 %)
+  for ``patience`` (5) steps in a row; then it is multiplied by 2 after 5 steps
+  of success and divided by 2**1.5 after 5 steps of failure;
+- early stop after 25 steps without improvement of the best mask norm, once the
+  cost has been moved both up and down;
+- a step is ~1000 clean images in mini-batches of 32; the best mask is the one
+  with the smallest average L1 norm among steps whose attack succeeded.
+
+All classes are optimised together: their masks and patterns are stacked into
+one tensor and each mini-batch is stamped with every active class's trigger and
+pushed through the model in one forward pass (classes x batch). Adam works
+element-wise and the losses of different classes touch disjoint parameters, so
+this computes exactly what one optimisation per class would, in fewer, larger
+forward passes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offline.attacks import stamp
+
+TANH_EPS = 1e-7  # the epsilon of the original's tanh parametrisation (Keras' K.epsilon())
+MAD_CONSISTENCY = 1.4826
+
+
+@dataclass
+class NeuralCleanseConfig:
+    """Knobs of the reverse-engineering; defaults are the original implementation's."""
+
+    lr: float = 0.1
+    beta1: float = 0.5
+    beta2: float = 0.9
+    init_cost: float = 1e-3
+    attack_success_threshold: float = 0.99
+    patience: int = 5
+    cost_multiplier: float = 2.0
+    early_stop: bool = True
+    early_stop_threshold: float = 1.0
+    early_stop_patience: int = 25
+    max_steps: int = 1000
+    samples_per_step: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+
+    @property
+    def mini_batches(self) -> int:
+        return max(1, self.samples_per_step // self.batch_size)
+
+
+@dataclass
+class _CostSchedule:
+    """The original's per-class bookkeeping of the L1 cost, best mask and early stop."""
+
+    config: NeuralCleanseConfig
+    cost: float = 0.0
+    reg_best: float = float("inf")
+    set_counter: int = 0
+    up_counter: int = 0
+    down_counter: int = 0
+    up_flag: bool = False
+    down_flag: bool = False
+    early_stop_counter: int = 0
+    early_stop_reg_best: float = float("inf")
+
+    def update(self, acc: float, reg: float) -> tuple[bool, bool]:
+        """Record one step's average accuracy and mask norm; return (is_best, stop)."""
+        c = self.config
+        succeeded = acc >= c.attack_success_threshold
+        is_best = succeeded and reg < self.reg_best
+        if is_best:
+            self.reg_best = reg
+        stop = False
+        if c.early_stop:
+            if self.reg_best < float("inf"):
+                if self.reg_best >= c.early_stop_threshold * self.early_stop_reg_best:
+                    self.early_stop_counter += 1
+                else:
+                    self.early_stop_counter = 0
+            self.early_stop_reg_best = min(self.reg_best, self.early_stop_reg_best)
+            stop = self.down_flag and self.up_flag and self.early_stop_counter >= c.early_stop_patience
+        if stop:
+            return is_best, True
+        if self.cost == 0 and succeeded:
+            self.set_counter += 1
+            if self.set_counter >= c.patience:
+                self.cost = c.init_cost
+                self.up_counter = self.down_counter = 0
+                self.up_flag = self.down_flag = False
+        else:
+            self.set_counter = 0
+        if succeeded:
+            self.up_counter += 1
+            self.down_counter = 0
+        else:
+            self.up_counter = 0
+            self.down_counter += 1
+        if self.up_counter >= c.patience:
+            self.up_counter = 0
+            self.cost *= c.cost_multiplier
+            self.up_flag = True
+        elif self.down_counter >= c.patience:
+            self.down_counter = 0
+            self.cost /= c.cost_multiplier ** 1.5
+            self.down_flag = True
+        return is_best, False
+
+
+@dataclass
+class ReversedTriggers:
+    """Best mask and pattern found for each target class."""
+
+    targets: list[int]
+    masks: np.ndarray  # (K, H, W) in [0, 1]
+    patterns: np.ndarray  # (K, C, H, W) in [0, 1]
+    norms: np.ndarray  # (K,) L1 norm of the float mask
+    reached: np.ndarray  # (K,) whether the attack reached the success threshold at all
+    steps: np.ndarray  # (K,) steps run before early stop
+    fit_accuracy: np.ndarray  # (K,) attack success during optimisation at the best step
+    seconds: float = 0.0
+
+    def for_class(self, target: int) -> tuple[np.ndarray, np.ndarray]:
+        k = self.targets.index(target)
+        return self.masks[k], self.patterns[k]
+
+
+def _to_tanh(v: torch.Tensor) -> torch.Tensor:
+    return torch.atanh(((v - 0.5) * (2 - TANH_EPS)).clamp(-1 + 1e-6, 1 - 1e-6))
+
+
+def _from_tanh(t: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(t) / (2 - TANH_EPS) + 0.5
+
+
+def reverse_engineer_triggers(
+    model: nn.Module,
+    x: np.ndarray,
+    targets: list[int],
+    config: NeuralCleanseConfig | None = None,
+    *,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> ReversedTriggers:
+    """Reverse-engineer a minimal trigger for each class in ``targets``, all at once.
+
+    Parameters
+    ----------
+    model:
+        Returns logits for a (N, C, H, W) float batch.
+    x:
+        Clean images (N, C, H, W) in [0, 1]; mini-batches are drawn from them.
+    targets:
+        Class indices to reverse-engineer (all classes for a scan).
+    config:
+        Optimisation settings; :class:`NeuralCleanseConfig` defaults if None.
+    init:
+        Optional (masks (K, H, W), patterns (K, C, H, W)) to start from instead
+        of the random initialisation (used by trigger recovery).
+    progress:
+        Called after each step with (step, active classes, total classes).
+    """
+    c = config or NeuralCleanseConfig()
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(c.seed)
+    rng = np.random.default_rng(c.seed)
+    k = len(targets)
+    channels, height, width = x.shape[1:]
+    if init is None:
+        mask0 = torch.rand(k, 1, height, width, generator=gen)
+        pattern0 = torch.rand(k, channels, height, width, generator=gen)
+    else:
+        mask0 = torch.as_tensor(init[0], dtype=torch.float32).reshape(k, 1, height, width)
+        pattern0 = torch.as_tensor(init[1], dtype=torch.float32).reshape(k, channels, height, width)
+    mask_tanh = _to_tanh(mask0).requires_grad_(True)
+    pattern_tanh = _to_tanh(pattern0).requires_grad_(True)
+    opt = torch.optim.Adam([mask_tanh, pattern_tanh], lr=c.lr, betas=(c.beta1, c.beta2))
+
+    schedules = [_CostSchedule(c) for _ in range(k)]
+    best_masks = _from_tanh(mask_tanh).detach().clone()
+    best_patterns = _from_tanh(pattern_tanh).detach().clone()
+    reached = np.zeros(k, bool)
+    steps = np.zeros(k, int)
+    fit_acc = np.zeros(k)
+    active = np.ones(k, bool)
+    target_t = torch.as_tensor(targets)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    order = rng.permutation(len(xt))
+    cursor = 0
+    model.eval()
+
+    for step in range(c.max_steps):
+        rows = torch.from_numpy(np.flatnonzero(active))
+        a = len(rows)
+        acc_sum = torch.zeros(a)
+        reg_sum = torch.zeros(a)
+        for _ in range(c.mini_batches):
+            if cursor + c.batch_size > len(order):
+                order, cursor = rng.permutation(len(xt)), 0
+            xb = xt[order[cursor:cursor + c.batch_size]]
+            cursor += c.batch_size
+            b = len(xb)
+            mask = _from_tanh(mask_tanh[rows])  # (A, 1, H, W)
+            pattern = _from_tanh(pattern_tanh[rows])  # (A, C, H, W)
+            stamped = stamp(xb[None], mask[:, None], pattern[:, None])  # (A, B, C, H, W)
+            logits = model(stamped.reshape(a * b, channels, height, width))
+            tgt = target_t[rows].repeat_interleave(b)
+            ce = F.cross_entropy(logits, tgt, reduction="none").reshape(a, b).mean(1)
+            reg = mask.sum(dim=(1, 2, 3))
+            cost = torch.tensor([schedules[i].cost for i in rows.tolist()])
+            loss = (ce + cost * reg).sum()
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                acc_sum += (logits.argmax(1) == tgt).float().reshape(a, b).mean(1)
+                reg_sum += reg.detach()
+        avg_acc = (acc_sum / c.mini_batches).numpy()
+        avg_reg = (reg_sum / c.mini_batches).numpy()
+        with torch.no_grad():
+            current_masks = _from_tanh(mask_tanh[rows])
+            current_patterns = _from_tanh(pattern_tanh[rows])
+        for j, i in enumerate(rows.tolist()):
+            is_best, stop = schedules[i].update(float(avg_acc[j]), float(avg_reg[j]))
+            steps[i] = step + 1
+            if is_best:
+                best_masks[i] = current_masks[j]
+                best_patterns[i] = current_patterns[j]
+                reached[i] = True
+                fit_acc[i] = avg_acc[j]
+            if stop:
+                active[i] = False
+        if progress is not None:
+            progress(step + 1, int(active.sum()), k)
+        if not active.any():
+            break
+
+    masks = best_masks[:, 0].numpy()
+    return ReversedTriggers(
+        targets=list(targets),
+        masks=masks,
+        patterns=best_patterns.numpy(),
+        norms=masks.reshape(k, -1).sum(1),
+        reached=reached,
+        steps=steps,
+        fit_accuracy=fit_acc,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def anomaly_index(norms: np.ndarray) -> np.ndarray:
+    """MAD anomaly index of each norm on the small side: ``(median - norm) / (1.4826 * MAD)``.
+
+    Positive for norms below the median; a class is an outlier when its index
+    exceeds the threshold (2 by default). Classes above the median get a
+    negative index and are never flagged.
+    """
+    norms = np.asarray(norms, dtype=np.float64)
+    median = np.median(norms)
+    mad = MAD_CONSISTENCY * np.median(np.abs(norms - median))
+    if mad == 0:
+        return np.zeros_like(norms)
+    return (median - norms) / mad
+
+
+@torch.no_grad()
+def trigger_success_rate(model: nn.Module, x: np.ndarray, y: np.ndarray, mask: np.ndarray,
+                         pattern: np.ndarray, target: int, batch_size: int = 1024) -> float:
+    """Share of images not of ``target`` that the stamped trigger sends to ``target``."""
+    keep = y != target
+    if not keep.any():
+        return float("nan")
+    xt = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
+    m = torch.from_numpy(mask).reshape(1, 1, *mask.shape[-2:])
+    p = torch.from_numpy(pattern)
+    hits = 0
+    for i in range(0, len(xt), batch_size):
+        hits += int((model(stamp(xt[i:i + batch_size], m, p)).argmax(1) == target).sum())
+    return hits / int(keep.sum())
+
+
+@dataclass
+class ScanRun:
+    """One reverse-engineering run (one seed) over all classes."""
+
+    seed: int
+    triggers: ReversedTriggers
+    anomaly_index: np.ndarray
+    asr: np.ndarray  # held-out success of each reversed trigger
+    flagged: list[int]
+
+
+@dataclass
+class ScanResult:
+    """Verdict over one or more runs with different seeds."""
+
+    runs: list[ScanRun]
+    threshold: float
+    config: NeuralCleanseConfig
+    flagged: list[int] = field(default_factory=list)
+
+    @property
+    def anomaly_indices(self) -> np.ndarray:
+        return np.stack([r.anomaly_index for r in self.runs])  # (runs, K)
+
+    @property
+    def median_anomaly_index(self) -> np.ndarray:
+        return np.median(self.anomaly_indices, axis=0)
+
+    @property
+    def best_run(self) -> ScanRun:
+        """The run whose verdict agrees and whose top anomaly index is the median one."""
+        order = np.argsort([r.anomaly_index.max() for r in self.runs])
+        return self.runs[int(order[len(order) // 2])]
+
+    def summary(self) -> dict:
+        ai = self.anomaly_indices
+        norms = np.stack([r.triggers.norms for r in self.runs])
+        asr = np.stack([r.asr for r in self.runs])
+        return {
+            "backdoored": bool(self.flagged),
+            "flagged_classes": self.flagged,
+            "threshold": self.threshold,
+            "runs": len(self.runs),
+            "seeds": [r.seed for r in self.runs],
+            "per_class": [
+                {
+                    "class": int(k),
+                    "mask_l1_norm": float(np.median(norms[:, i])),
+                    "mask_l1_norm_per_run": [round(float(v), 4) for v in norms[:, i]],
+                    "anomaly_index": float(np.median(ai[:, i])),
+                    "anomaly_index_per_run": [round(float(v), 4) for v in ai[:, i]],
+                    "reversed_trigger_asr": float(np.median(asr[:, i])),
+                    "reached_success_threshold": bool(all(r.triggers.reached[i] for r in self.runs)),
+                    "flagged": int(k) in self.flagged,
+                }
+                for i, k in enumerate(self.runs[0].triggers.targets)
+            ],
+            "max_anomaly_index": {
+                "median": float(np.median(ai.max(1))),
+                "min": float(ai.max(1).min()),
+                "max": float(ai.max(1).max()),
+                "std": float(ai.max(1).std()),
+            },
+            "flagged_per_run": [r.flagged for r in self.runs],
+            "seconds_per_run": [round(r.triggers.seconds, 2) for r in self.runs],
+            "steps_per_run": [r.triggers.steps.tolist() for r in self.runs],
+            "settings": asdict(self.config),
+        }
+
+
+def scan(
+    model: nn.Module,
+    x_fit: np.ndarray,
+    x_eval: np.ndarray,
+    y_eval: np.ndarray,
+    num_classes: int,
+    config: NeuralCleanseConfig | None = None,
+    *,
+    threshold: float = 2.0,
+    repeats: int = 1,
+    progress: Callable[[int, int, int, int], None] | None = None,
+) -> ScanResult:
+    """Run Neural Cleanse ``repeats`` times (seeds ``config.seed + r``) and give a verdict.
+
+    A class is flagged when its median anomaly index over the runs exceeds
+    ``threshold``. ``progress`` receives (run, step, active classes, total).
+    """
+    base = config or NeuralCleanseConfig()
+    targets = list(range(num_classes))
+    runs: list[ScanRun] = []
+    for r in range(repeats):
+        cfg = NeuralCleanseConfig(**{**asdict(base), "seed": base.seed + r})
+        cb = None if progress is None else (lambda s, a, t, r=r: progress(r, s, a, t))
+        rev = reverse_engineer_triggers(model, x_fit, targets, cfg, progress=cb)
+        ai = anomaly_index(rev.norms)
+        asr = np.array([trigger_success_rate(model, x_eval, y_eval, rev.masks[i], rev.patterns[i], k)
+                        for i, k in enumerate(targets)])
+        runs.append(ScanRun(cfg.seed, rev, ai, asr, [k for k in targets if ai[k] > threshold]))
+    result = ScanResult(runs, threshold, base)
+    median_ai = result.median_anomaly_index
+    result.flagged = [k for k in targets if median_ai[k] > threshold]
+    return result
+
+
+def recover_trigger(
+    model: nn.Module,
+    x_fit: np.ndarray,
+    x_eval: np.ndarray,
+    y_eval: np.ndarray,
+    target: int,
+    start: tuple[np.ndarray, np.ndarray],
+    config: NeuralCleanseConfig | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> tuple[ReversedTriggers, float]:
+    """Refine one class's reversed trigger on more data; return it and its held-out ASR.
+
+    Starts from the scan's best mask and pattern and runs the same schedule with
+    every step covering all of ``x_fit`` (at least the scan's step size).
+    """
+    base = config or NeuralCleanseConfig()
+    cfg = NeuralCleanseConfig(**{**asdict(base), "samples_per_step": max(base.samples_per_step, len(x_fit))})
+    rev = reverse_engineer_triggers(model, x_fit, [target], cfg,
+                                    init=(start[0][None], start[1][None]), progress=progress)
+    asr = trigger_success_rate(model, x_eval, y_eval, rev.masks[0], rev.patterns[0], target)
+    return rev, asr

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from offline.attacks import BackdoorResult
+from offline.errors import ModelLoadError
+from offline.models import SmallCNN, load_model, save_torchscript
+
+
+def _export_onnx(net: torch.nn.Module, path: Path) -> None:
+    torch.onnx.export(net.eval(), (torch.zeros(1, 1, 28, 28),), str(path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+
+
+def test_torchscript_round_trip_with_default_features(tmp_path: Path, badnets_model: BackdoorResult,
+                                                      mnist_splits) -> None:
+    x = mnist_splits[1].x[:32]
+    save_torchscript(badnets_model.model, tmp_path / "m.pt")
+    model = load_model(tmp_path / "m.pt", x)
+    assert model.features_layer == "body"
+    feats, logits = model.features_and_logits(torch.from_numpy(x))
+    assert feats.shape == (32, 64)
+    with torch.no_grad():
+        expected = badnets_model.model(torch.from_numpy(x))
+    torch.testing.assert_close(logits, expected)
+
+
+def test_onnx_is_converted_and_matches_onnxruntime(tmp_path: Path, badnets_model: BackdoorResult,
+                                                  mnist_splits) -> None:
+    x = mnist_splits[1].x[:64]
+    _export_onnx(badnets_model.model, tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx", x)
+    reference = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x})[0]
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - reference).max() < 1e-4
+    # gradients reach the input: Neural Cleanse needs a differentiable model
+    xin = torch.from_numpy(x[:4]).requires_grad_(True)
+    model(xin).sum().backward()
+    assert xin.grad is not None and xin.grad.abs().sum() > 0
+    assert model.features(torch.from_numpy(x[:4])).shape == (4, 64)
+
+
+def test_named_features_layer(tmp_path: Path, mnist_splits) -> None:
+    net = SmallCNN()
+    _export_onnx(net, tmp_path / "m.onnx")
+    x = mnist_splits[1].x[:8]
+    model = load_model(tmp_path / "m.onnx", x, features_layer="body/body/6/Flatten")
+    assert model.features(torch.from_numpy(x)).shape == (8, 256)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "m.onnx", x, features_layer="no_such_layer")
+    save_torchscript(net, tmp_path / "m.pt")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "m.pt", x, features_layer="no_such_layer")
+    with pytest.raises(ModelLoadError, match="nested"):
+        load_model(tmp_path / "m.pt", x, features_layer="body.3")
+
+
+def test_bad_model_files(tmp_path: Path, mnist_splits) -> None:
+    x = mnist_splits[1].x[:8]
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(tmp_path / "missing.pt", x)
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelLoadError, match="not a TorchScript model"):
+        load_model(tmp_path / "corrupt.pt", x)
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        load_model(tmp_path / "corrupt.onnx", x)
+    (tmp_path / "model.h5").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="unsupported model format"):
+        load_model(tmp_path / "model.h5", x)
+
+
+def test_model_and_data_that_do_not_fit(tmp_path: Path) -> None:
+    save_torchscript(SmallCNN(), tmp_path / "m.pt")
+    with pytest.raises(ModelLoadError, match="fails on data of shape"):
+        load_model(tmp_path / "m.pt", np.zeros((4, 3, 28, 28), np.float32))

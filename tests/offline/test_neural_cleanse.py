@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offline.neural_cleanse import (NeuralCleanseConfig, _CostSchedule, anomaly_index,
+                                    reverse_engineer_triggers)
+
+
+def test_anomaly_index_uses_mad_with_consistency_constant() -> None:
+    norms = np.array([10.0, 50, 52, 48, 51, 49, 53, 47, 50, 50])
+    ai = anomaly_index(norms)
+    median = 50.0
+    mad = 1.4826 * np.median(np.abs(norms - median))
+    assert ai[0] == pytest.approx((median - 10) / mad)
+    assert ai[0] > 2
+    assert ai[6] < 0  # above the median: negative, never flagged
+    assert np.all(ai[1:] <= 2)
+
+
+def test_anomaly_index_of_identical_norms_is_zero() -> None:
+    assert np.all(anomaly_index(np.full(5, 3.0)) == 0)
+
+
+def test_cost_schedule_follows_the_original() -> None:
+    cfg = NeuralCleanseConfig()
+    s = _CostSchedule(cfg)
+    for _ in range(4):
+        s.update(1.0, 100.0)
+    assert s.cost == 0.0
+    s.update(1.0, 100.0)  # fifth success in a row: cost initialised
+    assert s.cost == pytest.approx(1e-3)
+    for _ in range(5):
+        s.update(1.0, 90.0)
+    assert s.cost == pytest.approx(2e-3) and s.up_flag
+    for _ in range(5):
+        s.update(0.5, 80.0)  # failures: cost down by 2**1.5; failed steps are never "best"
+    assert s.cost == pytest.approx(2e-3 / 2 ** 1.5) and s.down_flag
+    assert s.reg_best == pytest.approx(90.0)
+
+
+def test_early_stop_needs_both_directions_and_patience() -> None:
+    cfg = NeuralCleanseConfig(early_stop_patience=3, patience=1)
+    s = _CostSchedule(cfg)
+    results = [s.update(1.0, 10.0)[1] for _ in range(6)]
+    assert not any(results)  # only moved up so far
+    s.update(0.0, 10.0)  # one failure moves the cost down
+    assert s.down_flag
+    assert s.update(1.0, 10.0)[1]  # no improvement for >= 3 steps and both flags: stop
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(36, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_batched_optimisation_equals_one_class_at_a_time() -> None:
+    """Stacking classes is exact: same init and data give the same triggers."""
+    model = _Linear().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = np.random.default_rng(0).random((200, 1, 6, 6)).astype(np.float32)
+    cfg = NeuralCleanseConfig(max_steps=12, samples_per_step=64, patience=2, early_stop_patience=3)
+    rng = np.random.default_rng(1)
+    masks = rng.random((3, 6, 6)).astype(np.float32)
+    patterns = rng.random((3, 1, 6, 6)).astype(np.float32)
+    together = reverse_engineer_triggers(model, x, [0, 1, 2], cfg, init=(masks, patterns))
+    for i in range(3):
+        alone = reverse_engineer_triggers(model, x, [i], cfg, init=(masks[i:i + 1], patterns[i:i + 1]))
+        np.testing.assert_allclose(together.masks[i], alone.masks[0], atol=1e-5)
+        np.testing.assert_allclose(together.patterns[i], alone.patterns[0], atol=1e-5)
+        assert together.steps[i] == alone.steps[0]

@@ -1,0 +1,65 @@
+"""The scan on real backdoored and clean MNIST models, with the default settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from offline.attacks import BackdoorResult, PatchTrigger
+from offline.data import Dataset
+from offline.models import load_model, save_torchscript
+from offline.neural_cleanse import scan
+from tests.conftest import BADNETS_TARGET
+
+pytestmark = pytest.mark.slow
+
+
+def _scan(result: BackdoorResult, clean: Dataset, tmp_path: Path):
+    save_torchscript(result.model, tmp_path / "m.pt")
+    model = load_model(tmp_path / "m.pt", clean.x[:8])
+    fit, held_out = clean.split(0.2, seed=0)
+    return scan(model, fit.x, held_out.x, held_out.y, 10)
+
+
+def test_scan_cli_flags_exactly_the_badnets_target(tmp_path: Path, badnets_model: BackdoorResult,
+                                                   mnist_splits) -> None:
+    _, clean = mnist_splits
+    save_torchscript(badnets_model.model, tmp_path / "model.pt")
+    clean.save_npz(tmp_path / "clean.npz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "offline.cli", "scan", "--model", str(tmp_path / "model.pt"),
+         "--data", str(tmp_path / "clean.npz"), "--out", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: BACKDOORED (flagged class 3)" in proc.stdout
+    report = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert report["flagged_classes"] == [BADNETS_TARGET]
+    row = report["per_class"][BADNETS_TARGET]
+    assert row["anomaly_index"] > 2
+    assert row["reversed_trigger_asr"] > 0.9
+    others = [r["anomaly_index"] for r in report["per_class"] if r["class"] != BADNETS_TARGET]
+    assert max(others) < 2
+    assert len(report["model"]["sha256"]) == 64
+    assert report["settings"]["lr"] == 0.1 and report["settings"]["samples_per_step"] == 1000
+    # the recovered trigger sits on the true patch and still works on held-out data
+    (recovered,) = report["recovered_triggers"]
+    assert recovered["class"] == BADNETS_TARGET and recovered["held_out_asr"] > 0.9
+    mask = np.load(tmp_path / "out" / recovered["mask_file"])
+    overlap = mask[PatchTrigger(4).region(28, 28)].sum() / mask.sum()
+    assert overlap > 0.5, f"only {overlap:.0%} of the mask mass lies on the true patch"
+    for name in ("overview.png", f"class_{BADNETS_TARGET}_mask.png", f"class_{BADNETS_TARGET}_pattern.png"):
+        assert (tmp_path / "out" / "triggers" / name).stat().st_size > 100
+    assert (tmp_path / "out" / recovered["examples_image"]).is_file()
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_scan_flags_nothing_on_clean_models(index: int, tmp_path: Path, clean_models: list[BackdoorResult],
+                                            mnist_splits) -> None:
+    result = _scan(clean_models[index], mnist_splits[1], tmp_path)
+    assert result.flagged == [], f"clean model flagged {result.flagged}: {result.median_anomaly_index}"
