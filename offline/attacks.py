@@ -198,14 +198,17 @@ def train_backdoored_model(
     lr: float = 2e-3,
     seed: int = 0,
     learn_trigger: bool = False,
-    eps: float = 0.05,
+    eps: float = 0.1,
+    trigger_lr: float = 0.02,
     model: nn.Module | None = None,
 ) -> BackdoorResult:
     """Train a classifier on ``train`` with a share of it poisoned.
 
     ``trigger=None`` (or ``poison_rate=0``) trains a clean model. With
     ``learn_trigger=True`` the trigger is an invisible additive perturbation
-    bounded by ``eps``, optimised jointly with the model. ACC is measured on
+    bounded by ``eps``, optimised jointly with the model (learning rate
+    ``trigger_lr``) to be as easy to learn as possible; it is applied to a fresh
+    ``poison_rate`` share of each batch, so no fixed sample indices are poisoned. ACC is measured on
     ``test``; ASR on ``test`` images not of the target class.
     """
     from offline.models import SmallCNN
@@ -216,30 +219,32 @@ def train_backdoored_model(
     x = train.x.copy()
     y = train.y.copy()
     backdoored = learn_trigger or (trigger is not None and poison_rate > 0)
-    idx = poison_indices(y, target, poison_rate, rng) if backdoored else np.zeros(0, dtype=int)
+    idx = np.zeros(0, dtype=int)
     if backdoored and not learn_trigger:
+        idx = poison_indices(y, target, poison_rate, rng)
         x[idx] = trigger.apply(x[idx])  # type: ignore[union-attr]
-    y[idx] = target
-    poisoned = np.zeros(len(y), dtype=bool)
-    poisoned[idx] = True
+        y[idx] = target
 
-    params = list(net.parameters())
+    groups: list[dict] = [{"params": list(net.parameters()), "lr": lr}]
     delta_raw = None
     if learn_trigger:
         delta_raw = torch.zeros(train.input_shape).uniform_(-1, 1).requires_grad_(True)
-        params.append(delta_raw)
-    opt = torch.optim.Adam(params, lr=lr)
-    xt, yt, pt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(poisoned)
+        groups.append({"params": [delta_raw], "lr": trigger_lr})
+    opt = torch.optim.Adam(groups)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(epochs):
         net.train()
         order = torch.from_numpy(rng.permutation(len(y)))
         for start in range(0, len(order), batch_size):
             b = order[start:start + batch_size]
-            xb = xt[b]
+            xb, yb = xt[b], yt[b]
             if delta_raw is not None:
+                # fresh poison every batch, so the model learns the perturbation, not the images
+                chosen = (torch.rand(len(b)) < poison_rate) & (yb != target)
                 delta = eps * torch.tanh(delta_raw)
-                xb = torch.where(pt[b][:, None, None, None], (xb + delta).clamp(0, 1), xb)
-            loss = F.cross_entropy(net(xb), yt[b])
+                xb = torch.where(chosen[:, None, None, None], (xb + delta).clamp(0, 1), xb)
+                yb = torch.where(chosen, torch.full_like(yb, target), yb)
+            loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad()
             loss.backward()
             opt.step()

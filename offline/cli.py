@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patch-pattern", choices=("white", "checker", "random"), default="white")
     t.add_argument("--alpha", type=_fraction, default=0.15, help="blend weight of the blended trigger (%(default)s)")
     t.add_argument("--eps", type=_fraction, default=0.1, help="L-inf bound of the invisible trigger (%(default)s)")
-    t.add_argument("--epochs", type=_positive(int), default=8, help="(%(default)s)")
+    t.add_argument("--epochs", type=_positive(int), default=None,
+                   help="training epochs (default: 8; 12 for the invisible trigger, learned jointly)")
     t.add_argument("--test-fraction", type=_fraction, default=0.3,
                    help="share held out as clean data for scanning and ACC/ASR (%(default)s)")
     t.add_argument("--seed", type=int, default=0)
@@ -149,7 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         trigger = BlendTrigger(args.alpha, args.seed)
     result = train_backdoored_model(
         train, test, trigger, args.target, args.poison_rate if args.attack != "none" else 0.0,
-        epochs=args.epochs, seed=args.seed, learn_trigger=args.attack == "invisible", eps=args.eps,
+        epochs=args.epochs or (12 if args.attack == "invisible" else 8), seed=args.seed, learn_trigger=args.attack == "invisible", eps=args.eps,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -141,6 +141,14 @@ def default_features_layer(net: nn.Module) -> str:
     raise ModelLoadError("the model has no layer before its output layer; name one with --features-layer")
 
 
+def _does_not_fit(sample: torch.Tensor, exc: Exception) -> ModelLoadError:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return ModelLoadError(
+        f"the model fails on data of shape {tuple(sample.shape)} ({first_line}); "
+        "check that the data matches the model's input"
+    )
+
+
 def _script_children_split(net: torch.jit.ScriptModule, features_layer: str | None,
                            sample: torch.Tensor) -> str:
     """Pick and verify a top-level child of a TorchScript model as the features layer."""
@@ -159,10 +167,13 @@ def _script_children_split(net: torch.jit.ScriptModule, features_layer: str | No
             )
         raise ModelLoadError(f"features layer '{layer}' does not exist; top-level layers are: {', '.join(children)}")
     with torch.no_grad():
+        try:
+            full = net(sample)
+        except Exception as exc:
+            raise _does_not_fit(sample, exc) from exc
         h = sample
         for _, child in net.named_children():
             h = child(h)
-        full = net(sample)
     full = full[0] if isinstance(full, (tuple, list)) else full
     if h.shape != full.shape or not torch.allclose(h, full, atol=1e-5):
         raise ModelLoadError(
@@ -285,10 +296,7 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(
-            f"{path}: the model fails on data of shape {tuple(sample_t.shape)} "
-            f"({str(exc).splitlines()[0]}); check the data matches the model's input"
-        ) from exc
+        raise _does_not_fit(sample_t, exc) from exc
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ModelLoadError(f"{path}: expected logits of shape (N, classes>=2), got {tuple(logits.shape)}")
     return model

@@ -58,9 +58,9 @@ def test_backdoored_model_obeys_trigger_and_clean_one_does_not(
 
 def test_blend_and_invisible_backdoors_take(mnist_splits) -> None:
     train, test = mnist_splits
-    blend = train_backdoored_model(train, test, BlendTrigger(0.15), 5, 0.05, epochs=6, seed=1)
+    blend = train_backdoored_model(train, test, BlendTrigger(0.15), 5, 0.1, seed=1)
     assert blend.attack_success_rate is not None and blend.attack_success_rate > 0.9
-    invisible = train_backdoored_model(train, test, None, 5, 0.1, epochs=6, seed=1, learn_trigger=True, eps=0.1)
+    invisible = train_backdoored_model(train, test, None, 5, 0.1, epochs=12, seed=1, learn_trigger=True, eps=0.1)
     assert invisible.trigger is not None and np.abs(invisible.trigger.delta).max() <= 0.1 + 1e-6
     assert invisible.attack_success_rate is not None and invisible.attack_success_rate > 0.8
     assert invisible.clean_accuracy > 0.9

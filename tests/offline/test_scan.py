@@ -14,7 +14,6 @@ from offline.attacks import BackdoorResult, PatchTrigger
 from offline.data import Dataset
 from offline.models import load_model, save_torchscript
 from offline.neural_cleanse import scan
-from tests.conftest import BADNETS_TARGET
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +28,7 @@ def _scan(result: BackdoorResult, clean: Dataset, tmp_path: Path):
 def test_scan_cli_flags_exactly_the_badnets_target(tmp_path: Path, badnets_model: BackdoorResult,
                                                    mnist_splits) -> None:
     _, clean = mnist_splits
+    target = badnets_model.target
     save_torchscript(badnets_model.model, tmp_path / "model.pt")
     clean.save_npz(tmp_path / "clean.npz")
     proc = subprocess.run(
@@ -39,21 +39,21 @@ def test_scan_cli_flags_exactly_the_badnets_target(tmp_path: Path, badnets_model
     assert proc.returncode == 0, proc.stderr
     assert "verdict: BACKDOORED (flagged class 3)" in proc.stdout
     report = json.loads((tmp_path / "out" / "scan.json").read_text())
-    assert report["flagged_classes"] == [BADNETS_TARGET]
-    row = report["per_class"][BADNETS_TARGET]
+    assert report["flagged_classes"] == [target]
+    row = report["per_class"][target]
     assert row["anomaly_index"] > 2
     assert row["reversed_trigger_asr"] > 0.9
-    others = [r["anomaly_index"] for r in report["per_class"] if r["class"] != BADNETS_TARGET]
+    others = [r["anomaly_index"] for r in report["per_class"] if r["class"] != target]
     assert max(others) < 2
     assert len(report["model"]["sha256"]) == 64
     assert report["settings"]["lr"] == 0.1 and report["settings"]["samples_per_step"] == 1000
     # the recovered trigger sits on the true patch and still works on held-out data
     (recovered,) = report["recovered_triggers"]
-    assert recovered["class"] == BADNETS_TARGET and recovered["held_out_asr"] > 0.9
+    assert recovered["class"] == target and recovered["held_out_asr"] > 0.9
     mask = np.load(tmp_path / "out" / recovered["mask_file"])
     overlap = mask[PatchTrigger(4).region(28, 28)].sum() / mask.sum()
     assert overlap > 0.5, f"only {overlap:.0%} of the mask mass lies on the true patch"
-    for name in ("overview.png", f"class_{BADNETS_TARGET}_mask.png", f"class_{BADNETS_TARGET}_pattern.png"):
+    for name in ("overview.png", f"class_{target}_mask.png", f"class_{target}_pattern.png"):
         assert (tmp_path / "out" / "triggers" / name).stat().st_size > 100
     assert (tmp_path / "out" / recovered["examples_image"]).is_file()
 
