@@ -141,6 +141,20 @@ class AdditiveTrigger:
         return {"kind": self.kind, "eps": self.eps, "linf": float(np.abs(self.delta).max())}
 
 
+def trigger_from_description(desc: dict, delta: np.ndarray | None = None) -> PatchTrigger | BlendTrigger | AdditiveTrigger:
+    """Rebuild a trigger from its ``describe()`` output (``delta`` for the invisible one)."""
+    kind = desc.get("kind")
+    if kind == "patch":
+        return PatchTrigger(desc["size"], desc["row"], desc["col"], desc["pattern"], desc["seed"])
+    if kind == "blend":
+        return BlendTrigger(desc["alpha"], desc["seed"])
+    if kind == "invisible":
+        if delta is None:
+            raise ValueError("the invisible trigger needs its perturbation array (trigger_delta.npy)")
+        return AdditiveTrigger(delta, desc["eps"])
+    raise ValueError(f"unknown trigger kind {kind!r}")
+
+
 def poison_indices(y: np.ndarray, target: int, rate: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``rate * len(y)`` training samples, drawn from non-target classes."""
     candidates = np.flatnonzero(y != target)

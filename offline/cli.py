@@ -66,6 +66,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trojan-forensics",
@@ -99,6 +106,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_args(p)
 
+    pa = sub.add_parser("patch", help="scan, repair, calibrate and write the guard bundle",
+                        description="The whole offline job: Neural Cleanse scan and trigger recovery, repair, "
+                                    "ONNX export, calibration of the guard's STRIP and activation-filter "
+                                    "thresholds, evaluation on held-out data, and the guard bundle. A killed "
+                                    "job resumes from its last finished phase.")
+    pa.add_argument("--model", required=True, help="TorchScript (.pt) or ONNX (.onnx) classifier")
+    pa.add_argument("--data", default="mnist", help="clean data, as for scan (default: %(default)s); split "
+                                                    "60/20/20 into fit, calibration and test parts")
+    pa.add_argument("--out", required=True, help="bundle directory to write")
+    pa.add_argument("--features-layer", default=None, help="as for scan")
+    pa.add_argument("--threshold", type=_positive(float), default=2.0, help="anomaly index threshold (%(default)s)")
+    pa.add_argument("--repeats", type=_positive(int), default=1, help="scan runs with different seeds (%(default)s)")
+    r = pa.add_argument_group("repair")
+    r.add_argument("--repair", choices=("unlearn", "prune", "fine-prune", "none"), default="unlearn",
+                   help="repair method (default: %(default)s)")
+    r.add_argument("--unlearn-fraction", type=_share, default=1.0,
+                   help="share of the fit data to fine-tune on when unlearning (%(default)s)")
+    r.add_argument("--unlearn-stamp-share", type=_fraction, default=0.2,
+                   help="share of it stamped with the reversed trigger, true label kept (%(default)s)")
+    r.add_argument("--unlearn-epochs", type=_positive(int), default=10,
+                   help="most unlearning epochs; stops once the reversed trigger's ASR on the calibration "
+                        "split is below --asr-bound (%(default)s)")
+    r.add_argument("--repair-lr", type=_positive(float), default=1e-3, help="fine-tuning learning rate (%(default)s)")
+    r.add_argument("--asr-bound", type=_fraction, default=0.02,
+                   help="pruning and unlearning stop once the reversed trigger's ASR is below this (%(default)s)")
+    r.add_argument("--accuracy-budget", type=_fraction, default=0.015,
+                   help="pruning never costs more clean accuracy than this (%(default)s)")
+    r.add_argument("--fine-tune-epochs", type=_positive(int), default=1, help="fine-pruning's clean epochs (%(default)s)")
+    c = pa.add_argument_group("guard calibration")
+    c.add_argument("--strip-frr", type=_fraction, default=0.01, help="STRIP target false-rejection rate (%(default)s)")
+    c.add_argument("--strip-n", type=_positive(int), default=None,
+                   help="blends per input (default: the smallest of 5/10/20/50 that detects the reversed "
+                        "trigger as well as the best)")
+    c.add_argument("--blend-rule", choices=("add", "average"), default="add",
+                   help="add: pixel-wise sum clipped to range, as in the paper (default); average: mean")
+    c.add_argument("--threshold-rule", choices=("quantile", "normal"), default="quantile",
+                   help="empirical quantile or the paper's normal fit; both are recorded (%(default)s)")
+    c.add_argument("--pool-size", type=_positive(int), default=200, help="clean images STRIP blends with (%(default)s)")
+    c.add_argument("--filter-fpr", type=_fraction, default=0.05, help="activation filter target FPR (%(default)s)")
+    c.add_argument("--filter-top-share", type=_fraction, default=0.01,
+                   help="share of features neurons the filter watches, at least one (%(default)s)")
+    pa.add_argument("--true-trigger", default=None,
+                    help="evaluation mode: attack.json from 'trojan-forensics train'; its trigger's ASR is reported")
+    pa.add_argument("--work-dir", default=None, help="where phases keep results (default: OUT.work)")
+    pa.add_argument("--fresh", action="store_true", help="ignore finished phases of an earlier run")
+    pa.add_argument("--quiet", action="store_true", help="no progress bar")
+    _config_args(pa)
+
     t = sub.add_parser("train", help="train a (possibly backdoored) classifier with an attack simulator",
                        description="Train the project's small CNN on clean data, optionally poisoned by a "
                                    "simulated attack; save it as TorchScript with the held-out clean split.")
@@ -130,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from offline.attacks import BlendTrigger, PatchTrigger, train_backdoored_model
+    import numpy as np
+
+    from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, train_backdoored_model
     from offline.data import load_dataset
     from offline.jobs import write_json_atomic
     from offline.models import save_torchscript
@@ -158,6 +215,9 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     test.save_npz(out / "clean.npz")
     summary = {"attack": args.attack, "data": data.source, "train_images": len(train),
                "held_out_images": len(test), **result.summary()}
+    if isinstance(result.trigger, AdditiveTrigger):
+        np.save(out / "trigger_delta.npy", result.trigger.delta)
+        summary["trigger_delta_file"] = "trigger_delta.npy"
     write_json_atomic(out / "attack.json", summary)
     return summary
 
@@ -189,6 +249,27 @@ def _cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
                       eval_fraction=args.eval_fraction, recover=args.recover, progress=not args.quiet)
     _print_scan(report, Path(args.out))
     return report
+
+
+def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
+    from offline.calibrate import CalibrationSettings
+    from offline.patch import PatchSettings, run_patch
+    from offline.repair import RepairSettings
+
+    settings = PatchSettings(
+        scan=_config_from(args), anomaly_threshold=args.threshold, repeats=args.repeats,
+        repair=RepairSettings(method=args.repair, unlearn_fraction=args.unlearn_fraction,
+                              unlearn_stamp_share=args.unlearn_stamp_share, unlearn_epochs=args.unlearn_epochs,
+                              lr=args.repair_lr, asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
+                              fine_tune_epochs=args.fine_tune_epochs),
+        calibration=CalibrationSettings(strip_frr=args.strip_frr, strip_n=args.strip_n,
+                                        blend_rule=args.blend_rule, threshold_rule=args.threshold_rule,
+                                        pool_size=args.pool_size, filter_fpr=args.filter_fpr,
+                                        filter_top_share=args.filter_top_share),
+    )
+    return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
+                     true_trigger_file=args.true_trigger, work_dir=args.work_dir, fresh=args.fresh,
+                     progress=not args.quiet)
 
 
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -230,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = _cmd_train(args)
             print(json.dumps(summary, indent=2))
             print(f"model: {Path(args.out) / 'model.pt'}, clean held-out data: {Path(args.out) / 'clean.npz'}")
+        elif args.command == "patch":
+            _cmd_patch(args)
         elif args.command == "demo":
             _cmd_demo(args)
     except ForensicsError as exc:

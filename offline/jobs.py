@@ -96,16 +96,25 @@ def run_scan(
     """
     started = time.perf_counter()
     config = config or NeuralCleanseConfig()
-    out = Path(out)
     case = load_case(model_path, data_spec, features_layer)
     fit, held_out = case.data.split(eval_fraction, seed=config.seed)
+    return scan_case(case, model_path, fit, held_out, Path(out), config=config, threshold=threshold,
+                     repeats=repeats, recover=recover, examples=examples, progress=progress,
+                     load_seconds=time.perf_counter() - started)
+
+
+def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: Dataset, out: Path, *,
+              config: NeuralCleanseConfig, threshold: float = 2.0, repeats: int = 1, recover: bool = True,
+              examples: int = 6, progress: bool = True, load_seconds: float = 0.0) -> dict[str, Any]:
+    """Scan a loaded model: optimise on ``fit``, measure ASR on ``held_out``, write to ``out``."""
+    started = time.perf_counter()
     if len(fit) < config.batch_size or len(held_out) == 0:
         raise DataError(
             f"{case.data.source}: {len(case.data)} images are too few; give at least "
             f"{2 * config.batch_size} clean images"
         )
     k = case.num_classes
-    load_seconds = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
 
     with step_progress(progress, config.max_steps * repeats, f"Neural Cleanse on {k} classes") as bar:
         def on_step(run: int, step: int, active: int, total: int) -> None:
@@ -118,13 +127,15 @@ def run_scan(
         if bar is not None:
             bar.total = bar.n
             bar.refresh()
-    scan_seconds = time.perf_counter() - started - load_seconds
+    scan_seconds = time.perf_counter() - started
 
     summary = result.summary()
     best = result.best_run
     images = save_trigger_images(out / "triggers", best.triggers.targets, best.triggers.masks,
                                  best.triggers.patterns, best.anomaly_index, result.flagged,
                                  case.data.class_names)
+    np.save(out / "triggers" / "masks.npy", best.triggers.masks)
+    np.save(out / "triggers" / "patterns.npy", best.triggers.patterns)
     recovered = []
     for target in result.flagged if recover else []:
         with step_progress(progress, config.max_steps, f"recovering class {target}") as bar:
@@ -172,10 +183,12 @@ def run_scan(
             "class_names": case.data.class_names,
         },
         "images": [f"triggers/{name}" for name in images],
+        "trigger_arrays": {"masks": "triggers/masks.npy", "patterns": "triggers/patterns.npy",
+                           "best_run_seed": best.seed},
         "timings": {
             "load_seconds": round(load_seconds, 2),
             "scan_seconds": round(scan_seconds, 2),
-            "total_seconds": round(time.perf_counter() - started, 2),
+            "total_seconds": round(load_seconds + time.perf_counter() - started, 2),
         },
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads()},

@@ -59,37 +59,123 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))
 
 
+def module_kind(module: nn.Module) -> str:
+    """Class name of a module, also for TorchScript modules (``Linear``, ``Conv2d`` ...)."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return module_kind(module) in ("Linear", "Gemm") or isinstance(module, nn.Linear)
+
+
+def shaped_mask(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A unit or channel mask reshaped to broadcast against a layer output ``out``."""
+    if mask.numel() == out[0].numel():  # one value per output unit
+        return mask.reshape(out.shape[1:])
+    return mask.reshape(-1, *([1] * (out.dim() - 2)))  # one value per channel
+
+
 class ForensicModel(nn.Module):
     """Logits plus the activations of one named layer (the features layer).
 
-    Eager and onnx2torch (torch.fx) modules are split with a forward hook, so
-    any topology works. TorchScript runs compiled code that ignores hooks, so it
-    is split by running its top-level children in order; the split is verified
-    to reproduce the model's own output.
+    Eager and onnx2torch (torch.fx) modules are split with forward hooks, so any
+    topology works. TorchScript runs compiled code that ignores hooks, so it is
+    run leaf by leaf: its top-level modules in order, descending into
+    ``Sequential`` containers; the split is verified to reproduce the model's
+    own output at load time.
+
+    :meth:`set_output_mask` multiplies a layer's output by a mask, which is how
+    repair prunes neurons or channels; the mask is part of the forward pass and
+    so of the exported model.
     """
 
-    def __init__(self, net: nn.Module, features_layer: str, *, sequential: bool = False,
+    def __init__(self, net: nn.Module, features_layer: str, *,
+                 leaves: list[tuple[str, nn.Module]] | None = None,
                  output_index: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.features_layer = features_layer
-        self.sequential = sequential
+        self.leaves = leaves
         self.output_index = output_index
         self._captured: torch.Tensor | None = None
-        modules = dict(net.named_modules())
-        if features_layer not in modules or features_layer == "":
-            names = [n for n in modules if n]
+        self._masks: dict[str, torch.Tensor] = {}
+        self._hooked: set[str] = set()
+        self._probe: str | None = None
+        self._probe_out: torch.Tensor | None = None
+        self._check_layer(features_layer)
+        self._hook(features_layer)
+        self.freeze()
+
+    @property
+    def layer_names(self) -> list[str]:
+        if self.leaves is not None:
+            return [name for name, _ in self.leaves]
+        return [name for name, _ in self.net.named_modules() if name]
+
+    def _check_layer(self, name: str) -> None:
+        names = self.layer_names
+        if name not in names:
+            nested = self.leaves is not None and name in dict(self.net.named_modules())
+            if nested:
+                raise ModelLoadError(
+                    f"features layer '{name}' is nested inside a compiled TorchScript module; name one of "
+                    f"{', '.join(names)} or export the model to ONNX"
+                )
             raise ModelLoadError(
-                f"features layer '{features_layer}' does not exist; layers are: {', '.join(names[:40])}"
+                f"features layer '{name}' does not exist; layers are: {', '.join(names[:40])}"
                 + (" ..." if len(names) > 40 else "")
             )
-        if not sequential:
-            modules[features_layer].register_forward_hook(self._capture)
+
+    def _hook(self, name: str) -> None:
+        if self.leaves is None and name not in self._hooked:
+            dict(self.net.named_modules())[name].register_forward_hook(
+                lambda _m, _i, out, name=name: self._after(name, out))
+            self._hooked.add(name)
+
+    def _after(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        mask = self._masks.get(name)
+        if mask is not None:
+            out = out * shaped_mask(mask, out)
+        if name == self.features_layer:
+            self._captured = out
+        if name == self._probe:
+            self._probe_out = out
+        return out
+
+    @torch.no_grad()
+    def layer_output(self, layer: str, x: torch.Tensor) -> torch.Tensor:
+        """The output of any named layer (after its mask, if one is set)."""
+        self._check_layer(layer)
+        self._hook(layer)
+        self._probe, self._probe_out = layer, None
+        try:
+            self.features_and_logits(x)
+        finally:
+            self._probe = None
+        if self._probe_out is None:
+            raise ModelLoadError(f"layer '{layer}' is not used by the forward pass")
+        return self._probe_out
+
+    def set_output_mask(self, layer: str, mask: torch.Tensor | None) -> None:
+        """Multiply ``layer``'s output by ``mask``: one value per channel, or per output unit."""
+        self._check_layer(layer)
+        if mask is None:
+            self._masks.pop(layer, None)
+            return
+        self._masks[layer] = torch.as_tensor(mask, dtype=torch.float32)
+        self._hook(layer)
+
+    @property
+    def output_masks(self) -> dict[str, torch.Tensor]:
+        return dict(self._masks)
+
+    def freeze(self) -> None:
         for p in self.net.parameters():
             p.requires_grad_(False)
 
-    def _capture(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        self._captured = output
+    def unfreeze(self) -> None:
+        for p in self.net.parameters():
+            p.requires_grad_(True)
 
     def _select(self, out: object) -> torch.Tensor:
         if isinstance(out, (tuple, list)):
@@ -97,20 +183,17 @@ class ForensicModel(nn.Module):
         return out  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._select(self.net(x))
+        return self.features_and_logits(x)[1]
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.sequential:
-            feats = None
-            h = x
-            for name, child in self.net.named_children():
-                h = child(h)
-                if name == self.features_layer:
-                    feats = h
-            assert feats is not None
-            return feats.flatten(1), self._select(h)
         self._captured = None
-        logits = self.forward(x)
+        if self.leaves is not None:
+            h = x
+            for name, leaf in self.leaves:
+                h = self._after(name, leaf(h))
+            logits = self._select(h)
+        else:
+            logits = self._select(self.net(x))
         if self._captured is None:
             raise ModelLoadError(f"features layer '{self.features_layer}' is not used by the forward pass")
         return self._captured.flatten(1), logits
@@ -126,61 +209,56 @@ class ForensicModel(nn.Module):
         return torch.cat([self(xt[i:i + batch_size]).argmax(1) for i in range(0, len(xt), batch_size)]).numpy()
 
 
-def default_features_layer(net: nn.Module) -> str:
-    """The module whose output feeds the last linear layer: the penultimate layer."""
-    names = [name for name, _ in net.named_modules()]
-    linear = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not linear:
-        raise ModelLoadError("cannot find a linear output layer; name the features layer with --features-layer")
-    last = names.index(linear[-1])
-    # walk back to the nearest preceding leaf module (a ReLU, Flatten, Linear ...)
-    modules = dict(net.named_modules())
-    for name in reversed(names[:last]):
-        if name and not list(modules[name].children()):
-            return name
-    raise ModelLoadError("the model has no layer before its output layer; name one with --features-layer")
+def default_features_layer(named: list[tuple[str, nn.Module]]) -> str:
+    """The leaf module just before the last linear layer: the penultimate layer."""
+    leaves = [(n, m) for n, m in named if n and not list(m.children())]
+    linear = [i for i, (_, m) in enumerate(leaves) if _is_linear(m)]
+    if not linear or linear[-1] == 0:
+        raise ModelLoadError("cannot find the layer before the output layer; name it with --features-layer")
+    return leaves[linear[-1] - 1][0]
+
+
+def _script_leaves(net: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """Top-level modules of a TorchScript model in order, descending into Sequential containers."""
+    leaves: list[tuple[str, nn.Module]] = []
+    for name, child in net.named_children():
+        full = f"{prefix}{name}"
+        if module_kind(child) == "Sequential":
+            leaves.extend(_script_leaves(child, f"{full}."))
+        else:
+            leaves.append((full, child))
+    return leaves
 
 
 def _does_not_fit(sample: torch.Tensor, exc: Exception) -> ModelLoadError:
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
     return ModelLoadError(
-        f"the model fails on data of shape {tuple(sample.shape)} ({first_line}); "
+        f"the model fails on data of shape {tuple(sample.shape)} ({lines[-1]}); "
         "check that the data matches the model's input"
     )
 
 
-def _script_children_split(net: torch.jit.ScriptModule, features_layer: str | None,
-                           sample: torch.Tensor) -> str:
-    """Pick and verify a top-level child of a TorchScript model as the features layer."""
-    children = [name for name, _ in net.named_children()]
-    if len(children) < 2:
-        raise ModelLoadError(
-            "this TorchScript model cannot be split into features and output layers "
-            "(fewer than two top-level modules); export it to ONNX instead"
-        )
-    layer = features_layer or children[-2]
-    if layer not in children:
-        if layer in dict(net.named_modules()):
-            raise ModelLoadError(
-                f"features layer '{layer}' is nested inside a TorchScript module; name one of its "
-                f"top-level modules ({', '.join(children)}) or export the model to ONNX"
-            )
-        raise ModelLoadError(f"features layer '{layer}' does not exist; top-level layers are: {', '.join(children)}")
+def _verified_script_leaves(net: nn.Module, sample: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Leaves of a TorchScript model, checked to reproduce its output when run in order."""
     with torch.no_grad():
         try:
             full = net(sample)
         except Exception as exc:
             raise _does_not_fit(sample, exc) from exc
-        h = sample
-        for _, child in net.named_children():
-            h = child(h)
+        leaves = _script_leaves(net)
+        try:
+            h = sample
+            for _, leaf in leaves:
+                h = leaf(h)
+        except Exception:
+            h = None
     full = full[0] if isinstance(full, (tuple, list)) else full
-    if h.shape != full.shape or not torch.allclose(h, full, atol=1e-5):
+    if len(leaves) < 2 or h is None or h.shape != full.shape or not torch.allclose(h, full, atol=1e-5):
         raise ModelLoadError(
-            "this TorchScript model does not run its top-level modules in order, so its features "
-            "layer cannot be isolated; export it to ONNX instead"
+            "this TorchScript model does not run its modules in order, so its features layer "
+            "cannot be isolated; export it to ONNX instead"
         )
-    return layer
+    return leaves
 
 
 def _import_onnx2torch() -> types.ModuleType:
@@ -274,7 +352,7 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
         if "features" in outputs and features_layer in (None, "features"):
             model: ForensicModel = _DualOutputModel(net, output_index, outputs.index("features"))
         else:
-            layer = features_layer or default_features_layer(net)
+            layer = features_layer or default_features_layer(list(net.named_modules()))
             model = ForensicModel(net, layer, output_index=output_index)
     elif path.suffix.lower() in (".pt", ".pth", ".ts"):
         try:
@@ -285,8 +363,8 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
                 "torch.jit.script(model).save(path) or export it to ONNX"
             ) from exc
         net.eval()
-        layer = _script_children_split(net, features_layer, sample_t)
-        model = ForensicModel(net, layer, sequential=True)
+        leaves = _verified_script_leaves(net, sample_t)
+        model = ForensicModel(net, features_layer or default_features_layer(leaves), leaves=leaves)
     else:
         raise ModelLoadError(f"{path}: unsupported model format '{path.suffix}'; use .pt (TorchScript) or .onnx")
     model.eval()
@@ -309,11 +387,19 @@ class _DualOutputModel(ForensicModel):
         nn.Module.__init__(self)
         self.net = net
         self.features_layer = "features"
-        self.sequential = False
+        self.leaves = None
         self.output_index = output_index
         self.features_index = features_index
-        for p in self.net.parameters():
-            p.requires_grad_(False)
+        self._captured = None
+        self._masks = {}
+        self._hooked = set()
+        self._probe = None
+        self._probe_out = None
+        self.freeze()
+
+    @property
+    def layer_names(self) -> list[str]:
+        return ["features", *super().layer_names]
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.net(x)

@@ -23,7 +23,7 @@ def test_torchscript_round_trip_with_default_features(tmp_path: Path, badnets_mo
     x = mnist_splits[1].x[:32]
     save_torchscript(badnets_model.model, tmp_path / "m.pt")
     model = load_model(tmp_path / "m.pt", x)
-    assert model.features_layer == "body"
+    assert model.features_layer == "body.8"
     feats, logits = model.features_and_logits(torch.from_numpy(x))
     assert feats.shape == (32, 64)
     with torch.no_grad():
@@ -58,8 +58,8 @@ def test_named_features_layer(tmp_path: Path, mnist_splits) -> None:
     save_torchscript(net, tmp_path / "m.pt")
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "m.pt", x, features_layer="no_such_layer")
-    with pytest.raises(ModelLoadError, match="nested"):
-        load_model(tmp_path / "m.pt", x, features_layer="body.3")
+    scripted = load_model(tmp_path / "m.pt", x, features_layer="body.6")  # inside a Sequential
+    assert scripted.features(torch.from_numpy(x)).shape == (8, 256)
 
 
 def test_bad_model_files(tmp_path: Path, mnist_splits) -> None:
@@ -81,3 +81,25 @@ def test_model_and_data_that_do_not_fit(tmp_path: Path) -> None:
     save_torchscript(SmallCNN(), tmp_path / "m.pt")
     with pytest.raises(ModelLoadError, match="fails on data of shape"):
         load_model(tmp_path / "m.pt", np.zeros((4, 3, 28, 28), np.float32))
+
+
+def test_output_mask_prunes_units_and_channels(mnist_splits) -> None:
+    from offline.models import ForensicModel
+
+    x = torch.from_numpy(mnist_splits[1].x[:4])
+    model = ForensicModel(SmallCNN(), "body.8")
+    mask = torch.ones(64)
+    mask[:10] = 0
+    model.set_output_mask("body.8", mask)
+    feats, _ = model.features_and_logits(x)
+    assert torch.all(feats[:, :10] == 0) and feats[:, 10:].abs().sum() > 0
+    before = model(x)
+    channels = torch.zeros(16)  # every channel of the second conv layer silenced
+    model.set_output_mask("body.3", channels)
+    silenced = model(x)
+    assert not torch.allclose(before, silenced)
+    assert torch.allclose(silenced, silenced[:1].expand_as(silenced))  # input no longer matters
+    model.set_output_mask("body.3", None)
+    torch.testing.assert_close(model(x), before)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        model.set_output_mask("nope", channels)

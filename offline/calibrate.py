@@ -1,0 +1,128 @@
+"""Calibrate the guard's screens on the exported model, with the guard's own code.
+
+Everything here runs the exported ONNX model through ``guard.backends`` and
+scores with ``guard.screening``: the numbers a threshold is set from are the
+numbers the guard computes at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from guard.backends import EmbeddedBackend
+from guard.screening import (ActivationFilter, StripScreen, normal_threshold, quantile_threshold, screen)
+from offline.attacks import stamp
+
+
+@dataclass
+class CalibrationSettings:
+    strip_frr: float = 0.01
+    strip_n: int | None = None  # None: the smallest candidate that detects as well as the best
+    strip_candidates: tuple[int, ...] = (5, 10, 20, 50)
+    blend_rule: str = "add"
+    threshold_rule: str = "quantile"
+    pool_size: int = 200
+    filter_fpr: float = 0.05
+    filter_top_share: float = 0.01
+    seed: int = 0
+
+
+def _stats(scores: np.ndarray) -> dict[str, float]:
+    return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()),
+            "min": float(scores.min()), "max": float(scores.max())}
+
+
+def _strip_scores(backend: EmbeddedBackend, pool: np.ndarray, n: int, rule: str, x: np.ndarray,
+                  seed: int) -> np.ndarray:
+    strip = StripScreen(pool, n, threshold=0.0, rule=rule, seed=seed)
+    dummy = ActivationFilter(np.array([0]), threshold=0.0)
+    return np.concatenate([screen(backend.infer, x[i:i + 256], strip, dummy).strip.scores
+                           for i in range(0, len(x), 256)])
+
+
+def choose_activation_neurons(backend: EmbeddedBackend, x_clean: np.ndarray, x_stamped: np.ndarray,
+                              top_share: float) -> np.ndarray:
+    """Features units the reversed trigger excites most (top share, at least one)."""
+    diff = backend.infer(x_stamped)[1].mean(0) - backend.infer(x_clean)[1].mean(0)
+    count = max(1, int(round(top_share * len(diff))))
+    return np.sort(np.argsort(-diff, kind="stable")[:count])
+
+
+def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y_calib: np.ndarray,
+              target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None
+              ) -> dict[str, Any]:
+    """Thresholds for STRIP (at the target FRR) and the activation filter (at the target FPR).
+
+    The reversed trigger stamped on calibration images of other classes stands
+    in for attack traffic when choosing STRIP's n and the filter's neurons.
+    """
+    s = settings or CalibrationSettings()
+    stamped = stamp(x_calib[y_calib != target], mask[None], pattern).astype(np.float32)
+    candidates = [s.strip_n] if s.strip_n else [n for n in s.strip_candidates if n <= len(pool)]
+    trials = []
+    for n in candidates:
+        clean = _strip_scores(backend, pool, n, s.blend_rule, x_calib, s.seed)
+        thr = quantile_threshold(clean, s.strip_frr, low_is_suspicious=True)
+        triggered = _strip_scores(backend, pool, n, s.blend_rule, stamped, s.seed + 1)
+        trials.append({"n": n, "threshold": thr, "reversed_trigger_pass_rate": float((triggered >= thr).mean()),
+                       "clean": clean})
+    best = min(t["reversed_trigger_pass_rate"] for t in trials)
+    chosen = next(t for t in trials if t["reversed_trigger_pass_rate"] <= best + 0.01)
+    clean = chosen["clean"]
+    thresholds = {"quantile": quantile_threshold(clean, s.strip_frr, True),
+                  "normal": normal_threshold(clean, s.strip_frr, True)}
+    neurons = choose_activation_neurons(backend, x_calib, stamped, s.filter_top_share)
+    af = ActivationFilter(neurons, threshold=0.0)
+    af_clean = af.scores(backend.infer(x_calib)[1])
+    af_thr = quantile_threshold(af_clean, s.filter_fpr, low_is_suspicious=False)
+    return {
+        "strip": {
+            "n": chosen["n"], "blend_rule": s.blend_rule, "threshold": thresholds[s.threshold_rule],
+            "threshold_rule": s.threshold_rule, "thresholds": thresholds, "target_frr": s.strip_frr,
+            "clean_entropy": _stats(clean), "calibration_scores": [round(float(v), 6) for v in clean],
+        },
+        "activation_filter": {
+            "neurons": [int(v) for v in neurons], "threshold": af_thr, "target_fpr": s.filter_fpr,
+            "clean_score": _stats(af_clean), "calibration_scores": [round(float(v), 6) for v in af_clean],
+        },
+        "n_selection": [{k: v for k, v in t.items() if k != "clean"} for t in trials],
+        "settings": asdict(s),
+    }
+
+
+def evaluate_screens(backend: EmbeddedBackend, strip: StripScreen, activation: ActivationFilter,
+                     x_clean: np.ndarray, triggered: dict[str, tuple[np.ndarray, int]]) -> dict[str, Any]:
+    """FRR on held-out clean inputs; for each triggered set, how many get through each screen.
+
+    ``triggered`` maps a name to (inputs, target class). "unflagged" is the share
+    the screen lets through; "attack_passes" the share let through by both screens
+    *and* answered with the target class, i.e. attacks that succeed through the guard.
+    """
+    def run(x: np.ndarray):
+        return [screen(backend.infer, x[i:i + 256], strip, activation) for i in range(0, len(x), 256)]
+
+    clean = run(x_clean)
+    out: dict[str, Any] = {
+        "clean_images": int(len(x_clean)),
+        "strip_frr": float(np.concatenate([r.strip.flagged for r in clean]).mean()),
+        "activation_frr": float(np.concatenate([r.activation.flagged for r in clean]).mean()),
+        "combined_frr": float(np.concatenate([r.flagged for r in clean]).mean()),
+    }
+    for name, (x, target) in triggered.items():
+        res = run(x)
+        strip_flag = np.concatenate([r.strip.flagged for r in res])
+        af_flag = np.concatenate([r.activation.flagged for r in res])
+        hit = np.concatenate([r.logits.argmax(1) for r in res]) == target
+        out[name] = {
+            "images": int(len(x)),
+            "model_asr": float(hit.mean()),
+            "strip_unflagged": float((~strip_flag).mean()),
+            "activation_unflagged": float((~af_flag).mean()),
+            "strip_attack_passes": float((~strip_flag & hit).mean()),
+            "activation_attack_passes": float((~af_flag & hit).mean()),
+            "guard_attack_passes": float((~(strip_flag | af_flag) & hit).mean()),
+        }
+    return out

@@ -1,0 +1,269 @@
+"""The patch job: scan, recover, repair, export, calibrate, evaluate, and write the guard bundle.
+
+Each phase writes its result into a work directory (``<out>.work`` by default)
+as soon as it finishes; a job that is killed and started again with the same
+inputs and settings picks up after the last finished phase. The bundle itself
+is written last, staged beside its destination and swapped in by rename, so a
+killed job never leaves half a bundle where a good one was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from guard.backends import EmbeddedBackend
+from guard.bundle import GuardManifest, sha256_file, write_bundle
+from guard.screening import ActivationFilter, StripScreen
+from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, stamp, trigger_from_description
+from offline.calibrate import CalibrationSettings, calibrate, evaluate_screens
+from offline.errors import DataError, ForensicsError
+from offline.export import INPUT_NAME, OPSET, export_onnx
+from offline.jobs import TOOL_VERSION, LoadedCase, load_case, scan_case, write_json_atomic
+from offline.neural_cleanse import NeuralCleanseConfig
+from offline.repair import Evaluator, RepairSettings, repair
+
+PHASES = ("scan", "repair", "export", "calibrate", "evaluate", "bundle")
+Trigger = PatchTrigger | BlendTrigger | AdditiveTrigger
+
+
+@dataclass
+class PatchSettings:
+    scan: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
+    anomaly_threshold: float = 2.0
+    repeats: int = 1
+    repair: RepairSettings = field(default_factory=RepairSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    calibration_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+
+def load_true_trigger(path: str | Path) -> tuple[Trigger, int]:
+    """The true trigger and target from an ``attack.json`` written by ``trojan-forensics train``."""
+    path = Path(path)
+    try:
+        desc = json.loads(path.read_text())
+        delta = np.load(path.parent / desc["trigger_delta_file"]) if desc.get("trigger_delta_file") else None
+        return trigger_from_description(desc["trigger"], delta), int(desc["target"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ForensicsError(f"{path}: not a usable attack.json from 'trojan-forensics train' ({exc})") from exc
+
+
+def _digest(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+class _Phases:
+    """Finished phases in the work directory, each keyed by a fingerprint of everything it depends on.
+
+    A phase's fingerprint chains the previous phase's with its own settings, so
+    changing, say, the calibration settings reuses the scan and the repair but
+    redoes calibration and everything after it.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+
+    def result(self, phase: str, fingerprint: str) -> dict[str, Any] | None:
+        path = self.work / phase / "result.json"
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return stored.get("result") if stored.get("fingerprint") == fingerprint else None
+
+    def finish(self, phase: str, fingerprint: str, result: dict[str, Any]) -> dict[str, Any]:
+        write_json_atomic(self.work / phase / "result.json", {"fingerprint": fingerprint, "result": result})
+        return result
+
+    def dir(self, phase: str) -> Path:
+        """A clean directory for a phase about to run."""
+        path = self.work / phase
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+
+def run_patch(
+    model_path: str | Path,
+    data_spec: str,
+    out: str | Path,
+    *,
+    settings: PatchSettings | None = None,
+    features_layer: str | None = None,
+    true_trigger_file: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    fresh: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the whole offline job and write the guard bundle to ``out``; return the job summary."""
+    s = settings or PatchSettings()
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    started = time.perf_counter()
+    case = load_case(model_path, data_spec, features_layer)
+    true_trigger, true_target = (load_true_trigger(true_trigger_file) if true_trigger_file else (None, None))
+    rest, test = case.data.split(s.test_fraction, seed=s.split_seed)
+    fit, calib = rest.split(s.calibration_fraction / (1 - s.test_fraction), seed=s.split_seed + 1)
+    if min(len(fit), len(calib), len(test)) < s.scan.batch_size:
+        raise DataError(f"{case.data.source}: {len(case.data)} clean images are too few for the patch job; "
+                        f"give at least {int(s.scan.batch_size / min(s.test_fraction, s.calibration_fraction)) + 1}")
+    phases = _Phases(work)
+    model = case.model
+    fp_scan = _digest(case.model_sha256, case.data.x.tobytes(), case.data.y.tobytes(), features_layer,
+                      asdict(s.scan), s.anomaly_threshold, s.repeats, s.test_fraction,
+                      s.calibration_fraction, s.split_seed)
+    fp_repair = _digest(fp_scan, asdict(s.repair), str(true_trigger_file))
+    fp_export = _digest(fp_repair, OPSET)
+    fp_calibrate = _digest(fp_export, asdict(s.calibration))
+    fp_evaluate = _digest(fp_calibrate)
+
+    def header(i: int, phase: str, reused: bool) -> None:
+        say(f"[{i}/{len(PHASES)}] {phase}" + (": reused the finished result from a previous run" if reused else ""))
+
+    # 1. scan and trigger recovery
+    scan_result = phases.result("scan", fp_scan)
+    header(1, "scan", scan_result is not None)
+    if scan_result is None:
+        report = scan_case(case, model_path, fit, calib, phases.dir("scan"), config=s.scan,
+                           threshold=s.anomaly_threshold, repeats=s.repeats, progress=progress)
+        scan_result = phases.finish("scan", fp_scan, {"report": "scan.json", "flagged": report["flagged_classes"],
+                                             "anomaly_index": [r["anomaly_index"] for r in report["per_class"]]})
+    scan_dir = work / "scan"
+    scan_report = json.loads((scan_dir / "scan.json").read_text())
+    flagged = scan_result["flagged"]
+    anomaly = scan_result["anomaly_index"]
+    suspect = flagged[0] if flagged else int(np.argmax(anomaly))
+    if flagged:
+        rec = next(r for r in scan_report["recovered_triggers"] if r["class"] == suspect)
+        mask, pattern = np.load(scan_dir / rec["mask_file"]), np.load(scan_dir / rec["pattern_file"])
+        say(f"      backdoor found: class {suspect} (anomaly index {anomaly[suspect]:.2f}); "
+            f"recovered trigger held-out ASR {rec['held_out_asr']:.1%}")
+    else:
+        mask = np.load(scan_dir / "triggers" / "masks.npy")[suspect]
+        pattern = np.load(scan_dir / "triggers" / "patterns.npy")[suspect]
+        say(f"      no class flagged (max anomaly index {max(anomaly):.2f}); the guard's filter uses the "
+            f"most suspicious class {suspect}'s reversed trigger and the model is not repaired")
+    known = true_trigger if true_target == suspect else None
+    select = Evaluator(calib.x, calib.y, suspect, mask, pattern)
+    measure = Evaluator(test.x, test.y, suspect, mask, pattern, known)
+    if true_trigger is not None and true_target != suspect:
+        say(f"      note: the true target is class {true_target}, not the suspect {suspect}")
+
+    # 2. repair
+    repair_result = phases.result("repair", fp_repair)
+    header(2, "repair", repair_result is not None)
+    state_file = work / "repair" / "model_state.pt"
+    if repair_result is None:
+        rs = s.repair if flagged else RepairSettings(**{**asdict(s.repair), "method": "none"})
+        rep = repair(model, fit.x, fit.y, select, measure, rs)
+        torch.save({"state_dict": model.net.state_dict(), "masks": model.output_masks}, phases.dir("repair")
+                   / "model_state.pt")
+        repair_result = phases.finish("repair", fp_repair, rep.to_dict())
+    else:
+        state = torch.load(state_file, weights_only=True)
+        model.net.load_state_dict(state["state_dict"])
+        for layer, m in state["masks"].items():
+            model.set_output_mask(layer, m)
+    for key, value in repair_result["summary"].items():
+        if value is not None:
+            say(f"      {key.replace('_', ' ')}: {value}")
+
+    # 3. export
+    export_result = phases.result("export", fp_export)
+    header(3, "export", export_result is not None)
+    onnx_path = work / "export" / "model.onnx"
+    if export_result is None:
+        err = export_onnx(model, phases.dir("export") / "model.onnx", test.x[:256])
+        export_result = phases.finish("export", fp_export, {"file": "model.onnx", "opset": OPSET, "max_abs_error": err})
+        say(f"      ONNX (opset {OPSET}) matches torch within {err:.1e} on {min(256, len(test))} held-out images")
+    backend = EmbeddedBackend(onnx_path, INPUT_NAME)
+
+    # 4. calibrate
+    calib_result = phases.result("calibrate", fp_calibrate)
+    header(4, "calibrate", calib_result is not None)
+    pool_file = work / "calibrate" / "strip_pool.npy"
+    if calib_result is None:
+        rng = np.random.default_rng(s.calibration.seed)
+        pool = fit.x[np.sort(rng.choice(len(fit), min(s.calibration.pool_size, len(fit)), replace=False))]
+        np.save(phases.dir("calibrate") / "strip_pool.npy", pool)
+        calib_result = phases.finish("calibrate", fp_calibrate, calibrate(backend, pool, calib.x, calib.y, suspect, mask,
+                                                             pattern, s.calibration))
+    pool = np.load(pool_file)
+    strip_c, af_c = calib_result["strip"], calib_result["activation_filter"]
+    say(f"      STRIP: n={strip_c['n']}, entropy threshold {strip_c['threshold']:.4f} at FRR "
+        f"{strip_c['target_frr']:.0%}; activation filter: {len(af_c['neurons'])} neuron(s), threshold "
+        f"{af_c['threshold']:.3f} at FPR {af_c['target_fpr']:.0%}")
+
+    # 5. evaluate on the test split, which neither calibration nor repair saw
+    eval_result = phases.result("evaluate", fp_evaluate)
+    header(5, "evaluate", eval_result is not None)
+    if eval_result is None:
+        strip = StripScreen(pool, strip_c["n"], strip_c["threshold"], strip_c["blend_rule"], seed=7)
+        af = ActivationFilter(np.array(af_c["neurons"]), af_c["threshold"])
+        keep = test.y != suspect
+        triggered = {"reversed_trigger": (stamp(test.x[keep], mask[None], pattern).astype(np.float32), suspect)}
+        if true_trigger is not None:
+            keep_true = test.y != true_target
+            triggered["true_trigger"] = (true_trigger.apply(test.x[keep_true]), int(true_target))
+        eval_result = phases.finish("evaluate", fp_evaluate, evaluate_screens(backend, strip, af, test.x, triggered))
+    say(f"      held-out clean: STRIP FRR {eval_result['strip_frr']:.1%}, activation filter FRR "
+        f"{eval_result['activation_frr']:.1%}")
+    for name in ("reversed_trigger", "true_trigger"):
+        if name in eval_result:
+            e = eval_result[name]
+            say(f"      {name.replace('_', ' ')}: model ASR {e['model_asr']:.1%}; unflagged by STRIP "
+                f"{e['strip_unflagged']:.1%}, by the filter {e['activation_unflagged']:.1%}; attacks passing "
+                f"the guard {e['guard_attack_passes']:.1%}")
+
+    # 6. bundle
+    header(6, "bundle", False)
+    manifest = GuardManifest.model_validate({
+        "model": {"file": "model.onnx", "sha256": sha256_file(onnx_path), "opset": OPSET},
+        "input": {"name": INPUT_NAME, "shape": [-1, *case.data.input_shape], "value_range": (0.0, 1.0)},
+        "class_names": case.data.class_names,
+        "strip": {**strip_c, "pool_file": "strip_pool.npy",
+                  "pool_sha256": sha256_file(pool_file)},
+        "activation_filter": {**af_c, "layer": model.features_layer},
+        "scan": {"method": "neural-cleanse", "anomaly_index": anomaly, "flagged_classes": flagged,
+                 "threshold": s.anomaly_threshold},
+        "repair": {k: repair_result[k] for k in ("method", "before", "after", "summary")},
+        "evaluation": eval_result,
+        "provenance": {"source_model": Path(model_path).name, "source_model_sha256": case.model_sha256,
+                       "tool_version": f"trojan-forensics {TOOL_VERSION}",
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    })
+    report_dir = work / "report"
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    shutil.copytree(scan_dir, report_dir)
+    for phase, result in (("repair", repair_result), ("export", export_result), ("calibrate", calib_result),
+                          ("evaluate", eval_result)):
+        write_json_atomic(report_dir / f"{phase}.json", result)
+    write_bundle(out, manifest, {"model.onnx": onnx_path, "strip_pool.npy": pool_file},
+                 extra_dirs={"report": report_dir})
+    summary = {
+        "bundle": str(out), "flagged": flagged, "suspect_class": suspect,
+        "repair": repair_result["summary"], "evaluation": eval_result,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    say(f"bundle written to {out} (verify with: trojan-guard inspect {out}); report in {out}/report/")
+    return summary
