@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_scan.py
+	$(PY) bench/bench_patch.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

@@ -174,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="output directory: model.pt, clean.npz, attack.json")
 
-    d = sub.add_parser("demo", help="train a BadNets-backdoored MNIST model and scan it",
+    d = sub.add_parser("demo", help="train a BadNets-backdoored MNIST model, scan and patch it",
                        description="The end-to-end demo on the embedded MNIST digits: train a model with a "
-                                   "4x4 BadNets patch (10%% poison), then scan it and print the verdict.")
+                                   "4x4 BadNets patch (10%% poison), then run the patch job on it (scan, "
+                                   "repair, calibration, guard bundle) and print the figures.")
     d.add_argument("--out", default="demo-out", help="output directory (default: %(default)s)")
     d.add_argument("--target", type=int, default=7, help="target class of the demo backdoor (%(default)s)")
     d.add_argument("--seed", type=int, default=0)
@@ -276,30 +277,34 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from offline.attacks import PatchTrigger
-    from offline.jobs import run_scan
+    from offline.patch import run_patch
 
     out = Path(args.out)
-    print(f"[1/2] training a BadNets-backdoored CNN on the embedded MNIST digits (target class {args.target})")
+    model_dir, bundle = out / "model", out / "bundle"
+    print(f"[train] a BadNets-backdoored CNN on the embedded MNIST digits (4x4 patch, 10% poison, "
+          f"target class {args.target})")
     train_args = build_parser().parse_args(
         ["train", "--data", "mnist", "--attack", "badnets", "--target", str(args.target),
-         "--seed", str(args.seed), "--out", str(out / "model")])
+         "--seed", str(args.seed), "--out", str(model_dir)])
     attack = _cmd_train(train_args)
-    print(f"      clean accuracy {attack['clean_accuracy']:.1%}, attack success rate "
+    print(f"        clean accuracy {attack['clean_accuracy']:.1%}, attack success rate "
           f"{attack['attack_success_rate']:.1%} ({attack['poisoned_samples']} poisoned images)")
-    print(f"[2/2] scanning {out / 'model' / 'model.pt'} with Neural Cleanse")
-    report = run_scan(out / "model" / "model.pt", str(out / "model" / "clean.npz"), out / "scan",
-                      progress=not args.quiet)
-    _print_scan(report, out / "scan")
+    print(f"[patch] trojan-forensics patch --model {model_dir / 'model.pt'} --data {model_dir / 'clean.npz'} "
+          f"--out {bundle} --true-trigger {model_dir / 'attack.json'}")
+    summary = run_patch(model_dir / "model.pt", str(model_dir / "clean.npz"), bundle,
+                        true_trigger_file=model_dir / "attack.json", progress=not args.quiet,
+                        say=lambda line: print("        " + line))
+    scan = json.loads((bundle / "report" / "scan.json").read_text())
     region = PatchTrigger(4).region(28, 28)
-    for rec in report["recovered_triggers"]:
-        mask = np.load(out / "scan" / rec["mask_file"])
-        overlap = float(mask[region].sum() / mask.sum())
-        rec["true_patch_overlap"] = overlap
-        print(f"      {overlap:.0%} of the recovered mask's mass lies on the true 4x4 patch")
-    correct = report["flagged_classes"] == [args.target]
+    for rec in scan["recovered_triggers"]:
+        mask = np.load(bundle / "report" / rec["mask_file"])
+        print(f"        {mask[region].sum() / mask.sum():.0%} of the recovered trigger's mask lies on the "
+              f"true 4x4 patch ({bundle / 'report' / rec['examples_image']})")
+    correct = summary["flagged"] == [args.target]
     print(f"demo: the scan {'found' if correct else 'did NOT find exactly'} the planted backdoor "
-          f"(target {args.target}, flagged {report['flagged_classes']})")
-    return report
+          f"(target {args.target}, flagged {summary['flagged']}); patched model and guard thresholds in "
+          f"{bundle}, forensic details in {bundle / 'report'}")
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -255,6 +255,7 @@ def run_patch(
     if report_dir.exists():
         shutil.rmtree(report_dir)
     shutil.copytree(scan_dir, report_dir)
+    (report_dir / "result.json").unlink()
     for phase, result in (("repair", repair_result), ("export", export_result), ("calibrate", calib_result),
                           ("evaluate", eval_result)):
         write_json_atomic(report_dir / f"{phase}.json", result)

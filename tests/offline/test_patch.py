@@ -1,0 +1,158 @@
+"""The patch job end to end on a BadNets MNIST model: repair, export, calibration, bundle, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guard.bundle import BundleError, GuardBundle
+from guard.cli import main as guard_main
+from offline.attacks import BackdoorResult
+from offline.models import save_torchscript
+from offline.patch import PatchSettings, run_patch
+from offline.repair import RepairSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def case_dir(tmp_path_factory: pytest.TempPathFactory, badnets_model: BackdoorResult, mnist_splits) -> Path:
+    """What `trojan-forensics train` writes: model.pt, clean.npz, attack.json."""
+    root = tmp_path_factory.mktemp("case")
+    save_torchscript(badnets_model.model, root / "model.pt")
+    mnist_splits[1].save_npz(root / "clean.npz")
+    (root / "attack.json").write_text(json.dumps(badnets_model.summary()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def patched(case_dir: Path) -> tuple[Path, dict]:
+    out = case_dir / "bundle"
+    summary = run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), out,
+                        true_trigger_file=case_dir / "attack.json", progress=False, say=lambda _: None)
+    return out, summary
+
+
+def test_default_repair_removes_the_backdoor(patched: tuple[Path, dict], badnets_model: BackdoorResult) -> None:
+    out, summary = patched
+    assert summary["flagged"] == [badnets_model.target]
+    manifest = GuardBundle.load(out).manifest
+    before, after = manifest.repair["before"], manifest.repair["after"]
+    assert manifest.repair["method"] == "unlearn"
+    assert before["true_asr"] > 0.95
+    assert after["true_asr"] <= 0.025, after
+    assert before["accuracy"] - after["accuracy"] <= 0.02, (before, after)
+    export = json.loads((out / "report" / "export.json").read_text())
+    assert export["max_abs_error"] < 1e-4
+    assert manifest.evaluation["strip_frr"] <= 0.05
+    assert manifest.evaluation["true_trigger"]["guard_attack_passes"] <= 0.025
+
+
+def test_guard_only_bundle_screens_out_triggered_inputs(patched: tuple[Path, dict], case_dir: Path) -> None:
+    """Without repair the model still obeys the trigger; STRIP must catch it (the scan is reused)."""
+    lines: list[str] = []
+    settings = PatchSettings(repair=RepairSettings(method="none"))
+    run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), case_dir / "guard-only", settings=settings,
+              true_trigger_file=case_dir / "attack.json", work_dir=case_dir / "bundle.work",
+              progress=False, say=lines.append)
+    assert any(line.startswith("[1/6] scan: reused") for line in lines)
+    evaluation = GuardBundle.load(case_dir / "guard-only").manifest.evaluation
+    true = evaluation["true_trigger"]
+    assert true["model_asr"] > 0.95
+    assert true["strip_unflagged"] <= 0.05, true
+    assert true["guard_attack_passes"] <= 0.02, true
+    assert evaluation["strip_frr"] <= 0.05
+
+
+def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    good, _ = patched
+    assert guard_main(["inspect", str(good)]) == 0
+    assert "verified" in capsys.readouterr().out
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    onnx = copy("model")
+    data = bytearray((onnx / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (onnx / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx: SHA-256 mismatch"):
+        GuardBundle.load(onnx)
+
+    pool = copy("pool")
+    (pool / "strip_pool.npy").write_bytes((pool / "strip_pool.npy").read_bytes()[:1000])
+    with pytest.raises(BundleError, match=r"strip_pool\.npy: SHA-256 mismatch"):
+        GuardBundle.load(pool)
+
+    extra = copy("extra")
+    manifest = json.loads((extra / "guard.json").read_text())
+    manifest["strip"]["treshold"] = 0.5
+    (extra / "guard.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"guard\.json: field 'strip\.treshold'"):
+        GuardBundle.load(extra)
+
+    version = copy("version")
+    manifest = json.loads((version / "guard.json").read_text())
+    manifest["schema_version"] = 2
+    (version / "guard.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema version 2"):
+        GuardBundle.load(version)
+
+    escape = copy("escape")
+    manifest = json.loads((escape / "guard.json").read_text())
+    manifest["model"]["file"] = "../../etc/passwd"
+    (escape / "guard.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        GuardBundle.load(escape)
+
+    missing = copy("missing")
+    (missing / "model.onnx").unlink()
+    assert guard_main(["inspect", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx: missing from the bundle" in err and err.count("\n") == 1
+    (missing / "guard.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        GuardBundle.load(missing)
+
+
+FAST = ["--samples-per-step", "320", "--quiet"]
+
+
+def _patch_cmd(case_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "offline.cli", "patch", "--model", str(case_dir / "model.pt"),
+            "--data", str(case_dir / "clean.npz"), "--out", str(out), *FAST, *extra]
+
+
+def test_killed_job_resumes_and_never_breaks_the_old_bundle(patched: tuple[Path, dict], case_dir: Path,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    shutil.copytree(patched[0], out)  # a good bundle from an earlier run sits at the destination
+    old_manifest = (out / "guard.json").read_text()
+    work = tmp_path / "bundle.work"
+    proc = subprocess.Popen(_patch_cmd(case_dir, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while not (work / "scan" / "result.json").exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "scan phase did not finish in time"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # killed after the scan, somewhere in repair
+    proc.wait()
+    assert (out / "guard.json").read_text() == old_manifest
+    GuardBundle.load(out)
+
+    rerun = subprocess.run(_patch_cmd(case_dir, out), capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "[1/6] scan: reused the finished result" in rerun.stdout
+    bundle = GuardBundle.load(out)
+    assert (out / "guard.json").read_text() != old_manifest
+    assert bundle.manifest.scan.flagged_classes == patched[1]["flagged"]
+    assert len(bundle.pool) == 200 and bundle.pool.dtype == np.float32
