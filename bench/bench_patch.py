@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scan import ZOO  # noqa: E402
+
 from offline.attacks import AdditiveTrigger, train_backdoored_model  # noqa: E402
 from offline.data import load_mnist  # noqa: E402
 from offline.models import save_torchscript  # noqa: E402

@@ -29,8 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offline.attacks import BlendTrigger, PatchTrigger, train_backdoored_model  # noqa: E402
 from offline.data import load_mnist  # noqa: E402
-from offline.neural_cleanse import (NeuralCleanseConfig, ReversedTriggers, anomaly_index,  # noqa: E402
-                                    recover_trigger, reverse_engineer_triggers, scan)
+from offline.neural_cleanse import (  # noqa: E402
+    NeuralCleanseConfig,
+    ReversedTriggers,
+    anomaly_index,
+    recover_trigger,
+    reverse_engineer_triggers,
+    scan,
+)
 
 ZOO = [
     ("clean-a", None, None, 21),
@@ -129,7 +135,7 @@ def _speed(out: Path) -> dict:
         "verdicts_agree": flagged["batched"] == flagged["per_class"],
     }
     (out / "speed.json").write_text(json.dumps(row, indent=2))
-    print(f"\nspeed (10-class MNIST scan, same settings and seed, this process):")
+    print("\nspeed (10-class MNIST scan, same settings and seed, this process):")
     print(f"  batched scan      {row['batched_seconds']:>7.1f} s  ({row['batched_steps']} class-steps)")
     print(f"  per-class loop    {row['per_class_seconds']:>7.1f} s  ({row['per_class_steps']} class-steps)")
     print(f"  ratio             {row['speedup']:>7.2f}x  (per class-step: {row['per_step_speedup']}x)")

@@ -141,7 +141,9 @@ class AdditiveTrigger:
         return {"kind": self.kind, "eps": self.eps, "linf": float(np.abs(self.delta).max())}
 
 
-def trigger_from_description(desc: dict, delta: np.ndarray | None = None) -> PatchTrigger | BlendTrigger | AdditiveTrigger:
+def trigger_from_description(
+    desc: dict, delta: np.ndarray | None = None
+) -> PatchTrigger | BlendTrigger | AdditiveTrigger:
     """Rebuild a trigger from its ``describe()`` output (``delta`` for the invisible one)."""
     kind = desc.get("kind")
     if kind == "patch":

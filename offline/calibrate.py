@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from guard.backends import EmbeddedBackend
-from guard.screening import (ActivationFilter, StripScreen, normal_threshold, quantile_threshold, screen)
+from guard.screening import ActivationFilter, StripScreen, normal_threshold, quantile_threshold, screen
 from offline.attacks import stamp
 
 

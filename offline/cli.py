@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from offline.errors import ForensicsError
 
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning and unlearning stop once the reversed trigger's ASR is below this (%(default)s)")
     r.add_argument("--accuracy-budget", type=_fraction, default=0.015,
                    help="pruning never costs more clean accuracy than this (%(default)s)")
-    r.add_argument("--fine-tune-epochs", type=_positive(int), default=1, help="fine-pruning's clean epochs (%(default)s)")
+    r.add_argument("--fine-tune-epochs", type=_positive(int), default=1,
+                   help="fine-pruning's clean epochs (%(default)s)")
     c = pa.add_argument_group("guard calibration")
     c.add_argument("--strip-frr", type=_fraction, default=0.01, help="STRIP target false-rejection rate (%(default)s)")
     c.add_argument("--strip-n", type=_positive(int), default=None,
@@ -208,7 +210,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         trigger = BlendTrigger(args.alpha, args.seed)
     result = train_backdoored_model(
         train, test, trigger, args.target, args.poison_rate if args.attack != "none" else 0.0,
-        epochs=args.epochs or (12 if args.attack == "invisible" else 8), seed=args.seed, learn_trigger=args.attack == "invisible", eps=args.eps,
+        epochs=args.epochs or (12 if args.attack == "invisible" else 8), seed=args.seed,
+        learn_trigger=args.attack == "invisible", eps=args.eps,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,11 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, stamp, 
 from offline.calibrate import CalibrationSettings, calibrate, evaluate_screens
 from offline.errors import DataError, ForensicsError
 from offline.export import INPUT_NAME, OPSET, export_onnx
-from offline.jobs import TOOL_VERSION, LoadedCase, load_case, scan_case, write_json_atomic
+from offline.jobs import TOOL_VERSION, load_case, scan_case, write_json_atomic
 from offline.neural_cleanse import NeuralCleanseConfig
 from offline.repair import Evaluator, RepairSettings, repair
 
@@ -205,8 +206,8 @@ def run_patch(
         rng = np.random.default_rng(s.calibration.seed)
         pool = fit.x[np.sort(rng.choice(len(fit), min(s.calibration.pool_size, len(fit)), replace=False))]
         np.save(phases.dir("calibrate") / "strip_pool.npy", pool)
-        calib_result = phases.finish("calibrate", fp_calibrate, calibrate(backend, pool, calib.x, calib.y, suspect, mask,
-                                                             pattern, s.calibration))
+        calibration = calibrate(backend, pool, calib.x, calib.y, suspect, mask, pattern, s.calibration)
+        calib_result = phases.finish("calibrate", fp_calibrate, calibration)
     pool = np.load(pool_file)
     strip_c, af_c = calib_result["strip"], calib_result["activation_filter"]
     say(f"      STRIP: n={strip_c['n']}, entropy threshold {strip_c['threshold']:.4f} at FRR "

@@ -18,8 +18,9 @@ reversed trigger (and of the true trigger, in evaluation mode) before and after.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,8 @@ def _fine_tune(model: ForensicModel, x: np.ndarray, y: np.ndarray, epochs: int, 
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     done = 0
     try:
-        for done in range(1, epochs + 1):
+        for epoch in range(1, epochs + 1):
+            done = epoch
             model.train()
             order = rng.permutation(len(xt))
             for i in range(0, len(order), s.batch_size):

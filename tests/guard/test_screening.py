@@ -3,8 +3,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.screening import (ActivationFilter, StripScreen, blend, entropy, normal_threshold, p_values,
-                             quantile_threshold, screen, softmax)
+from guard.screening import (
+    ActivationFilter,
+    StripScreen,
+    blend,
+    entropy,
+    normal_threshold,
+    p_values,
+    quantile_threshold,
+    screen,
+    softmax,
+)
 
 
 def test_entropy_of_certain_and_uniform_predictions() -> None:

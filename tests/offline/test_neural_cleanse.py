@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from offline.neural_cleanse import (NeuralCleanseConfig, _CostSchedule, anomaly_index,
-                                    reverse_engineer_triggers)
+from offline.neural_cleanse import NeuralCleanseConfig, _CostSchedule, anomaly_index, reverse_engineer_triggers
 
 
 def test_anomaly_index_uses_mad_with_consistency_constant() -> None:
