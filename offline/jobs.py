@@ -19,7 +19,8 @@ import torch
 from offline.attacks import stamp
 from offline.data import Dataset, load_dataset
 from offline.errors import DataError
-from offline.models import ForensicModel, load_model, sha256_file
+from guard.bundle import sha256_file
+from offline.models import ForensicModel, load_model
 from offline.neural_cleanse import NeuralCleanseConfig, recover_trigger, scan
 from offline.plots import save_stamped_examples, save_trigger_images
 

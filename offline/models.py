@@ -9,7 +9,6 @@ activations of the features (penultimate) layer.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import types
 from pathlib import Path
@@ -21,14 +20,6 @@ from torch import nn
 from offline.errors import ModelLoadError
 
 ONNX_VERIFY_TOL = 1e-4
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class SmallCNN(nn.Module):

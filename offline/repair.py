@@ -175,25 +175,36 @@ def unlearn(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluato
     return {"images": int(len(idx)), "stamped_share": s.unlearn_stamp_share, "epochs": epochs, "curve": curve}
 
 
+def _prune_in_order(model: ForensicModel, layer: str, order: np.ndarray, evaluate: Evaluator,
+                    s: RepairSettings, baseline: Measure, stop_below_asr: bool) -> tuple[list[int], list[dict]]:
+    """Silence ``layer``'s units (or channels) in ``order`` while accuracy stays within the budget.
+
+    Stops early once the reversed trigger's ASR is below ``asr_bound`` if
+    ``stop_below_asr``; always keeps at least one unit.
+    """
+    keep = torch.ones(len(order))
+    curve = [{"pruned": 0, "accuracy": baseline.accuracy, "reversed_asr": baseline.reversed_asr}]
+    pruned: list[int] = []
+    for unit in order[:-1]:
+        keep[unit] = 0.0
+        model.set_output_mask(layer, keep)
+        m = evaluate(model)
+        if baseline.accuracy - m.accuracy > s.accuracy_budget:
+            keep[unit] = 1.0  # one too many: undo it and stop
+            model.set_output_mask(layer, keep)
+            break
+        pruned.append(int(unit))
+        curve.append({"pruned": len(pruned), "accuracy": m.accuracy, "reversed_asr": m.reversed_asr})
+        if stop_below_asr and m.reversed_asr < s.asr_bound:
+            break
+    return pruned, curve
+
+
 def prune(model: ForensicModel, x_rank: np.ndarray, evaluate: Evaluator, s: RepairSettings,
           baseline: Measure) -> dict[str, Any]:
     """Silence features-layer units most excited by the reversed trigger, within the accuracy budget."""
     order = trigger_neuron_ranking(model, x_rank, evaluate.mask, evaluate.pattern)
-    keep = torch.ones(len(order))
-    curve = [{"pruned": 0, "accuracy": baseline.accuracy, "reversed_asr": baseline.reversed_asr}]
-    pruned: list[int] = []
-    for unit in order:
-        keep[unit] = 0.0
-        model.set_output_mask(model.features_layer, keep)
-        m = evaluate(model)
-        if baseline.accuracy - m.accuracy > s.accuracy_budget:
-            keep[unit] = 1.0  # one unit too many: undo it and stop
-            model.set_output_mask(model.features_layer, keep)
-            break
-        pruned.append(int(unit))
-        curve.append({"pruned": len(pruned), "accuracy": m.accuracy, "reversed_asr": m.reversed_asr})
-        if m.reversed_asr < s.asr_bound:
-            break
+    pruned, curve = _prune_in_order(model, model.features_layer, order, evaluate, s, baseline, True)
     return {"layer": model.features_layer, "pruned_units": pruned, "units": len(order), "curve": curve}
 
 
@@ -213,19 +224,7 @@ def fine_prune(model: ForensicModel, x: np.ndarray, y: np.ndarray, evaluate: Eva
     out = model.layer_output(layer, torch.from_numpy(x[:1024]))
     activation = out.clamp_min(0).mean(dim=(0, 2, 3)).numpy()
     order = np.argsort(activation, kind="stable")  # most dormant first
-    keep = torch.ones(len(order))
-    curve = [{"pruned": 0, "accuracy": baseline.accuracy, "reversed_asr": baseline.reversed_asr}]
-    pruned: list[int] = []
-    for channel in order[:-1]:
-        keep[channel] = 0.0
-        model.set_output_mask(layer, keep)
-        m = evaluate(model)
-        if baseline.accuracy - m.accuracy > s.accuracy_budget:
-            keep[channel] = 1.0
-            model.set_output_mask(layer, keep)
-            break
-        pruned.append(int(channel))
-        curve.append({"pruned": len(pruned), "accuracy": m.accuracy, "reversed_asr": m.reversed_asr})
+    pruned, curve = _prune_in_order(model, layer, order, evaluate, s, baseline, False)
     _fine_tune(model, x, y, s.fine_tune_epochs, s)
     return {"layer": layer, "pruned_channels": pruned, "channels": len(order), "curve": curve,
             "fine_tune_epochs": s.fine_tune_epochs}

@@ -1,0 +1,61 @@
+"""Each repair method on a real BadNets model, with the true trigger standing in for the reversed one."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from offline.attacks import BackdoorResult, PatchTrigger
+from offline.models import ForensicModel
+from offline.repair import Evaluator, RepairSettings, repair
+
+
+@pytest.fixture()
+def setup(badnets_model: BackdoorResult, mnist_splits):
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")
+    clean = mnist_splits[1]
+    rest, test = clean.split(0.2, seed=0)
+    fit, select = rest.split(0.25, seed=1)
+    mask, pattern = PatchTrigger(4).mask_and_pattern((1, 28, 28))
+    target = badnets_model.target
+    return (model, fit, Evaluator(select.x, select.y, target, mask[0], pattern),
+            Evaluator(test.x, test.y, target, mask[0], pattern, PatchTrigger(4)))
+
+
+def test_unlearning_removes_the_backdoor(setup) -> None:
+    model, fit, select, measure = setup
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="unlearn"))
+    assert report.before.true_asr > 0.95
+    assert report.after.true_asr < 0.05
+    assert report.before.accuracy - report.after.accuracy < 0.03
+    assert report.details["epochs"] <= 10 and report.details["curve"][-1]["reversed_asr"] < 0.02
+
+
+def test_pruning_stays_within_the_accuracy_budget(setup) -> None:
+    model, fit, select, measure = setup
+    s = RepairSettings(method="prune", accuracy_budget=0.015)
+    report = repair(model, fit.x, fit.y, select, measure, s)
+    curve = report.details["curve"]
+    assert len(report.details["pruned_units"]) == len(curve) - 1
+    assert all(curve[0]["accuracy"] - c["accuracy"] <= 0.015 for c in curve)
+    masked = model.output_masks["body.8"]
+    assert int((masked == 0).sum()) == len(report.details["pruned_units"])
+
+
+def test_fine_pruning_silences_dormant_channels_then_fine_tunes(setup) -> None:
+    model, fit, select, measure = setup
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="fine-prune"))
+    assert report.details["layer"] == "body.3"
+    assert 0 < len(report.details["pruned_channels"]) < 16
+    assert report.before.accuracy - report.after.accuracy < 0.03
+    assert np.all(model.output_masks["body.3"].numpy()[report.details["pruned_channels"]] == 0)
+
+
+def test_unknown_method_is_refused(setup) -> None:
+    from offline.errors import ForensicsError
+
+    model, fit, select, measure = setup
+    with pytest.raises(ForensicsError, match="unknown repair method"):
+        repair(model, fit.x, fit.y, select, measure, RepairSettings(method="magic"))
