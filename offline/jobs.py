@@ -46,7 +46,8 @@ def step_progress(enabled: bool, total: int, desc: str) -> Iterator[Any]:
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    # disable=None: a bar on a terminal, silence in logs and pipes
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, disable=None)
     try:
         yield bar
     finally:
