@@ -325,7 +325,7 @@ class ScanResult:
 
     @property
     def best_run(self) -> ScanRun:
-        """The run whose verdict agrees and whose top anomaly index is the median one."""
+        """The run whose largest anomaly index is the median of the runs (the only run when there is one)."""
         order = np.argsort([r.anomaly_index.max() for r in self.runs])
         return self.runs[int(order[len(order) // 2])]
 
