@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from guard.bundle import sha256_file
 from offline.attacks import stamp
 from offline.data import Dataset, load_dataset
 from offline.errors import DataError
-from guard.bundle import sha256_file
 from offline.models import ForensicModel, load_model
 from offline.neural_cleanse import NeuralCleanseConfig, recover_trigger, scan
 from offline.plots import save_stamped_examples, save_trigger_images
@@ -149,7 +149,8 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
         mask, pattern = rev.masks[0], rev.patterns[0]
         np.save(out / f"recovered_class_{target}_mask.npy", mask)
         np.save(out / f"recovered_class_{target}_pattern.npy", pattern)
-        pick = np.flatnonzero(held_out.y != target)[:examples]
+        # one example from each of the first other classes, so the figure shows the trigger's reach
+        pick = np.array([np.flatnonzero(held_out.y == c)[0] for c in np.unique(held_out.y) if c != target])[:examples]
         xs = held_out.x[pick]
         after = case.model.predict(stamp(xs, mask[None], pattern))
         save_stamped_examples(out / f"recovered_class_{target}_examples.png", xs, mask, pattern,
