@@ -164,6 +164,15 @@ def poison_indices(y: np.ndarray, target: int, rate: float, rng: np.random.Gener
     return np.sort(rng.choice(candidates, size=min(count, len(candidates)), replace=False))
 
 
+def apply_poison(x: np.ndarray, y: np.ndarray, trigger: Trigger, target: int,
+                 idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The poisoned training set: rows ``idx`` stamped with the trigger and relabelled ``target``."""
+    x, y = x.copy(), y.copy()
+    x[idx] = trigger.apply(x[idx])
+    y[idx] = target
+    return x, y
+
+
 @dataclass
 class BackdoorResult:
     """A model trained on poisoned data, with its measured effect."""
@@ -232,14 +241,12 @@ def train_backdoored_model(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = model or SmallCNN(train.input_shape, train.num_classes)
-    x = train.x.copy()
-    y = train.y.copy()
+    x, y = train.x, train.y
     backdoored = learn_trigger or (trigger is not None and poison_rate > 0)
     idx = np.zeros(0, dtype=int)
     if backdoored and not learn_trigger:
         idx = poison_indices(y, target, poison_rate, rng)
-        x[idx] = trigger.apply(x[idx])  # type: ignore[union-attr]
-        y[idx] = target
+        x, y = apply_poison(train.x, train.y, trigger, target, idx)  # type: ignore[arg-type]
 
     groups: list[dict] = [{"params": list(net.parameters()), "lr": lr}]
     delta_raw = None
