@@ -152,7 +152,8 @@ def run_patch(
     scan_report = json.loads((scan_dir / "scan.json").read_text())
     flagged = scan_result["flagged"]
     anomaly = scan_result["anomaly_index"]
-    suspect = flagged[0] if flagged else int(np.argmax(anomaly))
+    # the most anomalous flagged class (or, with none flagged, the most anomalous class) drives repair and the filter
+    suspect = max(flagged, key=lambda k: anomaly[k]) if flagged else int(np.argmax(anomaly))
     if flagged:
         rec = next(r for r in scan_report["recovered_triggers"] if r["class"] == suspect)
         mask, pattern = np.load(scan_dir / rec["mask_file"]), np.load(scan_dir / rec["pattern_file"])
