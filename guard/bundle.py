@@ -36,6 +36,8 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
+    name: str = Field("model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+                      description="name clients use to address the model")
     file: str = Field(description="ONNX file inside the bundle")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     opset: int = Field(ge=17)
@@ -104,6 +106,8 @@ class GuardManifest(_Strict):
     input: InputSpec
     outputs: OutputSpec = OutputSpec()
     class_names: list[str] = Field(min_length=2)
+    policy: Literal["enforce", "flag", "shadow"] = Field(
+        "enforce", description="what the guard does with a flagged request unless --policy says otherwise")
     strip: StripSpec
     activation_filter: ActivationFilterSpec
     scan: ScanSpec
@@ -197,7 +201,8 @@ class GuardBundle:
         af = m.activation_filter
         lines = [
             f"bundle      {self.root} (schema {m.schema_version}, manifest sha256 {self.sha256[:16]}...)",
-            f"model       {m.model.file} (ONNX opset {m.model.opset}, sha256 {m.model.sha256[:16]}...) verified",
+            f"model       '{m.model.name}' {m.model.file} (ONNX opset {m.model.opset}, "
+            f"sha256 {m.model.sha256[:16]}...) verified",
             f"input       {m.input.name} {m.input.datatype} {m.input.shape} in "
             f"[{m.input.value_range[0]:g}, {m.input.value_range[1]:g}]",
             f"classes     {len(m.class_names)}: {', '.join(m.class_names[:12])}"
@@ -210,6 +215,7 @@ class GuardBundle:
             f"act-filter  layer '{af.layer}', {len(af.neurons)} neurons {af.neurons[:8]}"
             f"{' ...' if len(af.neurons) > 8 else ''}, threshold {af.threshold:.4f} at target FPR "
             f"{af.target_fpr:.1%}",
+            f"policy      {m.policy}",
             f"provenance  source {m.provenance.source_model} (sha256 {m.provenance.source_model_sha256[:16]}...), "
             f"{m.provenance.tool_version}, {m.provenance.created}",
         ]

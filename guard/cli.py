@@ -3,10 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from guard import __version__
+
+# flag -> settings field; each flag defaults to None so TROJAN_GUARD_* variables and then the defaults apply
+_SERVE_FLAGS: list[tuple[str, dict]] = [
+    ("--bundle", dict(help="guard bundle directory (TROJAN_GUARD_BUNDLE)")),
+    ("--host", dict(help="address to bind (default 0.0.0.0)")),
+    ("--port", dict(type=int, help="gRPC port: Open Inference Protocol, health, reflection, admin (default 8001)")),
+    ("--metrics-port", dict(type=int, help="Prometheus /metrics HTTP port, 0 turns it off (default 8002)")),
+    ("--model-name", dict(help="model name clients use (default: the bundle's)")),
+    ("--policy", dict(choices=("enforce", "flag", "shadow"),
+                      help="flagged requests are refused with PERMISSION_DENIED (enforce), answered with the "
+                           "verdict attached (flag), or answered and only counted (shadow); default: the "
+                           "bundle's")),
+    ("--fail-mode", dict(choices=("open", "closed"),
+                         help="when the screens cannot run: answer unscreened (open) or refuse with UNAVAILABLE "
+                              "(closed, default)")),
+    ("--backend", dict(choices=("embedded", "upstream"),
+                       help="embedded: onnxruntime runs the bundle's model in-process (default); upstream: "
+                            "forward to a model server speaking the Open Inference Protocol")),
+    ("--upstream", dict(help="HOST:PORT of the upstream model server (gRPC)")),
+    ("--upstream-model", dict(help="model name on the upstream server (default: --model-name)")),
+    ("--upstream-timeout-s", dict(type=float, help="deadline of each upstream call (default 10)")),
+    ("--max-batch", dict(type=int, help="inputs screened together in one batch (default 8)")),
+    ("--max-delay-ms", dict(type=float, help="how long a batch waits to fill up (default 2)")),
+    ("--max-request-inputs", dict(type=int, help="inputs one request may carry (default 64); larger requests "
+                                                 "get RESOURCE_EXHAUSTED")),
+    ("--evidence-dir", dict(help="keep flagged inputs here (append-only, fsync-ed; default: off)")),
+    ("--evidence-max-bytes", dict(type=int, help="evidence kept before the oldest segments go (default 1 GiB)")),
+    ("--tls-cert", dict(help="PEM certificate chain: serve gRPC over TLS")),
+    ("--tls-key", dict(help="PEM private key for --tls-cert")),
+    ("--grace-s", dict(type=float, help="shutdown waits this long for in-flight requests (default 10)")),
+    ("--threads", dict(type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")),
+    ("--log-level", dict(choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
                                          "declared input and outputs, and print a summary.")
     inspect.add_argument("bundle", help="bundle directory")
     inspect.add_argument("--json", action="store_true", help="print guard.json instead of the summary")
+
+    serve = sub.add_parser(
+        "serve", help="start the gRPC sidecar that screens every inference request",
+        description="Serve the Open Inference Protocol (KServe v2 gRPC, as Triton does) and screen every "
+                    "request with the bundle's STRIP and activation-filter thresholds before answering. "
+                    "Health (grpc.health.v1: '', liveness, readiness), reflection and the admin service "
+                    "(trojan_guard.admin.v1.GuardAdmin: Status, ReloadBundle) share the gRPC port; "
+                    "Prometheus metrics are on the metrics port. SIGHUP reloads the bundle; SIGTERM drains "
+                    "in-flight requests and stops. Every flag also reads TROJAN_GUARD_<FLAG> "
+                    "(e.g. TROJAN_GUARD_PORT).")
+    for flag, kwargs in _SERVE_FLAGS:
+        serve.add_argument(flag, default=None, **kwargs)
+
+    evidence = sub.add_parser("evidence", help="list or export the flagged inputs a guard kept",
+                              description="Read an evidence directory written by 'serve --evidence-dir': "
+                                          "one line per flagged input (time, request id, scores, SHA-256 "
+                                          "check), or export the tensors to an .npz for forensics.")
+    evidence.add_argument("dir", help="evidence directory")
+    evidence.add_argument("--export", default=None, help="write x (N, ...), sha256, request_id to this .npz")
+    evidence.add_argument("--json", action="store_true", help="one JSON object per record, without tensors")
     return parser
 
 
@@ -40,16 +96,70 @@ def _inspect(path: str, as_json: bool) -> None:
     print(m.model_dump_json(indent=2) if as_json else bundle.describe())
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from guard.server import serve
+    from guard.settings import GuardSettings
+
+    given = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
+             for flag, _ in _SERVE_FLAGS}
+    try:
+        settings = GuardSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"trojan-guard: error: {problems}") from None
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s trojan-guard %(levelname)s %(message)s")
+    asyncio.run(serve(settings))
+
+
+def _evidence(directory: str, export: str | None, as_json: bool) -> None:
+    import numpy as np
+
+    from guard.evidence import read_evidence
+
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory}: evidence directory not found")
+    records = list(read_evidence(directory))
+    for r in records:
+        if as_json:
+            print(json.dumps({k: v for k, v in r.items() if k != "x"}))
+        else:
+            print(f"{r['time']}  {r.get('request_id') or '-':<20} {r.get('predicted', '?'):>6}  "
+                  f"{','.join(r.get('detectors', [])):<18} entropy {r.get('strip_entropy', float('nan')):.4f}  "
+                  f"activation {r.get('activation_score', float('nan')):.4f}  sha256 {r['sha256'][:16]}  "
+                  f"{'ok' if r['intact'] else 'ALTERED'}")
+    if export:
+        kept = [r for r in records if r["intact"]]
+        np.savez(export, x=np.stack([r["x"] for r in kept]) if kept else np.zeros((0,), np.float32),
+                 sha256=np.array([r["sha256"] for r in kept]),
+                 request_id=np.array([r.get("request_id", "") for r in kept]))
+        print(f"{len(kept)} intact record(s) written to {export}", file=sys.stderr)
+    if not as_json:
+        altered = sum(not r["intact"] for r in records)
+        print(f"{len(records)} record(s)" + (f", {altered} ALTERED" if altered else ""), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from guard.bundle import BundleError
+    from guard.errors import GuardError
 
     try:
         if args.command == "inspect":
             _inspect(args.bundle, args.json)
-    except BundleError as exc:
+        elif args.command == "serve":
+            _serve(args)
+        elif args.command == "evidence":
+            _evidence(args.dir, args.export, args.json)
+    except (BundleError, GuardError, OSError) as exc:
         print(f"trojan-guard: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

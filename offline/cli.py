@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--filter-fpr", type=_fraction, default=0.05, help="activation filter target FPR (%(default)s)")
     c.add_argument("--filter-top-share", type=_fraction, default=0.01,
                    help="share of features neurons the filter watches, at least one (%(default)s)")
+    g = pa.add_argument_group("guard bundle")
+    g.add_argument("--model-name", default="model",
+                   help="name clients address the model by through the guard (%(default)s)")
+    g.add_argument("--policy", choices=("enforce", "flag", "shadow"), default="enforce",
+                   help="what the guard does with a flagged request unless its --policy overrides: refuse it "
+                        "(enforce), answer with the verdict (flag), or only count it (shadow) (%(default)s)")
     pa.add_argument("--true-trigger", default=None,
                     help="evaluation mode: attack.json from 'trojan-forensics train'; its trigger's ASR is reported")
     pa.add_argument("--work-dir", default=None, help="where phases keep results (default: OUT.work)")
@@ -270,6 +276,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                                         blend_rule=args.blend_rule, threshold_rule=args.threshold_rule,
                                         pool_size=args.pool_size, filter_fpr=args.filter_fpr,
                                         filter_top_share=args.filter_top_share),
+        model_name=args.model_name, policy=args.policy,
     )
     return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
                      true_trigger_file=args.true_trigger, work_dir=args.work_dir, fresh=args.fresh,

@@ -47,6 +47,8 @@ class PatchSettings:
     calibration_fraction: float = 0.2
     test_fraction: float = 0.2
     split_seed: int = 0
+    model_name: str = "model"
+    policy: str = "enforce"
 
 
 def load_true_trigger(path: str | Path) -> tuple[Trigger, int]:
@@ -239,9 +241,10 @@ def run_patch(
     # 6. bundle
     header(6, "bundle", False)
     manifest = GuardManifest.model_validate({
-        "model": {"file": "model.onnx", "sha256": sha256_file(onnx_path), "opset": OPSET},
+        "model": {"name": s.model_name, "file": "model.onnx", "sha256": sha256_file(onnx_path), "opset": OPSET},
         "input": {"name": INPUT_NAME, "shape": [-1, *case.data.input_shape], "value_range": (0.0, 1.0)},
         "class_names": case.data.class_names,
+        "policy": s.policy,
         "strip": {**strip_c, "pool_file": "strip_pool.npy",
                   "pool_sha256": sha256_file(pool_file)},
         "activation_filter": {**af_c, "layer": model.features_layer},

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from offline.attacks import BackdoorResult, PatchTrigger, train_backdoored_model
 from offline.data import Dataset, load_mnist
+from offline.models import save_torchscript
+from offline.patch import PatchSettings, run_patch
+from offline.repair import RepairSettings
 
 BADNETS_TARGET = 3
 
@@ -28,3 +34,35 @@ def clean_models(mnist_splits: tuple[Dataset, Dataset]) -> list[BackdoorResult]:
     """Three clean models from different seeds."""
     train, test = mnist_splits
     return [train_backdoored_model(train, test, None, seed=s) for s in (11, 12, 13)]
+
+
+@pytest.fixture(scope="session")
+def case_dir(tmp_path_factory: pytest.TempPathFactory, badnets_model: BackdoorResult,
+             mnist_splits: tuple[Dataset, Dataset]) -> Path:
+    """What `trojan-forensics train` writes: model.pt, clean.npz, attack.json."""
+    root = tmp_path_factory.mktemp("case")
+    save_torchscript(badnets_model.model, root / "model.pt")
+    mnist_splits[1].save_npz(root / "clean.npz")
+    (root / "attack.json").write_text(json.dumps(badnets_model.summary()))
+    return root
+
+
+@pytest.fixture(scope="session")
+def patched(case_dir: Path) -> tuple[Path, dict]:
+    """The default patch job (scan, unlearning, calibration) on the BadNets model."""
+    out = case_dir / "bundle"
+    summary = run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), out,
+                        true_trigger_file=case_dir / "attack.json", progress=False, say=lambda _: None)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def guard_only_bundle(patched: tuple[Path, dict], case_dir: Path) -> Path:
+    """The same job without repair (it reuses the scan): the model still obeys the trigger."""
+    lines: list[str] = []
+    run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), case_dir / "guard-only",
+              settings=PatchSettings(repair=RepairSettings(method="none")),
+              true_trigger_file=case_dir / "attack.json", work_dir=case_dir / "bundle.work",
+              progress=False, say=lines.append)
+    assert any(line.startswith("[1/6] scan: reused") for line in lines)
+    return case_dir / "guard-only"

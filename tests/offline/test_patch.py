@@ -16,29 +16,8 @@ import pytest
 from guard.bundle import BundleError, GuardBundle
 from guard.cli import main as guard_main
 from offline.attacks import BackdoorResult
-from offline.models import save_torchscript
-from offline.patch import PatchSettings, run_patch
-from offline.repair import RepairSettings
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def case_dir(tmp_path_factory: pytest.TempPathFactory, badnets_model: BackdoorResult, mnist_splits) -> Path:
-    """What `trojan-forensics train` writes: model.pt, clean.npz, attack.json."""
-    root = tmp_path_factory.mktemp("case")
-    save_torchscript(badnets_model.model, root / "model.pt")
-    mnist_splits[1].save_npz(root / "clean.npz")
-    (root / "attack.json").write_text(json.dumps(badnets_model.summary()))
-    return root
-
-
-@pytest.fixture(scope="module")
-def patched(case_dir: Path) -> tuple[Path, dict]:
-    out = case_dir / "bundle"
-    summary = run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), out,
-                        true_trigger_file=case_dir / "attack.json", progress=False, say=lambda _: None)
-    return out, summary
 
 
 def test_default_repair_removes_the_backdoor(patched: tuple[Path, dict], badnets_model: BackdoorResult) -> None:
@@ -56,15 +35,9 @@ def test_default_repair_removes_the_backdoor(patched: tuple[Path, dict], badnets
     assert manifest.evaluation["true_trigger"]["guard_attack_passes"] <= 0.025
 
 
-def test_guard_only_bundle_screens_out_triggered_inputs(patched: tuple[Path, dict], case_dir: Path) -> None:
+def test_guard_only_bundle_screens_out_triggered_inputs(guard_only_bundle: Path) -> None:
     """Without repair the model still obeys the trigger; STRIP must catch it (the scan is reused)."""
-    lines: list[str] = []
-    settings = PatchSettings(repair=RepairSettings(method="none"))
-    run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), case_dir / "guard-only", settings=settings,
-              true_trigger_file=case_dir / "attack.json", work_dir=case_dir / "bundle.work",
-              progress=False, say=lines.append)
-    assert any(line.startswith("[1/6] scan: reused") for line in lines)
-    evaluation = GuardBundle.load(case_dir / "guard-only").manifest.evaluation
+    evaluation = GuardBundle.load(guard_only_bundle).manifest.evaluation
     true = evaluation["true_trigger"]
     assert true["model_asr"] > 0.95
     assert true["strip_unflagged"] <= 0.05, true

@@ -1,0 +1,384 @@
+"""The guard's data plane: screening, policy, evidence and metrics, free of gRPC and protobuf.
+
+``Guard`` holds the serving state (one loaded bundle with its backend, screens
+and batcher) and swaps it for a new one on reload without dropping a request:
+a request keeps the state it started with, and the old state's batcher
+finishes its queue before it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from guard import __version__
+from guard.backends import EmbeddedBackend, UpstreamBackend
+from guard.batching import AdaptiveBatcher
+from guard.bundle import BundleError, GuardBundle
+from guard.errors import GuardError, InvalidInput, NotReady, ReloadFailed, ScreeningFailed, UpstreamError
+from guard.evidence import EvidenceStore
+from guard.metrics import GuardMetrics, threshold_buckets
+from guard.screening import ActivationFilter, StripScreen, Verdicts, screen
+from guard.settings import GuardSettings
+
+log = logging.getLogger("trojan_guard")
+
+
+@dataclass
+class InputVerdict:
+    """The screens' verdict on one input."""
+
+    flagged: bool
+    detectors: tuple[str, ...]
+    strip_entropy: float
+    strip_p: float
+    activation_score: float
+    activation_p: float
+
+
+@dataclass
+class Decision:
+    """What the guard decided about one request."""
+
+    logits: np.ndarray  # (B, K)
+    features: np.ndarray  # (B, D)
+    inputs: list[InputVerdict] = field(default_factory=list)  # empty when unscreened
+    screened: bool = True
+    action: str = "answered"  # answered | refused
+    policy: str = "enforce"
+    bundle_sha256: str = ""
+
+    @property
+    def flagged(self) -> bool:
+        return any(v.flagged for v in self.inputs)
+
+    @property
+    def verdict(self) -> str:
+        return "unscreened" if not self.screened else "flagged" if self.flagged else "clean"
+
+    @property
+    def detectors(self) -> tuple[str, ...]:
+        return tuple(sorted({d for v in self.inputs for d in v.detectors}))
+
+
+class Refused(GuardError):
+    """A flagged request under the ``enforce`` policy."""
+
+    code = "PERMISSION_DENIED"
+    reason = "refused"
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(f"refused by trojan-guard: input flagged as triggered by "
+                         f"{' and '.join(decision.detectors)} (policy enforce, bundle "
+                         f"{decision.bundle_sha256[:12]})")
+        self.decision = decision
+
+
+def _verdicts(strip: Verdicts, activation: Verdicts, lo: int, hi: int) -> list[InputVerdict]:
+    out = []
+    for i in range(lo, hi):
+        detectors = tuple(name for name, v in (("strip", strip), ("activation", activation)) if v.flagged[i])
+        out.append(InputVerdict(bool(detectors), detectors, float(strip.scores[i]), float(strip.p_values[i]),
+                                float(activation.scores[i]), float(activation.p_values[i])))
+    return out
+
+
+class ServingState:
+    """One loaded bundle: backend, screens and batcher."""
+
+    def __init__(self, bundle: GuardBundle, settings: GuardSettings, metrics: GuardMetrics, model_name: str,
+                 executor: ThreadPoolExecutor) -> None:
+        m = bundle.manifest
+        self.bundle = bundle
+        self.sha256 = bundle.sha256
+        self.settings = settings
+        self.metrics = metrics
+        self.model_name = model_name
+        self.policy = settings.policy or m.policy
+        self.input_shape = list(m.input.shape)
+        self.value_range = tuple(m.input.value_range)
+        self.class_names = list(m.class_names)
+        per_input = int(np.prod(self.input_shape[1:])) * 4
+        # the N blends of max_batch inputs go to the model in one call; give the upstream channel room for it
+        batch_bytes = (settings.max_batch + settings.max_request_inputs) * (m.strip.n + 1) * per_input
+        if settings.backend == "upstream":
+            self.backend: EmbeddedBackend | UpstreamBackend = UpstreamBackend(
+                settings.upstream or "", settings.upstream_model or model_name, m.input.name, self.input_shape,
+                m.outputs.logits, m.outputs.features, settings.upstream_timeout_s,
+                max_message_bytes=max(batch_bytes + (1 << 20), 4 << 20),
+                on_error=lambda code: metrics.upstream_errors.labels(code).inc())
+        else:
+            self.backend = EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
+                                           threads=settings.threads)
+        self.strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule, self.value_range,
+                                 np.asarray(m.strip.calibration_scores), seed=settings.seed)
+        self.activation = ActivationFilter(np.asarray(m.activation_filter.neurons), m.activation_filter.threshold,
+                                           np.asarray(m.activation_filter.calibration_scores))
+        self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
+                                       executor, on_batch=self._on_batch)
+        self.loaded_at = time.time()
+
+    def _on_batch(self, inputs: int, waits: list[float]) -> None:
+        self.metrics.batch_inputs.observe(inputs)
+        self.metrics.batch_requests.observe(len(waits))
+        for wait in waits:
+            self.metrics.latency.labels("queue").observe(wait)
+
+    def _timed_infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            return self.backend.infer(x)
+        finally:
+            self.metrics.latency.labels("model").observe(time.perf_counter() - start)
+
+    def run_batch(self, xs: Sequence[np.ndarray]) -> list[Decision]:
+        """Screen a batch of requests (runs in a worker thread)."""
+        x = np.concatenate(xs)
+        bounds = np.cumsum([0, *(len(a) for a in xs)]).tolist()
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+        try:
+            result = screen(self._timed_infer, x, self.strip, self.activation)
+            if not (np.isfinite(result.strip.scores).all() and np.isfinite(result.activation.scores).all()):
+                raise ScreeningFailed("the model returned non-finite outputs; the screens cannot score them")
+        except Exception as exc:
+            mode = self.settings.fail_mode
+            self.metrics.screening_failures.labels(mode).inc()
+            log.warning("screening failed for a batch of %d inputs (%s); failing %s", len(x), exc, mode)
+            if mode == "closed":
+                if isinstance(exc, GuardError):
+                    raise
+                raise ScreeningFailed(f"the screens could not run ({type(exc).__name__}: {exc}); "
+                                      f"the guard fails closed") from exc
+            logits, features = self._timed_infer(x)  # fail open: the bare answer, marked unscreened
+            return [Decision(logits[lo:hi], features[lo:hi], screened=False, policy=self.policy,
+                             bundle_sha256=self.sha256) for lo, hi in spans]
+        score_time = time.perf_counter()
+        decisions = [Decision(result.logits[lo:hi], result.features[lo:hi],
+                              _verdicts(result.strip, result.activation, lo, hi), policy=self.policy,
+                              bundle_sha256=self.sha256) for lo, hi in spans]
+        self.metrics.latency.labels("screen").observe(time.perf_counter() - score_time)
+        return decisions
+
+    def warm_up(self) -> None:
+        """One screened inference on a pool image; checks the model's outputs against the bundle."""
+        decision = self.run_batch([self.bundle.pool[:1]])[0]
+        if not decision.screened:
+            raise ReloadFailed("warm-up: the screens could not run on a clean pool image")
+        k = decision.logits.shape[1]
+        if k != len(self.class_names):
+            raise ReloadFailed(f"model returns {k} logits but the bundle names {len(self.class_names)} classes")
+        need = int(self.activation.neurons.max()) + 1
+        if decision.features.shape[1] < need:
+            raise ReloadFailed(f"model returns {decision.features.shape[1]} features; the activation filter "
+                               f"watches neuron {need - 1}")
+
+    def set_gauges(self) -> None:
+        m, metrics, name = self.bundle.manifest, self.metrics, self.model_name
+        metrics.threshold.labels(name, "strip").set(m.strip.threshold)
+        metrics.threshold.labels(name, "activation").set(m.activation_filter.threshold)
+        metrics.target_rate.labels(name, "strip").set(m.strip.target_frr)
+        metrics.target_rate.labels(name, "activation").set(m.activation_filter.target_fpr)
+        metrics.clean_entropy_mean.labels(name).set(m.strip.clean_entropy.mean)
+        metrics.clean_entropy_std.labels(name).set(m.strip.clean_entropy.std)
+        metrics.bundle_loaded.set(self.loaded_at)
+        try:
+            metrics.bundle_created.set(datetime.fromisoformat(m.provenance.created).timestamp())
+        except ValueError:
+            pass
+        metrics.build_info.clear()
+        metrics.build_info.labels(__version__, name, self.sha256, self.policy, self.backend.name).set(1)
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self.backend.close()
+
+
+def make_metrics(bundle: GuardBundle) -> GuardMetrics:
+    """Metrics whose score histograms resolve the region around this bundle's thresholds."""
+    m = bundle.manifest
+    strip_hi = max(math.log(len(m.class_names)), m.strip.clean_entropy.max)
+    af = m.activation_filter
+    return GuardMetrics(
+        strip_buckets=threshold_buckets(m.strip.threshold, 0.0, strip_hi),
+        activation_buckets=threshold_buckets(af.threshold, min(0.0, af.clean_score.min),
+                                             max(2 * af.threshold, af.clean_score.max * 2)),
+    )
+
+
+class Guard:
+    """The data plane: the serving state, the policy, evidence and metrics."""
+
+    def __init__(self, settings: GuardSettings, bundle: GuardBundle | None = None,
+                 metrics: GuardMetrics | None = None) -> None:
+        self.settings = settings
+        self.bundle_path = Path(settings.bundle)
+        self._first = bundle or GuardBundle.load(self.bundle_path)
+        self.metrics = metrics or make_metrics(self._first)
+        self.model_name = settings.model_name or self._first.manifest.model.name
+        # model runs and evidence writes leave the event loop; one model thread keeps batches in order
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="guard-model")
+        self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="guard-evidence")
+        self.evidence = (EvidenceStore(settings.evidence_dir, settings.evidence_max_bytes,
+                                       settings.evidence_segment_bytes) if settings.evidence_dir else None)
+        self.state: ServingState | None = None
+        self._reload_lock = asyncio.Lock()
+        self.started = time.time()
+        self.counts = {"requests": 0, "flagged": 0, "reloads": 0}
+        self.metrics.queue_depth.set_function(lambda: self.state.batcher.depth if self.state else 0)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is not None
+
+    async def _load(self, bundle: GuardBundle) -> ServingState:
+        loop = asyncio.get_running_loop()
+
+        def build() -> ServingState:
+            state = ServingState(bundle, self.settings, self.metrics, self.model_name, self._model_pool)
+            try:
+                state.warm_up()
+            except Exception:
+                state.backend.close()
+                raise
+            return state
+
+        return await loop.run_in_executor(None, build)
+
+    async def start(self) -> None:
+        """Load the first bundle and warm it up; the guard is ready afterwards.
+
+        An upstream model server that is not up yet (a sidecar often starts
+        first) is retried with backoff while the guard reports NOT_SERVING.
+        """
+        delay = 0.5
+        while True:
+            try:
+                state = await self._load(self._first)
+                break
+            except UpstreamError as exc:
+                log.warning("warm-up: %s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 10.0)
+        state.set_gauges()
+        self.state = state
+        self.metrics.ready.set(1)
+        if self.evidence:
+            self.metrics.evidence_bytes.set(self.evidence.total_bytes)
+
+    async def reload(self, path: str | Path | None = None) -> tuple[str, str]:
+        """Swap in a verified, warmed-up bundle; returns (previous sha256, new sha256)."""
+        async with self._reload_lock:
+            target = Path(path) if path else self.bundle_path
+            loop = asyncio.get_running_loop()
+            try:
+                bundle = await loop.run_in_executor(None, GuardBundle.load, target)
+                if self.state is not None and bundle.manifest.input != self.state.bundle.manifest.input:
+                    raise ReloadFailed(f"{target}: input spec {bundle.manifest.input} differs from the serving "
+                                       f"bundle's; start a new guard for a different model input")
+                state = await self._load(bundle)
+            except (BundleError, GuardError, OSError, ValueError, RuntimeError) as exc:
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload of %s refused, still serving %s: %s", target,
+                          self.state.sha256[:12] if self.state else "nothing", exc)
+                if isinstance(exc, ReloadFailed):
+                    raise
+                raise ReloadFailed(f"bundle {target} refused; still serving the previous bundle: {exc}") from exc
+            old, self.state, self.bundle_path = self.state, state, target
+            state.set_gauges()
+            self.metrics.reloads.labels("ok").inc()
+            self.counts["reloads"] += 1
+            log.info("serving bundle %s (%s), was %s", target, state.sha256[:12], old.sha256[:12] if old else "-")
+            if old is not None:
+                await old.close()  # finishes the requests it already queued
+            return (old.sha256 if old else ""), state.sha256
+
+    def validate(self, x: np.ndarray) -> None:
+        """Values must be finite and inside the bundle's range."""
+        assert self.state is not None
+        if not np.isfinite(x).all():
+            bad = int(np.size(x) - np.isfinite(x).sum())
+            raise InvalidInput(f"input contains {bad} NaN or infinite value(s)", reason="non_finite")
+        lo, hi = self.state.value_range
+        xmin, xmax = float(x.min()), float(x.max())
+        if xmin < lo or xmax > hi:
+            raise InvalidInput(f"input values span [{xmin:g}, {xmax:g}], outside the model's range [{lo:g}, {hi:g}]",
+                               reason="out_of_range")
+
+    async def infer(self, x: np.ndarray, request_id: str = "") -> Decision:
+        """Screen one request's inputs and apply the policy; raises :class:`Refused` under enforce."""
+        state = self.state
+        if state is None:
+            raise NotReady("the guard is starting: its bundle is not loaded and warmed up yet")
+        self.validate(x)
+        decision = await state.batcher.submit(x)
+        self._record(state, decision)
+        if decision.flagged:
+            await self._keep_evidence(state, x, decision, request_id)
+            if decision.policy == "enforce":
+                decision.action = "refused"
+                raise Refused(decision)
+        return decision
+
+    def _record(self, state: ServingState, decision: Decision) -> None:
+        metrics, name = self.metrics, self.model_name
+        self.counts["requests"] += 1
+        if not decision.screened:
+            metrics.inputs.labels(name, "unscreened").inc(len(decision.logits))
+        for v in decision.inputs:
+            metrics.inputs.labels(name, "flagged" if v.flagged else "clean").inc()
+            metrics.strip_entropy.labels(name).observe(v.strip_entropy)
+            metrics.activation_score.labels(name).observe(v.activation_score)
+            for d in v.detectors:
+                metrics.detections.labels(name, d).inc()
+        if decision.flagged:
+            self.counts["flagged"] += 1
+        if not (decision.flagged and decision.policy == "enforce"):
+            for k in decision.logits.argmax(axis=1):
+                metrics.predictions.labels(name, state.class_names[int(k)]).inc()
+
+    async def _keep_evidence(self, state: ServingState, x: np.ndarray, decision: Decision, request_id: str) -> None:
+        if self.evidence is None:
+            return
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        store = self.evidence
+        for i, v in enumerate(decision.inputs):
+            if not v.flagged:
+                continue
+            try:
+                await loop.run_in_executor(self._io_pool, lambda i=i, v=v: store.append(
+                    x[i], request_id=request_id, input_index=i, model=self.model_name,
+                    bundle_sha256=state.sha256, policy=decision.policy, detectors=list(v.detectors),
+                    strip_entropy=v.strip_entropy, strip_p=v.strip_p, activation_score=v.activation_score,
+                    activation_p=v.activation_p, predicted=state.class_names[int(decision.logits[i].argmax())]))
+                self.metrics.evidence_records.inc()
+            except OSError as exc:  # a full disk must not take the guard down; it is counted and logged
+                self.metrics.evidence_errors.inc()
+                log.error("could not keep evidence of request %s: %s", request_id or "-", exc)
+        self.metrics.evidence_bytes.set(store.total_bytes)
+        self.metrics.latency.labels("evidence").observe(time.perf_counter() - start)
+
+    def count_outcome(self, verdict: str, action: str) -> None:
+        self.metrics.requests.labels(self.model_name, verdict, action).inc()
+
+    def count_error(self, exc: GuardError) -> None:
+        self.metrics.request_errors.labels(self.model_name, exc.code, exc.reason).inc()
+        self.count_outcome("error", "error")
+
+    async def close(self) -> None:
+        if self.state is not None:
+            await self.state.close()
+        self.metrics.ready.set(0)
+        self._model_pool.shutdown(wait=True)
+        self._io_pool.shutdown(wait=True)
+        if self.evidence:
+            self.evidence.close()

@@ -1,0 +1,68 @@
+"""Errors of the guard's data plane, each carrying the gRPC status it maps to.
+
+Raised deep inside (decoding, screening, backends, reload) and translated once,
+at the gRPC edge (``guard.server``). ``reason`` is a short, bounded label for the
+``trojan_guard_request_errors_total`` metric; the message is for the caller.
+"""
+
+from __future__ import annotations
+
+
+class GuardError(Exception):
+    """A request or operation the guard cannot complete."""
+
+    code = "INTERNAL"  # name of a grpc.StatusCode
+    reason = "internal"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidInput(GuardError):
+    """The request does not match the bundle's input spec (name, datatype, shape, bytes, values)."""
+
+    code = "INVALID_ARGUMENT"
+    reason = "invalid_input"
+
+
+class ModelNotFound(GuardError):
+    code = "NOT_FOUND"
+    reason = "model_not_found"
+
+
+class TooLarge(GuardError):
+    """More inputs or bytes in one request than the guard accepts."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "too_large"
+
+
+class NotReady(GuardError):
+    code = "UNAVAILABLE"
+    reason = "not_ready"
+
+
+class ScreeningFailed(GuardError):
+    """The screens could not run and the guard fails closed."""
+
+    code = "UNAVAILABLE"
+    reason = "screening_failed"
+
+
+class UpstreamError(GuardError):
+    """The upstream model server failed; ``code`` is the status it answered with (or UNAVAILABLE)."""
+
+    reason = "upstream"
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReloadFailed(GuardError):
+    """A new bundle failed verification or warm-up; the old one keeps serving."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "reload_failed"

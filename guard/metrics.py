@@ -1,0 +1,93 @@
+"""Prometheus metrics of the guard (prefix ``trojan_guard_``, base units, bounded labels).
+
+Labels take values from small fixed sets (model name, verdict, action,
+detector, stage, status code, reason); never a label per request.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "trojan_guard"
+# seconds: fine below 10 ms, where one screened MNIST request lives
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+                   0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STAGES = ("decode", "queue", "model", "screen", "evidence", "total")
+DETECTORS = ("strip", "activation")
+
+
+def threshold_buckets(threshold: float, lo: float, hi: float, count: int = 16) -> tuple[float, ...]:
+    """Buckets that resolve the region around ``threshold``: dense near it, coarse over [lo, hi]."""
+    around = threshold + abs(threshold if threshold else 1.0) * np.array(
+        [-0.5, -0.3, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0])
+    span = np.linspace(lo, hi, count)
+    edges = sorted({float(f"{v:.6g}") for v in np.concatenate([around, span]) if math.isfinite(v)})
+    return tuple(edges)
+
+
+class GuardMetrics:
+    """All metrics of one guard process, in their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, strip_buckets: tuple[float, ...] = (),
+                 activation_buckets: tuple[float, ...] = ()) -> None:
+        self.registry = registry or CollectorRegistry()
+        r, p = self.registry, PREFIX
+        self.requests = Counter(f"{p}_requests", "Inference requests answered or refused, by verdict and action "
+                                "(action: answered, refused, error)", ["model", "verdict", "action"], registry=r)
+        self.inputs = Counter(f"{p}_inputs", "Inputs (images) screened, by verdict", ["model", "verdict"],
+                              registry=r)
+        self.detections = Counter(f"{p}_detections", "Inputs flagged, by detector (one input can trip both)",
+                                  ["model", "detector"], registry=r)
+        self.predictions = Counter(f"{p}_predictions", "Predicted class of answered inputs",
+                                   ["model", "class_name"], registry=r)
+        self.strip_entropy = Histogram(f"{p}_strip_entropy", "STRIP mean blend entropy of each input (nats)",
+                                       ["model"], buckets=strip_buckets or Histogram.DEFAULT_BUCKETS, registry=r)
+        self.activation_score = Histogram(f"{p}_activation_score", "Activation-filter score of each input",
+                                          ["model"], buckets=activation_buckets or Histogram.DEFAULT_BUCKETS,
+                                          registry=r)
+        self.threshold = Gauge(f"{p}_threshold", "Calibrated threshold of each detector", ["model", "detector"],
+                               registry=r)
+        self.target_rate = Gauge(f"{p}_target_false_positive_rate",
+                                 "False-positive (clean rejection) rate each threshold was calibrated for",
+                                 ["model", "detector"], registry=r)
+        self.clean_entropy_mean = Gauge(f"{p}_strip_clean_entropy_mean",
+                                        "Mean STRIP entropy of clean calibration inputs", ["model"], registry=r)
+        self.clean_entropy_std = Gauge(f"{p}_strip_clean_entropy_std",
+                                       "Standard deviation of clean STRIP calibration entropies", ["model"],
+                                       registry=r)
+        self.latency = Histogram(f"{p}_stage_duration_seconds", "Time spent per stage (total: whole request)",
+                                 ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_inputs = Histogram(f"{p}_batch_inputs", "Inputs per screened batch",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_requests = Histogram(f"{p}_batch_requests", "Requests per screened batch",
+                                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.queue_depth = Gauge(f"{p}_queue_depth", "Requests waiting for a batch", registry=r)
+        self.in_flight = Gauge(f"{p}_in_flight_requests", "Inference requests being handled", registry=r)
+        self.request_errors = Counter(f"{p}_request_errors", "Requests that failed, by gRPC status and reason",
+                                      ["model", "code", "reason"], registry=r)
+        self.upstream_errors = Counter(f"{p}_upstream_errors", "Failed calls to the upstream model server",
+                                       ["code"], registry=r)
+        self.screening_failures = Counter(f"{p}_screening_failures",
+                                          "Batches whose screens could not run, by fail mode taken",
+                                          ["mode"], registry=r)
+        self.evidence_records = Counter(f"{p}_evidence_records", "Flagged inputs written to the evidence store",
+                                        registry=r)
+        self.evidence_errors = Counter(f"{p}_evidence_errors", "Evidence writes that failed", registry=r)
+        self.evidence_bytes = Gauge(f"{p}_evidence_bytes", "Bytes held by the evidence store", registry=r)
+        self.reloads = Counter(f"{p}_bundle_reloads", "Bundle reloads, by result", ["result"], registry=r)
+        self.bundle_loaded = Gauge(f"{p}_bundle_loaded_timestamp_seconds",
+                                   "Unix time the serving bundle was swapped in", registry=r)
+        self.bundle_created = Gauge(f"{p}_bundle_created_timestamp_seconds",
+                                    "Unix time the serving bundle was written by the patch job", registry=r)
+        self.ready = Gauge(f"{p}_ready", "1 when the guard serves (bundle loaded and warmed up)", registry=r)
+        self.build_info = Gauge(f"{p}_build_info", "Guard version and serving bundle (value 1)",
+                                ["version", "model", "bundle_sha256", "policy", "backend"], registry=r)
+        for stage in STAGES:
+            self.latency.labels(stage)
+
+    def serve(self, host: str, port: int):
+        """Start the /metrics HTTP endpoint; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,273 @@
+"""The gRPC sidecar: Open Inference Protocol, health, reflection, admin; metrics over HTTP.
+
+This module only translates between gRPC and the data plane (``guard.dataplane``):
+every :class:`guard.errors.GuardError` is mapped to its gRPC status here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from guard import __version__
+from guard.bundle import GuardBundle
+from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
+from guard.dataplane import Guard, Refused
+from guard.errors import GuardError, InvalidInput, ModelNotFound
+from guard.proto import guard_admin_pb2 as admin_pb
+from guard.proto import inference_pb2 as pb
+from guard.settings import GuardSettings
+
+log = logging.getLogger("trojan_guard")
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+ADMIN_SERVICE = "trojan_guard.admin.v1.GuardAdmin"
+HEALTH_NAMES = ("", "readiness", INFERENCE_SERVICE, ADMIN_SERVICE)  # SERVING once warmed up; liveness always
+
+
+class _Garbage:
+    """Stands in for a request whose bytes are not the expected protobuf message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return _Garbage(exc)
+
+    return parse
+
+
+def max_message_bytes(bundle: GuardBundle, settings: GuardSettings) -> int:
+    """The largest request the guard accepts: a full request of the bundle's inputs, plus framing."""
+    per_input = int(np.prod(bundle.manifest.input.shape[1:])) * 4
+    return settings.max_request_inputs * per_input + (64 << 10)
+
+
+class InferenceServicer:
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.draining = False
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.guard.ready and not self.draining)
+
+    def _check_model(self, name: str, version: str) -> None:
+        if name != self.guard.model_name:
+            raise ModelNotFound(f"unknown model '{name}'; this guard serves '{self.guard.model_name}'")
+        if version not in ("", "1"):
+            raise ModelNotFound(f"model '{name}' has no version '{version}'; it has version 1")
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            self._check_model(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.guard.ready and not self.draining)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="trojan-guard", version=__version__, extensions=[])
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        self._check_model(request.name, request.version)
+        state = self._state()
+        m = state.bundle.manifest
+        k = len(m.class_names)
+        return pb.ModelMetadataResponse(
+            name=self.guard.model_name, versions=["1"],
+            platform="onnxruntime_onnx" if state.backend.name == "embedded" else "trojan-guard-upstream",
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=m.input.name, datatype="FP32",
+                                                            shape=m.input.shape)],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, k]),
+                     pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
+                                                             shape=[-1, 4])])
+
+    def _state(self):
+        from guard.errors import NotReady
+
+        if self.guard.state is None:
+            raise NotReady("the guard is starting: its bundle is not loaded and warmed up yet")
+        return self.guard.state
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        guard, metrics = self.guard, self.guard.metrics
+        start = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            if isinstance(request, _Garbage):
+                raise InvalidInput(f"request is not a valid ModelInferRequest protobuf ({request.error})",
+                                   reason="garbage")
+            self._check_model(request.model_name, request.model_version)
+            state = self._state()
+            spec = state.bundle.manifest.input
+            x = decode_inputs(request, spec.name, spec.shape, guard.settings.max_request_inputs)
+            outputs = requested_outputs(request)
+            metrics.latency.labels("decode").observe(time.perf_counter() - start)
+            decision = await guard.infer(x, request.id)
+            response = encode_response(request, decision, guard.model_name, outputs)
+            guard.count_outcome(decision.verdict, "answered")
+            return response
+        except Refused as exc:
+            guard.count_outcome("flagged", "refused")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc),
+                                trailing_metadata=trailing_metadata(exc.decision))
+        except GuardError as exc:
+            guard.count_error(exc)
+            raise
+        finally:
+            metrics.in_flight.dec()
+            metrics.latency.labels("total").observe(time.perf_counter() - start)
+
+
+class AdminServicer:
+    def __init__(self, guard: Guard, inference: InferenceServicer) -> None:
+        self.guard = guard
+        self.inference = inference
+
+    async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> admin_pb.StatusResponse:
+        g, state = self.guard, self.guard.state
+        return admin_pb.StatusResponse(
+            version=__version__, model_name=g.model_name, bundle_path=str(g.bundle_path),
+            bundle_sha256=state.sha256 if state else "", policy=state.policy if state else "",
+            backend=g.settings.backend, ready=g.ready and not self.inference.draining,
+            uptime_seconds=time.time() - g.started, bundle_loaded_at=state.loaded_at if state else 0.0,
+            requests=g.counts["requests"], flagged=g.counts["flagged"], reloads=g.counts["reloads"])
+
+    async def ReloadBundle(self, request: Any, context: grpc.aio.ServicerContext) -> admin_pb.ReloadBundleResponse:
+        previous, current = await self.guard.reload(request.bundle_path or None)
+        return admin_pb.ReloadBundleResponse(bundle_path=str(self.guard.bundle_path), bundle_sha256=current,
+                                             previous_sha256=previous)
+
+
+def _unary(fn: Callable[..., Awaitable[Any]], request_type: Any, response_type: Any) -> grpc.RpcMethodHandler:
+    """A handler that maps every GuardError to its gRPC status, once, here."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Garbage) and fn.__name__ != "ModelInfer":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is not a valid {request_type.DESCRIPTOR.name} protobuf ({request.error})")
+        try:
+            return await fn(request, context)
+        except GuardError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
+
+    return grpc.unary_unary_rpc_method_handler(call, request_deserializer=_lenient(request_type),
+                                               response_serializer=response_type.SerializeToString)
+
+
+def _handlers(inference: InferenceServicer, admin: AdminServicer) -> list[grpc.GenericRpcHandler]:
+    methods = {name: _unary(getattr(inference, name), getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"))
+               for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+                            "ModelInfer")}
+    admin_methods = {
+        "Status": _unary(admin.Status, admin_pb.StatusRequest, admin_pb.StatusResponse),
+        "ReloadBundle": _unary(admin.ReloadBundle, admin_pb.ReloadBundleRequest, admin_pb.ReloadBundleResponse),
+    }
+    return [grpc.method_handlers_generic_handler(INFERENCE_SERVICE, methods),
+            grpc.method_handlers_generic_handler(ADMIN_SERVICE, admin_methods)]
+
+
+async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
+                started: Callable[[int, int], None] | None = None) -> None:
+    """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle."""
+    bundle = bundle or GuardBundle.load(settings.bundle)
+    guard = Guard(settings, bundle)
+    limit = max_message_bytes(bundle, settings)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", max(limit, 64 << 20)),
+        ("grpc.so_reuseport", 0),
+    ])
+    inference = InferenceServicer(guard)
+    admin = AdminServicer(guard, inference)
+    server.add_generic_rpc_handlers(_handlers(inference, admin))
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    for name in HEALTH_NAMES:
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert and settings.tls_key:
+        credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC port {address} (in use?)")
+    metrics_server = guard.metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port else None
+    await server.start()
+    log.info("gRPC on %s:%d (%s), metrics on http://%s:%d/metrics", settings.host, port,
+             "TLS" if settings.tls_cert else "plaintext", settings.host, settings.metrics_port)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    async def reload_on_signal() -> None:
+        try:
+            await guard.reload()
+        except GuardError as exc:
+            log.error("SIGHUP reload failed: %s", exc)
+
+    def on_hup() -> None:
+        task = loop.create_task(reload_on_signal())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    async def warm_up() -> None:
+        await guard.start()
+        for name in HEALTH_NAMES:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        state = guard.state
+        log.info("serving model '%s' from bundle %s (sha256 %s), policy %s, backend %s", guard.model_name,
+                 settings.bundle, state.sha256[:12] if state else "?", state.policy if state else "?",
+                 settings.backend)
+        if started:
+            started(port, settings.metrics_port)
+
+    starting = loop.create_task(warm_up())
+    stopping = loop.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and starting.exception() is not None:
+            raise starting.exception()  # type: ignore[misc]
+        await stopping
+        log.info("shutting down: draining in-flight requests (up to %.0f s)", settings.grace_s)
+    finally:
+        starting.cancel()
+        stopping.cancel()
+        inference.draining = True
+        await health.enter_graceful_shutdown()
+        await server.stop(settings.grace_s)
+        await guard.close()
+        if metrics_server is not None:
+            metrics_server[0].shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")

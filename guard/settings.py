@@ -1,0 +1,53 @@
+"""Settings of ``trojan-guard serve``: one typed object, from flags and ``TROJAN_GUARD_*`` variables.
+
+Flags win over environment variables, which win over the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Policy = Literal["enforce", "flag", "shadow"]
+
+
+class GuardSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TROJAN_GUARD_", extra="forbid")
+
+    bundle: Path = Field(description="guard bundle directory written by 'trojan-forensics patch'")
+    host: str = Field("0.0.0.0", description="address the gRPC and metrics ports bind to")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port (Open Inference Protocol, health, admin)")
+    metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics HTTP port")
+    model_name: str | None = Field(None, description="name clients use; default: the bundle's model name")
+    policy: Policy | None = Field(None, description="enforce | flag | shadow; default: the bundle's policy")
+    fail_mode: Literal["open", "closed"] = Field(
+        "closed", description="when the screens cannot run: answer unscreened (open) or refuse (closed)")
+    backend: Literal["embedded", "upstream"] = "embedded"
+    upstream: str | None = Field(None, description="HOST:PORT of an Open Inference Protocol model server")
+    upstream_model: str | None = Field(None, description="model name on the upstream; default: the model name")
+    upstream_timeout_s: float = Field(10.0, gt=0)
+    max_batch: int = Field(8, ge=1, description="inputs screened together in one batch (dynamic batching)")
+    max_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill up")
+    max_request_inputs: int = Field(64, ge=1, description="inputs one request may carry")
+    evidence_dir: Path | None = Field(None, description="where flagged inputs are kept; off when unset")
+    evidence_max_bytes: int = Field(1 << 30, ge=1 << 16, description="evidence kept on disk before rotation")
+    evidence_segment_bytes: int = Field(64 << 20, ge=1 << 12)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grace_s: float = Field(10.0, ge=0, description="how long shutdown waits for in-flight requests")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
+    seed: int = 0
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GuardSettings:
+        if self.backend == "upstream" and not self.upstream:
+            raise ValueError("--backend upstream needs --upstream HOST:PORT")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.evidence_segment_bytes > self.evidence_max_bytes:
+            raise ValueError("--evidence-segment-bytes must not exceed --evidence-max-bytes")
+        return self

@@ -1,0 +1,190 @@
+"""`trojan-guard serve` as a real process on loopback: clients, screening, policy, faults, metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from guard.bundle import GuardBundle
+from guard.evidence import read_evidence
+from guard.proto import inference_pb2 as pb
+
+from .conftest import GuardProcess, logits_of, request
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+
+
+def test_tritonclient_gets_clean_images_answered_and_triggered_ones_refused(
+        guard_server: GuardProcess, traffic: dict[str, np.ndarray], tmp_path: Path) -> None:
+    before = guard_server.metrics()
+
+    def send(images: np.ndarray) -> dict:
+        np.save(tmp_path / "images.npy", images)
+        run = subprocess.run([sys.executable, str(HERE / "triton_client.py"), guard_server.target, "model",
+                              str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)
+
+    clean = send(traffic["clean_x"][:40])
+    assert clean["live"] and clean["ready"] and clean["model_ready"] and not clean["unknown_model_ready"]
+    assert clean["input"] == {"name": "input", "datatype": "FP32", "shape": ["-1", "1", "28", "28"]}
+    answered = [(r, y) for r, y in zip(clean["results"], traffic["clean_y"][:40], strict=True) if r["status"] == "OK"]
+    assert len(answered) >= 37, clean["results"]  # calibrated for 1 % FRR; the split saw 2.3 %
+    assert sum(r["class"] == y for r, y in answered) >= 0.95 * len(answered)
+    assert all(r["verdict"] == "clean" and not r["flagged"] for r, _ in answered)
+
+    triggered = send(traffic["triggered_x"][:40])
+    refused = [r for r in triggered["results"] if r["status"] == "StatusCode.PERMISSION_DENIED"]
+    assert len(refused) >= 39, triggered["results"]
+    assert "refused by trojan-guard" in refused[0]["message"]
+
+    after = guard_server.metrics()
+
+    def delta(verdict: str, action: str) -> float:
+        key = ("trojan_guard_requests_total", (("action", action), ("model", "model"), ("verdict", verdict)))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    clean_refused = 40 - len(answered)
+    assert delta("clean", "answered") == len(answered) + sum(r["status"] == "OK" for r in triggered["results"])
+    assert delta("flagged", "refused") == len(refused) + clean_refused
+
+
+def test_a_refusal_carries_the_verdict_and_the_input_is_kept_as_evidence(
+        guard_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
+    x = traffic["triggered_x"][:1]
+    with pytest.raises(grpc.RpcError) as info:
+        guard_server.infer(x, request_id="campaign-42")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    trailer = dict(info.value.trailing_metadata())
+    assert trailer["guard-verdict"] == "flagged" and trailer["guard-flagged"] == "true"
+    assert "strip" in trailer["guard-detectors"]
+    bundle = GuardBundle.load(Path(guard_server.cmd[guard_server.cmd.index("--bundle") + 1]))
+    assert float(trailer["guard-strip-entropy"]) < bundle.manifest.strip.threshold
+    kept = [r for r in read_evidence(guard_server.evidence_dir) if r.get("request_id") == "campaign-42"]
+    assert len(kept) == 1 and kept[0]["intact"]
+    np.testing.assert_array_equal(kept[0]["x"], x[0])
+    assert kept[0]["predicted"] == "3" and "strip" in kept[0]["detectors"]
+
+
+def test_the_response_carries_the_verdict_scores_and_batches_of_inputs(
+        guard_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
+    x = traffic["clean_x"][:4]
+    response = guard_server.infer(x, request_id="b4", outputs=("logits", "guard_scores"))
+    assert response.id == "b4" and response.model_name == "model"
+    assert logits_of(response).shape == (4, 10)
+    params = response.parameters
+    flags = params["guard_input_flags"].string_param.split(",")
+    assert len(flags) == 4 and params["guard_flagged_count"].int64_param == flags.count("1")
+    scores = np.frombuffer(response.raw_output_contents[1], "<f4").reshape(4, 4)
+    entropies = [float(v) for v in params["guard_strip_entropy"].string_param.split(",")]
+    np.testing.assert_allclose(scores[:, 0], entropies, rtol=1e-4)
+    assert (scores[:, 1] > 0).all() and (scores[:, 1] <= 1).all()  # p-values
+
+
+def _raw_call(server: GuardProcess, payload: bytes) -> grpc.RpcError | None:
+    call = server.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    try:
+        call(payload, timeout=10)
+    except grpc.RpcError as exc:
+        return exc
+    return None
+
+
+def test_each_bad_request_gets_a_precise_status_and_the_server_keeps_serving(
+        guard_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
+    good = traffic["clean_x"][5:6]
+    expected_class = int(traffic["clean_y"][5])
+    errors_before = guard_server.metric("trojan_guard_request_errors_total")
+
+    def bad(req: pb.ModelInferRequest) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            guard_server.stub.ModelInfer(req, timeout=10)
+        return info.value
+
+    def with_input(**changes) -> pb.ModelInferRequest:
+        req = request(good)
+        for key, value in changes.items():
+            if key == "raw":
+                req.raw_input_contents[0] = value
+            else:
+                field = req.inputs[0]
+                del field.shape[:]
+                setattr(field, key, value) if key != "shape" else field.shape.extend(value)
+                if key != "shape":
+                    field.shape.extend(good.shape)
+        return req
+
+    nan = good.copy()
+    nan[0, 0, 3, 3] = np.nan
+    cases = [
+        (with_input(name="pixels"), grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'pixels'"),
+        (with_input(datatype="FP64"), grpc.StatusCode.INVALID_ARGUMENT, "datatype FP64"),
+        (with_input(shape=[1, 28, 28]), grpc.StatusCode.INVALID_ARGUMENT, "the model takes [B, 1, 28, 28]"),
+        (with_input(raw=good.tobytes()[:-4]), grpc.StatusCode.INVALID_ARGUMENT, "needs 3136 bytes"),
+        (request(nan), grpc.StatusCode.INVALID_ARGUMENT, "1 NaN or infinite"),
+        (request(np.full_like(good, np.inf)), grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite"),
+        (request(good * 255), grpc.StatusCode.INVALID_ARGUMENT, "outside the model's range [0, 1]"),
+        (request(good, model="resnet"), grpc.StatusCode.NOT_FOUND, "unknown model 'resnet'"),
+        (request(np.repeat(good, 17, axis=0)), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 16"),
+        (request(np.repeat(good, 200, axis=0)), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        (request(good, outputs=("probs",)), grpc.StatusCode.INVALID_ARGUMENT, "unknown output"),
+    ]
+    for req, code, message in cases:
+        error = bad(req)
+        assert error.code() == code, (message, error.code(), error.details())
+        assert message in error.details(), (message, error.details())
+        assert int(logits_of(guard_server.infer(good)).argmax()) == expected_class  # still serving
+
+    garbage = _raw_call(guard_server, b"\xff\xfe garbage \x00\x01")
+    assert garbage is not None and garbage.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInferRequest" in garbage.details()
+    assert int(logits_of(guard_server.infer(good)).argmax()) == expected_class
+    # every error the guard itself raised is counted (the transport refuses the oversized one before it)
+    assert guard_server.metric("trojan_guard_request_errors_total") - errors_before == len(cases)
+    assert guard_server.metric("trojan_guard_request_errors_total", reason="non_finite") >= 2
+    assert guard_server.proc.poll() is None
+
+
+def test_health_reflection_and_metadata(guard_server: GuardProcess) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for service in ("", "liveness", "readiness", "inference.GRPCInferenceService"):
+        assert guard_server.health(service) == serving, service
+    stub = reflection_pb2_grpc.ServerReflectionStub(guard_server.channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    services = {s.name for s in reply.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "trojan_guard.admin.v1.GuardAdmin", "grpc.health.v1.Health"} <= services
+    meta = guard_server.stub.ModelMetadata(pb.ModelMetadataRequest(name="model"))
+    assert meta.platform == "onnxruntime_onnx" and list(meta.inputs[0].shape) == [-1, 1, 28, 28]
+    with pytest.raises(grpc.RpcError) as info:
+        guard_server.stub.ModelMetadata(pb.ModelMetadataRequest(name="other"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_metrics_expose_thresholds_build_info_latency_and_batches(guard_server: GuardProcess,
+                                                                   guard_only_bundle: Path) -> None:
+    bundle = GuardBundle.load(guard_only_bundle)
+    m = guard_server.metrics()
+    assert m[("trojan_guard_threshold", (("detector", "strip"), ("model", "model")))] == pytest.approx(
+        bundle.manifest.strip.threshold)
+    assert m[("trojan_guard_threshold", (("detector", "activation"), ("model", "model")))] == pytest.approx(
+        bundle.manifest.activation_filter.threshold)
+    info = [ls for (n, ls), v in m.items() if n == "trojan_guard_build_info" and v == 1]
+    assert len(info) == 1 and ("bundle_sha256", bundle.sha256) in info[0] and ("policy", "enforce") in info[0]
+    assert m[("trojan_guard_ready", ())] == 1
+    for stage in ("decode", "queue", "model", "screen", "total"):
+        assert m[("trojan_guard_stage_duration_seconds_count", (("stage", stage),))] > 0, stage
+    assert m[("trojan_guard_batch_inputs_count", ())] > 0
+    assert guard_server.metric("trojan_guard_detections_total", detector="strip") > 0
+    assert guard_server.metric("trojan_guard_evidence_records_total") > 0
+    # no label per request: every label value comes from a small fixed set
+    for (name, labels), _ in m.items():
+        assert "id" not in dict(labels) and "request_id" not in dict(labels), name
