@@ -209,14 +209,19 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
     await health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
     address = f"{settings.host}:{settings.port}"
-    if settings.tls_cert and settings.tls_key:
-        credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind the gRPC port {address} (in use?)")
-    metrics_server = guard.metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port else None
+    try:
+        if settings.tls_cert and settings.tls_key:
+            credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(),
+                                                        settings.tls_cert.read_bytes())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)") from exc
+    try:
+        metrics_server = guard.metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port else None
+    except OSError as exc:
+        raise OSError(f"cannot bind the metrics port {settings.host}:{settings.metrics_port} ({exc})") from exc
     await server.start()
     log.info("gRPC on %s:%d (%s), metrics on http://%s:%d/metrics", settings.host, port,
              "TLS" if settings.tls_cert else "plaintext", settings.host, settings.metrics_port)

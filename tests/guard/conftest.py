@@ -34,7 +34,7 @@ class GuardProcess:
     """``python -m guard.cli serve`` on free loopback ports; ready once its health says SERVING."""
 
     def __init__(self, bundle: Path, log_dir: Path, *flags: str, wait: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, tls_root: bytes | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.log_path = log_dir / f"guard-{self.port}.log"
         self.cmd = [sys.executable, "-m", "guard.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
@@ -42,7 +42,9 @@ class GuardProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **(env or {})})
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = (grpc.secure_channel(self.target, grpc.ssl_channel_credentials(tls_root),
+                                            options=[("grpc.ssl_target_name_override", "localhost")])
+                        if tls_root else grpc.insecure_channel(self.target))
         self.stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         if wait:
             self.wait_ready()
@@ -53,7 +55,8 @@ class GuardProcess:
 
     @property
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def health(self, service: str = "readiness") -> int:
@@ -86,6 +89,12 @@ class GuardProcess:
     def infer(self, x: np.ndarray, model: str = "model", request_id: str = "", outputs: tuple[str, ...] = (),
               timeout: float = 30) -> pb.ModelInferResponse:
         return self.stub.ModelInfer(request(x, model, request_id, outputs), timeout=timeout)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
