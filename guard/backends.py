@@ -96,9 +96,9 @@ class UpstreamBackend:
             code = exc.code().name if exc.code() else "UNKNOWN"
             if self._on_error:
                 self._on_error(code)
-            raise UpstreamError(f"upstream {self.target} model '{self.model_name}': {code}: {exc.details()}",
-                                code="UNAVAILABLE" if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else code) \
-                from exc
+            passed = code if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED") else "INTERNAL"
+            raise UpstreamError(f"upstream {self.target} model '{self.model_name}' failed: {code}: {exc.details()}",
+                                code=passed) from exc
         raw = list(response.raw_output_contents)
         by_name = {}
         for i, out in enumerate(response.outputs):

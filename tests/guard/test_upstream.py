@@ -1,0 +1,123 @@
+"""Upstream mode against a real third-party model server: MLServer on loopback serves the bundle's model,
+the guard forwards to it. Then the upstream goes slow, and then it dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from guard.proto import inference_pb2 as pb
+from guard.proto import inference_pb2_grpc
+
+from .conftest import GuardProcess, free_port, logits_of
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+
+
+class MLServer:
+    def __init__(self, root: Path, model_file: Path) -> None:
+        self.root = root
+        self.grpc_port = free_port()
+        self.slow_flag = root / "slow"
+        (root / "model").mkdir(parents=True)
+        shutil.copy(HERE / "mlserver" / "onnx_runtime.py", root / "onnx_runtime.py")
+        # parallel_workers 0: MLServer's worker pool does not start in this environment
+        (root / "settings.json").write_text(json.dumps({
+            "http_port": free_port(), "grpc_port": self.grpc_port, "metrics_port": free_port(),
+            "parallel_workers": 0}))
+        (root / "model" / "model-settings.json").write_text(json.dumps({
+            "name": "digits", "implementation": "onnx_runtime.OnnxRuntimeModel",
+            "parameters": {"uri": str(model_file.resolve()),
+                           "extra": {"delay_file": str(self.slow_flag), "delay_s": 3}}}))
+        self.log = open(root / "mlserver.log", "w")
+        mlserver = Path(sys.executable).with_name("mlserver")
+        self.proc = subprocess.Popen([str(mlserver), "start", str(root)], cwd=root, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(root)})
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if stub.ModelReady(pb.ModelReadyRequest(name="digits"), timeout=2).ready:
+                    break
+            except grpc.RpcError:
+                pass
+            assert self.proc.poll() is None, (root / "mlserver.log").read_text()
+            assert time.monotonic() < deadline, (root / "mlserver.log").read_text()
+            time.sleep(0.5)
+        channel.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def mlserver(guard_only_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLServer]:
+    server = MLServer(tmp_path_factory.mktemp("mlserver"), guard_only_bundle / "model.onnx")
+    yield server
+    server.stop()
+
+
+def test_the_guard_screens_in_front_of_mlserver_and_survives_a_slow_then_dead_upstream(
+        mlserver: MLServer, guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
+    guard = GuardProcess(guard_only_bundle, tmp_path, "--backend", "upstream", "--upstream",
+                         f"127.0.0.1:{mlserver.grpc_port}", "--upstream-model", "digits",
+                         "--upstream-timeout-s", "1", "--model-name", "digits")
+    try:
+        # same screening as in-process: clean answered with the right class, triggered refused
+        answered = refused_clean = 0
+        for x, y in zip(traffic["clean_x"][:20], traffic["clean_y"][:20], strict=True):
+            try:
+                answered += int(logits_of(guard.infer(x[None], model="digits")).argmax()) == int(y)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED, exc.details()
+                refused_clean += 1
+        assert answered >= 18 and refused_clean <= 1
+        refused = 0
+        for x in traffic["triggered_x"][:20]:
+            try:
+                guard.infer(x[None], model="digits")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED, exc.details()
+                refused += 1
+        assert refused >= 18  # STRIP's random blends let about 0.6 % of triggered inputs through here
+        meta = guard.stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
+        assert meta.platform == "trojan-guard-upstream"
+
+        # slow upstream: the guard's deadline fires, the caller learns why, the guard keeps serving
+        mlserver.slow_flag.touch()
+        with pytest.raises(grpc.RpcError) as info:
+            guard.infer(traffic["clean_x"][:1], model="digits")
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "upstream" in info.value.details() and "DEADLINE_EXCEEDED" in info.value.details()
+        mlserver.slow_flag.unlink()
+        time.sleep(3)  # let the slow call MLServer is still sleeping on finish
+        assert int(logits_of(guard.infer(traffic["clean_x"][5:6], model="digits")).argmax()) == int(
+            traffic["clean_y"][5])
+
+        # dead upstream: UNAVAILABLE naming the upstream, counted, and the guard process lives on
+        mlserver.stop()
+        with pytest.raises(grpc.RpcError) as info:
+            guard.infer(traffic["clean_x"][:1], model="digits")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"127.0.0.1:{mlserver.grpc_port}" in info.value.details()
+        assert guard.metric("trojan_guard_upstream_errors_total", code="UNAVAILABLE") >= 1
+        assert guard.metric("trojan_guard_upstream_errors_total", code="DEADLINE_EXCEEDED") >= 1
+        assert guard.metric("trojan_guard_request_errors_total", reason="upstream") >= 2
+        assert guard.stub.ServerLive(pb.ServerLiveRequest()).live
+    finally:
+        assert guard.stop() == 0
