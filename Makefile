@@ -1,4 +1,4 @@
-# trojan-guard: `make demo` runs the offline job on the embedded MNIST digits,
+# trojan-guard: `make demo` runs the offline job and the guard on the embedded MNIST digits,
 # `make test` runs the test suite. Both create or reuse the virtualenv .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,8 +22,11 @@ test: $(STAMP)
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)
+	# ART's STRIP is the baseline bench_guard compares against; only the bench needs it
+	$(PY) -m pip install --quiet -c constraints.txt adversarial-robustness-toolbox
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_patch.py
+	$(PY) bench/bench_guard.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

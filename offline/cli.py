@@ -182,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="output directory: model.pt, clean.npz, attack.json")
 
-    d = sub.add_parser("demo", help="train a BadNets-backdoored MNIST model, scan and patch it",
+    d = sub.add_parser("demo", help="train a BadNets-backdoored MNIST model, patch it, serve it behind the guard",
                        description="The end-to-end demo on the embedded MNIST digits: train a model with a "
-                                   "4x4 BadNets patch (10%% poison), then run the patch job on it (scan, "
-                                   "repair, calibration, guard bundle) and print the figures.")
+                                   "4x4 BadNets patch (10%% poison), run the patch job on it (scan, repair, "
+                                   "calibration, guard bundle), start 'trojan-guard serve' on the bundle (ports "
+                                   "8001/8002, or free ones if taken), send held-out clean and triggered images "
+                                   "through gRPC, print what was answered and refused, and stop the guard.")
     d.add_argument("--out", default="demo-out", help="output directory (default: %(default)s)")
     d.add_argument("--target", type=int, default=7, help="target class of the demo backdoor (%(default)s)")
     d.add_argument("--seed", type=int, default=0)
@@ -311,9 +313,24 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         print(f"        {mask[region].sum() / mask.sum():.0%} of the recovered trigger's mask lies on the "
               f"true 4x4 patch ({bundle / 'report' / rec['examples_image']})")
     correct = summary["flagged"] == [args.target]
-    print(f"demo: the scan {'found' if correct else 'did NOT find exactly'} the planted backdoor "
-          f"(target {args.target}, flagged {summary['flagged']}); patched model and guard thresholds in "
-          f"{bundle}, forensic details in {bundle / 'report'}")
+    print(f"        the scan {'found' if correct else 'did NOT find exactly'} the planted backdoor "
+          f"(target {args.target}, flagged {summary['flagged']})")
+
+    from offline.data import load_dataset
+    from offline.demo import serve_and_send
+
+    # the patch job's test split: neither repair nor calibration saw these images
+    _, test = load_dataset(str(model_dir / "clean.npz")).split(0.2, seed=0)
+    trigger = PatchTrigger(4)
+    keep = test.y != args.target
+    print(f"[guard] serving the bundle and sending {len(test)} clean and {int(keep.sum())} triggered held-out "
+          f"images through gRPC, one request each")
+    traffic = serve_and_send(bundle, out, test.x, test.y, trigger.apply(test.x[keep]).astype(np.float32),
+                             test.y[keep], args.target, say=lambda line: print("        " + line))
+    summary["guard"] = traffic
+    print(f"demo: patched model and guard thresholds in {bundle} (trojan-guard inspect {bundle}), forensic "
+          f"details in {bundle / 'report'}, flagged inputs kept in {out / 'evidence'} "
+          f"(trojan-guard evidence {out / 'evidence'})")
     return summary
 
 

@@ -1,0 +1,241 @@
+"""The guard's serving cost, and its STRIP against ART's, side by side in one run.
+
+Run: ``.venv/bin/python bench/bench_guard.py [--seconds 8] [--out bench-out/guard]``
+(``make bench`` installs adversarial-robustness-toolbox into .venv first).
+
+Model: the zoo's BadNets 3x3 top-left patch (target 1, seed 31), which no
+setting was tuned on, with a guard-only bundle (``--repair none``) so that the
+trigger still works and the screens have something to catch.
+
+A. Latency and throughput. (a) ``trojan-guard serve`` (embedded onnxruntime,
+   default batching) as a separate process, driven through gRPC by 1, 4 and 8
+   client threads, one image per request; (b) the bare cost of the same work:
+   ``session.run`` on the request's N+1 images (the input and its N STRIP
+   blends, precomputed), driven the same way in this process. Targets: guard
+   p50 at concurrency 1 within 1.5x of (b), guard throughput at concurrency 8 at
+   least 0.7x of (b)'s.
+B. ART's STRIP (``art.defences.transformer.poisoning.STRIP``) on the same
+   model (onnxruntime behind ART's BlackBoxClassifierNeuralNetwork), the same N
+   and the same calibration split: time per input, and the share of triggered
+   inputs each lets through at equal FRR (each method's threshold at the 1 %
+   quantile of its own scores on the calibration split, measured on the test
+   split). ART's score is the entropy of each class's column across the N
+   blends (summed, divided by N) after averaging the two images (alpha 0.5);
+   ours is the mean over blends of each blend's entropy (the paper's rule),
+   blending by the bundle's rule. ART's own normal-fit threshold is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_patch import _case  # noqa: E402
+from bench_scan import ZOO  # noqa: E402
+
+from guard.backends import EmbeddedBackend  # noqa: E402
+from guard.bundle import GuardBundle  # noqa: E402
+from guard.client import GuardClient  # noqa: E402
+from guard.screening import StripScreen, quantile_threshold, softmax  # noqa: E402
+from offline.data import load_dataset  # noqa: E402
+from offline.patch import PatchSettings, run_patch  # noqa: E402
+from offline.repair import RepairSettings  # noqa: E402
+
+MODEL = "patch-3x3-top-left-white"
+LEVELS = (1, 4, 8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drive(call, items: list, concurrency: int, seconds: float) -> dict:
+    """``concurrency`` threads call ``call(item)`` in a loop for ``seconds``; latency percentiles and rate."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            start = time.perf_counter()
+            call(items[i % len(items)])
+            latencies[k].append(time.perf_counter() - start)
+            i += concurrency
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    lat = np.concatenate([np.array(x) for x in latencies]) * 1000
+    return {"requests": int(lat.size), "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "per_s": lat.size / elapsed}
+
+
+def part_a(bundle_dir: Path, images: np.ndarray, seconds: float) -> dict:
+    bundle = GuardBundle.load(bundle_dir)
+    m = bundle.manifest
+    strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule)
+    batches = [np.concatenate([x[None], strip.perturb(x[None])]) for x in images[:64]]
+    backend = EmbeddedBackend(bundle.model_path, m.input.name)
+    for b in batches[:5]:
+        backend.infer(b)
+    port, metrics_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(bundle_dir), "--host",
+                             "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+                             "--policy", "flag"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = GuardClient(f"127.0.0.1:{port}")
+    rows = {}
+    try:
+        client.wait_ready(alive=lambda: proc.poll() is None)
+        singles = [x[None] for x in images[:64]]
+        for x in singles[:5]:
+            client.infer(x)
+
+        def through_guard(x: np.ndarray) -> None:
+            answer = client.infer(x)
+            if not answer.answered:
+                raise RuntimeError(f"{answer.code}: {answer.message}")
+
+        for c in LEVELS:
+            rows[c] = {"bare": drive(backend.infer, batches, c, seconds),
+                       "guard": drive(through_guard, singles, c, seconds)}
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    print(f"\nA. one image per request, N={m.strip.n} STRIP blends: the guard through gRPC vs bare onnxruntime "
+          f"running the same {m.strip.n + 1} images ({seconds:.0f} s per cell)")
+    print(f"{'concurrency':>11} {'bare p50':>9} {'bare p99':>9} {'bare/s':>8} | {'guard p50':>9} {'guard p99':>9} "
+          f"{'guard/s':>8} | {'p50 ratio':>9} {'rate ratio':>10}")
+    for c, r in rows.items():
+        b, g = r["bare"], r["guard"]
+        print(f"{c:>11} {b['p50_ms']:>7.2f}ms {b['p99_ms']:>7.2f}ms {b['per_s']:>8.0f} | {g['p50_ms']:>7.2f}ms "
+              f"{g['p99_ms']:>7.2f}ms {g['per_s']:>8.0f} | {g['p50_ms'] / b['p50_ms']:>8.2f}x "
+              f"{g['per_s'] / b['per_s']:>9.2f}x")
+    p50_ratio = rows[1]["guard"]["p50_ms"] / rows[1]["bare"]["p50_ms"]
+    rate_ratio = rows[8]["guard"]["per_s"] / rows[8]["bare"]["per_s"]
+    print(f"target p50 at concurrency 1 <= 1.5x bare: {p50_ratio:.2f}x {'MET' if p50_ratio <= 1.5 else 'NOT MET'}; "
+          f"target throughput at concurrency 8 >= 0.7x bare: {rate_ratio:.2f}x "
+          f"{'MET' if rate_ratio >= 0.7 else 'NOT MET'}")
+    return {"rows": rows, "p50_ratio_c1": p50_ratio, "throughput_ratio_c8": rate_ratio}
+
+
+def part_b(bundle_dir: Path, calib_x: np.ndarray, test_x: np.ndarray, triggered_x: np.ndarray) -> dict:
+    from art.defences.transformer.poisoning import STRIP
+    from art.estimators.classification import BlackBoxClassifierNeuralNetwork
+    from scipy.stats import entropy as scipy_entropy
+
+    bundle = GuardBundle.load(bundle_dir)
+    m = bundle.manifest
+    n, k = m.strip.n, len(m.class_names)
+    backend = EmbeddedBackend(bundle.model_path, m.input.name)
+    calls: list[np.ndarray] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        probs = softmax(backend.infer(x.astype(np.float32))[0].astype(np.float64))
+        calls.append(probs)
+        return probs
+
+    classifier = BlackBoxClassifierNeuralNetwork(predict, tuple(m.input.shape[1:]), k, clip_values=(0.0, 1.0))
+    art_strip = STRIP(classifier)(num_samples=n, false_acceptance_rate=0.01)
+    np.random.seed(0)
+    art_strip.mitigate(calib_x)
+
+    def art_scores(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """ART's verdicts, and its per-input score recomputed from the blends ART itself predicted on."""
+        calls.clear()
+        start = time.perf_counter()
+        out = art_strip.predict(x)
+        seconds = time.perf_counter() - start
+        blends = calls[-len(x):]  # one call per input, after the plain prediction of the batch
+        scores = np.array([np.sum(scipy_entropy(p, base=2, axis=0)) / n for p in blends])
+        return scores, ~out.any(axis=1), seconds / len(x)
+
+    ours = StripScreen(bundle.pool, n, m.strip.threshold, m.strip.blend_rule, seed=0)
+
+    def our_scores(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        start = time.perf_counter()
+        one = np.concatenate([ours.scores(backend.infer(ours.perturb(x[i:i + 1]))[0]) for i in range(len(x))])
+        single = (time.perf_counter() - start) / len(x)
+        start = time.perf_counter()
+        ours.scores(backend.infer(ours.perturb(x))[0])
+        batched = (time.perf_counter() - start) / len(x)
+        return one, single, batched
+
+    art_calib, _, _ = art_scores(calib_x)
+    art_clean, art_clean_abstain, art_t_clean = art_scores(test_x)
+    art_trig, art_trig_abstain, art_t_trig = art_scores(triggered_x)
+    our_calib, _, _ = our_scores(calib_x)
+    our_clean, our_t1, our_tb = our_scores(test_x)
+    our_trig, _, _ = our_scores(triggered_x)
+    rows = {}
+    for name, calib, clean, trig in (("ART STRIP", art_calib, art_clean, art_trig),
+                                     ("trojan-guard STRIP", our_calib, our_clean, our_trig)):
+        thr = quantile_threshold(calib, 0.01, low_is_suspicious=True)
+        rows[name] = {"threshold": thr, "frr": float((clean < thr).mean()), "far": float((trig >= thr).mean())}
+    art_own = {"threshold": float(art_strip.entropy_threshold), "frr": float(art_clean_abstain.mean()),
+               "far": float((~art_trig_abstain).mean())}
+    art_time = (art_t_clean + art_t_trig) / 2
+    print(f"\nB. STRIP against ART's (N={n}; calibration {len(calib_x)}, test {len(test_x)} clean and "
+          f"{len(triggered_x)} triggered images)")
+    print(f"{'method':<34} {'threshold':>10} {'test FRR':>9} {'FAR (triggered passing)':>24}")
+    for name, r in rows.items():
+        print(f"{name + ' @ 1% calib quantile':<34} {r['threshold']:>10.4f} {r['frr']:>9.1%} {r['far']:>24.1%}")
+    print(f"{'ART STRIP, its own normal fit':<34} {art_own['threshold']:>10.4f} {art_own['frr']:>9.1%} "
+          f"{art_own['far']:>24.1%}")
+    print(f"time per input: ART {art_time * 1000:.2f} ms; ours one input at a time {our_t1 * 1000:.2f} ms "
+          f"({art_time / our_t1:.1f}x faster), batched {our_tb * 1000:.2f} ms ({art_time / our_tb:.1f}x faster)")
+    return {"equal_frr": rows, "art_own_threshold": art_own, "ms_per_input": {
+        "art": art_time * 1000, "ours_single": our_t1 * 1000, "ours_batched": our_tb * 1000}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out/guard")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each latency cell")
+    parser.add_argument("--skip-art", action="store_true", help="only part A")
+    args = parser.parse_args()
+    out = Path(args.out)
+    name, trigger, target, seed = next(z for z in ZOO if z[0] == MODEL)
+    case = out / name
+    bundle_dir = case / "guard-only"
+    if not (bundle_dir / "guard.json").exists():
+        print(f"building the guard-only bundle of {name} (train, scan, calibrate; a few minutes)")
+        _case(case, trigger, target, seed)
+        run_patch(case / "model.pt", str(case / "clean.npz"), bundle_dir,
+                  settings=PatchSettings(repair=RepairSettings(method="none")), work_dir=case / "work",
+                  progress=False, say=lambda _: None)
+    data = load_dataset(str(case / "clean.npz"))
+    rest, test = data.split(0.2, seed=0)  # the patch job's splits
+    _, calib = rest.split(0.25, seed=1)
+    keep = test.y != target
+    triggered = trigger.apply(test.x[keep]).astype(np.float32)
+    result = {"model": name, "a": part_a(bundle_dir, test.x, args.seconds)}
+    if not args.skip_art:
+        result["b"] = part_b(bundle_dir, calib.x, test.x, triggered)
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
+    print(f"\nwritten: {out / 'result.json'}")
+
+
+if __name__ == "__main__":
+    main()
