@@ -13,7 +13,8 @@ A. Latency and throughput. (a) ``trojan-guard serve`` (embedded onnxruntime,
    ``session.run`` on the request's N+1 images (the input and its N STRIP
    blends, precomputed), driven the same way in this process. Targets: guard
    p50 at concurrency 1 within 1.5x of (b), guard throughput at concurrency 8 at
-   least 0.7x of (b)'s.
+   least 0.7x of (b)'s. (c) A no-op gRPC call (ServerLive) to the same guard
+   from the same client: the floor of any Python gRPC service here.
 B. ART's STRIP (``art.defences.transformer.poisoning.STRIP``) on the same
    model (onnxruntime behind ART's BlackBoxClassifierNeuralNetwork), the same N
    and the same calibration split: time per input, and the share of triggered
@@ -49,6 +50,7 @@ from bench_scan import ZOO  # noqa: E402
 from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
 from guard.client import GuardClient  # noqa: E402
+from guard.proto import inference_pb2 as pb  # noqa: E402
 from guard.screening import StripScreen, quantile_threshold, softmax  # noqa: E402
 from offline.data import load_dataset  # noqa: E402
 from offline.patch import PatchSettings, run_patch  # noqa: E402
@@ -116,9 +118,11 @@ def part_a(bundle_dir: Path, images: np.ndarray, seconds: float) -> dict:
             if not answer.answered:
                 raise RuntimeError(f"{answer.code}: {answer.message}")
 
+        live = pb.ServerLiveRequest()
         for c in LEVELS:
             rows[c] = {"bare": drive(backend.infer, batches, c, seconds),
-                       "guard": drive(through_guard, singles, c, seconds)}
+                       "guard": drive(through_guard, singles, c, seconds),
+                       "floor": drive(lambda _: client.stub.ServerLive(live), [0], c, seconds / 2)}
     finally:
         client.close()
         proc.send_signal(signal.SIGTERM)
@@ -126,12 +130,14 @@ def part_a(bundle_dir: Path, images: np.ndarray, seconds: float) -> dict:
     print(f"\nA. one image per request, N={m.strip.n} STRIP blends: the guard through gRPC vs bare onnxruntime "
           f"running the same {m.strip.n + 1} images ({seconds:.0f} s per cell)")
     print(f"{'concurrency':>11} {'bare p50':>9} {'bare p99':>9} {'bare/s':>8} | {'guard p50':>9} {'guard p99':>9} "
-          f"{'guard/s':>8} | {'p50 ratio':>9} {'rate ratio':>10}")
+          f"{'guard/s':>8} | {'p50 ratio':>9} {'rate ratio':>10} | {'no-op p50':>9} {'no-op/s':>8}")
     for c, r in rows.items():
-        b, g = r["bare"], r["guard"]
+        b, g, f = r["bare"], r["guard"], r["floor"]
         print(f"{c:>11} {b['p50_ms']:>7.2f}ms {b['p99_ms']:>7.2f}ms {b['per_s']:>8.0f} | {g['p50_ms']:>7.2f}ms "
               f"{g['p99_ms']:>7.2f}ms {g['per_s']:>8.0f} | {g['p50_ms'] / b['p50_ms']:>8.2f}x "
-              f"{g['per_s'] / b['per_s']:>9.2f}x")
+              f"{g['per_s'] / b['per_s']:>9.2f}x | {f['p50_ms']:>7.2f}ms {f['per_s']:>8.0f}")
+    print("no-op: a ServerLive round trip to the same guard from the same client, the floor of any Python gRPC "
+          "service on this machine")
     p50_ratio = rows[1]["guard"]["p50_ms"] / rows[1]["bare"]["p50_ms"]
     rate_ratio = rows[8]["guard"]["per_s"] / rows[8]["bare"]["per_s"]
     print(f"target p50 at concurrency 1 <= 1.5x bare: {p50_ratio:.2f}x {'MET' if p50_ratio <= 1.5 else 'NOT MET'}; "

@@ -32,7 +32,8 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--upstream-model", dict(help="model name on the upstream server (default: --model-name)")),
     ("--upstream-timeout-s", dict(type=float, help="deadline of each upstream call (default 10)")),
     ("--max-batch", dict(type=int, help="inputs screened together in one batch (default 8)")),
-    ("--max-delay-ms", dict(type=float, help="how long a batch waits to fill up (default 2)")),
+    ("--max-delay-ms", dict(type=float, help="extra wait for a batch to fill up (default 0: a batch takes the "
+                                             "requests that queued while the model ran the previous one)")),
     ("--max-request-inputs", dict(type=int, help="inputs one request may carry (default 64); larger requests "
                                                  "get RESOURCE_EXHAUSTED")),
     ("--evidence-dir", dict(help="keep flagged inputs here (append-only, fsync-ed; default: off)")),

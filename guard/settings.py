@@ -30,7 +30,8 @@ class GuardSettings(BaseSettings):
     upstream_model: str | None = Field(None, description="model name on the upstream; default: the model name")
     upstream_timeout_s: float = Field(10.0, gt=0)
     max_batch: int = Field(8, ge=1, description="inputs screened together in one batch (dynamic batching)")
-    max_delay_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill up")
+    max_delay_ms: float = Field(
+        0.0, ge=0, description="extra wait for a batch to fill up; with 0 a batch takes what queued meanwhile")
     max_request_inputs: int = Field(64, ge=1, description="inputs one request may carry")
     evidence_dir: Path | None = Field(None, description="where flagged inputs are kept; off when unset")
     evidence_max_bytes: int = Field(1 << 30, ge=1 << 16, description="evidence kept on disk before rotation")

@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from guard.bundle import GuardBundle
+from guard.evidence import read_evidence
 from guard.proto import guard_admin_pb2 as admin_pb
 from guard.proto import guard_admin_pb2_grpc
 from guard.proto import inference_pb2 as pb
@@ -216,8 +217,8 @@ def test_startup_errors_are_one_clear_line(guard_only_bundle: Path, tmp_path: Pa
     assert busy.returncode == 2 and "cannot bind" in busy.stderr, busy.stderr
 
 
-def test_soak_concurrent_load_without_errors_or_memory_growth(guard_only_bundle: Path, tmp_path: Path,
-                                                             traffic: dict[str, np.ndarray]) -> None:
+def test_soak_without_errors_or_memory_growth_and_evidence_survives_a_kill(
+        guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
     server = GuardProcess(guard_only_bundle, tmp_path, "--evidence-dir", str(tmp_path / "ev"))
     errors: list[str] = []
     counts = {"answered": 0, "refused": 0}
@@ -250,8 +251,11 @@ def test_soak_concurrent_load_without_errors_or_memory_growth(guard_only_bundle:
     for t in threads:
         t.join()
     per_batch = server.metric("trojan_guard_batch_requests_sum") / server.metric("trojan_guard_batch_requests_count")
-    assert server.stop() == 0
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
     assert not errors, errors[:5]
+    # every refused request's input was on disk before the refusal went out, so a kill loses none
+    kept = [r for r in read_evidence(tmp_path / "ev") if r["intact"]]
+    assert len(kept) == counts["refused"], (len(kept), counts)
     assert counts["answered"] > 100 and counts["refused"] > 100, counts
     assert rss_end - rss_start < 40 * 2**20, (rss_start, rss_end)
     assert per_batch > 1.2, f"concurrent requests were not batched together ({per_batch:.2f} requests per batch)"
