@@ -40,6 +40,9 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--evidence-max-bytes", dict(type=int, help="evidence kept before the oldest segments go (default 1 GiB)")),
     ("--tls-cert", dict(help="PEM certificate chain: serve gRPC over TLS")),
     ("--tls-key", dict(help="PEM private key for --tls-cert")),
+    ("--watch-bundle-s", dict(type=float, help="check the bundle every this many seconds and reload when its "
+                                               "guard.json changed, e.g. after a patch job rewrote it (default 0: "
+                                               "off; SIGHUP and the admin RPC always reload)")),
     ("--grace-s", dict(type=float, help="shutdown waits this long for in-flight requests (default 10)")),
     ("--threads", dict(type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")),
     ("--log-level", dict(choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")),

@@ -21,7 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from guard import __version__
-from guard.bundle import GuardBundle
+from guard.bundle import MANIFEST, GuardBundle, sha256_file
 from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
 from guard.dataplane import Guard, Refused
 from guard.errors import GuardError, InvalidInput, ModelNotFound
@@ -256,6 +256,25 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
         if started:
             started(port, settings.metrics_port)
 
+    async def watch_bundle() -> None:
+        """Reload when guard.json at the bundle path changes (a patch job swapped a new bundle in)."""
+        refused = ""
+        while True:
+            await asyncio.sleep(settings.watch_bundle_s)
+            try:
+                current = await loop.run_in_executor(None, sha256_file, guard.bundle_path / MANIFEST)
+            except OSError:
+                continue  # mid-swap, or gone for now: keep serving what is loaded
+            if guard.state is None or current in (guard.state.sha256, refused):
+                continue
+            try:
+                await guard.reload()
+                refused = ""
+            except GuardError as exc:
+                refused = current  # retried once guard.json changes again
+                log.error("bundle watch: %s", exc)
+
+    watcher = loop.create_task(watch_bundle()) if settings.watch_bundle_s > 0 else None
     starting = loop.create_task(warm_up())
     stopping = loop.create_task(stop.wait())
     try:
@@ -267,6 +286,8 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
     finally:
         starting.cancel()
         stopping.cancel()
+        if watcher is not None:
+            watcher.cancel()
         inference.draining = True
         await health.enter_graceful_shutdown()
         await server.stop(settings.grace_s)

@@ -39,6 +39,8 @@ class GuardSettings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     grace_s: float = Field(10.0, ge=0, description="how long shutdown waits for in-flight requests")
+    watch_bundle_s: float = Field(0.0, ge=0, description="reload when the bundle's guard.json changes, checked "
+                                                       "this often (0: only on SIGHUP or the admin RPC)")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
     seed: int = 0
     log_level: str = "INFO"

@@ -259,3 +259,23 @@ def test_soak_without_errors_or_memory_growth_and_evidence_survives_a_kill(
     assert counts["answered"] > 100 and counts["refused"] > 100, counts
     assert rss_end - rss_start < 40 * 2**20, (rss_start, rss_end)
     assert per_batch > 1.2, f"concurrent requests were not batched together ({per_batch:.2f} requests per batch)"
+
+
+def test_bundle_watch_picks_up_a_bundle_swapped_in_by_a_patch_job(guard_only_bundle: Path, patched: tuple[Path, dict],
+                                                                 tmp_path: Path) -> None:
+    live = tmp_path / "current"
+    shutil.copytree(guard_only_bundle, live)
+    server = GuardProcess(live, tmp_path, "--watch-bundle-s", "0.3")
+    try:
+        from guard.bundle import write_bundle
+
+        new = GuardBundle.load(patched[0])
+        # exactly what the patch job does: stage beside, verify, swap in by rename
+        write_bundle(live, new.manifest, {"model.onnx": new.model_path, "strip_pool.npy": new.pool})
+        deadline = time.monotonic() + 20
+        while _admin(server).Status(admin_pb.StatusRequest()).bundle_sha256 != GuardBundle.load(live).sha256:
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.2)
+        assert server.metric("trojan_guard_bundle_reloads_total", result="ok") == 1
+    finally:
+        assert server.stop() == 0
