@@ -176,10 +176,24 @@ class ServingState:
         k = decision.logits.shape[1]
         if k != len(self.class_names):
             raise ReloadFailed(f"model returns {k} logits but the bundle names {len(self.class_names)} classes")
+        if isinstance(self.backend, UpstreamBackend):
+            self._check_upstream_serves_the_bundle()
         need = int(self.activation.neurons.max()) + 1
         if decision.features.shape[1] < need:
             raise ReloadFailed(f"model returns {decision.features.shape[1]} features; the activation filter "
                                f"watches neuron {need - 1}")
+
+    def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3) -> None:
+        """The thresholds only hold for the bundle's model: compare the upstream's logits with it."""
+        m = self.bundle.manifest
+        reference = EmbeddedBackend(self.bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
+                                    threads=1)
+        x = self.bundle.pool[:8]
+        error = float(np.abs(self.backend.infer(x)[0] - reference.infer(x)[0]).max())
+        if not error <= tolerance:
+            raise ReloadFailed(f"upstream {self.settings.upstream} model '{self.backend.model_name}' is not the "
+                               f"bundle's model: logits differ by {error:.3g} on pool images (tolerance "
+                               f"{tolerance:g}); deploy {self.bundle.model_path} to the upstream first")
 
     def set_gauges(self) -> None:
         m, metrics, name = self.bundle.manifest, self.metrics, self.model_name

@@ -72,6 +72,17 @@ def mlserver(guard_only_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     server.stop()
 
 
+def test_an_upstream_serving_another_model_is_refused(mlserver: MLServer, patched: tuple[Path, dict],
+                                                     tmp_path: Path) -> None:
+    """The repaired bundle's thresholds mean nothing in front of the unrepaired model MLServer serves."""
+    run = subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(patched[0]), "--host",
+                          "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0", "--backend", "upstream",
+                          "--upstream", f"127.0.0.1:{mlserver.grpc_port}", "--upstream-model", "digits"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "is not the bundle's model: logits differ" in run.stderr
+
+
 def test_the_guard_screens_in_front_of_mlserver_and_survives_a_slow_then_dead_upstream(
         mlserver: MLServer, guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
     guard = GuardProcess(guard_only_bundle, tmp_path, "--backend", "upstream", "--upstream",
@@ -121,3 +132,4 @@ def test_the_guard_screens_in_front_of_mlserver_and_survives_a_slow_then_dead_up
         assert guard.stub.ServerLive(pb.ServerLiveRequest()).live
     finally:
         assert guard.stop() == 0
+
