@@ -18,7 +18,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/trojan-forensics demo --out demo-out
 
+# the deploy tests run promtool and a real Prometheus server: Debian's prometheus package
+PROMETHEUS_PKG = command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 test: $(STAMP)
+	@$(PROMETHEUS_PKG)
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from offline.attacks import BackdoorResult, PatchTrigger, train_backdoored_model
@@ -66,3 +67,14 @@ def guard_only_bundle(patched: tuple[Path, dict], case_dir: Path) -> Path:
               progress=False, say=lines.append)
     assert any(line.startswith("[1/6] scan: reused") for line in lines)
     return case_dir / "guard-only"
+
+
+@pytest.fixture(scope="session")
+def traffic(mnist_splits, badnets_model) -> dict[str, np.ndarray]:
+    """Held-out clean images with labels, and the same kind of images carrying the true trigger
+    (non-target classes only)."""
+    _, test = mnist_splits
+    keep = test.y != badnets_model.target
+    return {"clean_x": test.x[:60], "clean_y": test.y[:60],
+            "triggered_x": badnets_model.trigger.apply(test.x[keep][:60]).astype(np.float32),
+            "triggered_y": test.y[keep][:60]}

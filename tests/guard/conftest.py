@@ -124,17 +124,6 @@ def logits_of(response: pb.ModelInferResponse) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[i], "<f4").reshape(tuple(response.outputs[i].shape))
 
 
-@pytest.fixture(scope="session")
-def traffic(mnist_splits, badnets_model) -> dict[str, np.ndarray]:
-    """Held-out clean images with labels, and the same kind of images carrying the true trigger
-    (non-target classes only)."""
-    _, test = mnist_splits
-    keep = test.y != badnets_model.target
-    return {"clean_x": test.x[:60], "clean_y": test.y[:60],
-            "triggered_x": badnets_model.trigger.apply(test.x[keep][:60]).astype(np.float32),
-            "triggered_y": test.y[keep][:60]}
-
-
 @pytest.fixture(scope="module")
 def guard_server(guard_only_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuardProcess]:
     """The guard in front of the unrepaired BadNets model, enforce policy, evidence kept."""
