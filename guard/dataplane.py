@@ -126,6 +126,7 @@ class ServingState:
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
                                        executor, on_batch=self._on_batch)
         self.loaded_at = time.time()
+        self._model_s = 0.0
 
     def _on_batch(self, inputs: int, waits: list[float]) -> None:
         self.metrics.batch_inputs.observe(inputs)
@@ -138,13 +139,15 @@ class ServingState:
         try:
             return self.backend.infer(x)
         finally:
-            self.metrics.latency.labels("model").observe(time.perf_counter() - start)
+            self._model_s = time.perf_counter() - start  # one model thread: no race
+            self.metrics.latency.labels("model").observe(self._model_s)
 
     def run_batch(self, xs: Sequence[np.ndarray]) -> list[Decision]:
         """Screen a batch of requests (runs in a worker thread)."""
         x = np.concatenate(xs)
         bounds = np.cumsum([0, *(len(a) for a in xs)]).tolist()
         spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+        start = time.perf_counter()
         try:
             result = screen(self._timed_infer, x, self.strip, self.activation)
             if not (np.isfinite(result.strip.scores).all() and np.isfinite(result.activation.scores).all()):
@@ -158,14 +161,20 @@ class ServingState:
                     raise
                 raise ScreeningFailed(f"the screens could not run ({type(exc).__name__}: {exc}); "
                                       f"the guard fails closed") from exc
-            logits, features = self._timed_infer(x)  # fail open: the bare answer, marked unscreened
+            try:  # fail open: the bare answer, marked unscreened
+                logits, features = self._timed_infer(x)
+            except GuardError:
+                raise
+            except Exception as bare_exc:
+                raise ScreeningFailed(f"the screens could not run ({type(exc).__name__}: {exc}) and neither "
+                                      f"could the model alone ({type(bare_exc).__name__}: {bare_exc})") from bare_exc
             return [Decision(logits[lo:hi], features[lo:hi], screened=False, policy=self.policy,
                              bundle_sha256=self.sha256) for lo, hi in spans]
-        score_time = time.perf_counter()
         decisions = [Decision(result.logits[lo:hi], result.features[lo:hi],
                               _verdicts(result.strip, result.activation, lo, hi), policy=self.policy,
                               bundle_sha256=self.sha256) for lo, hi in spans]
-        self.metrics.latency.labels("screen").observe(time.perf_counter() - score_time)
+        # blending, scoring and verdicts: the batch's time outside the model
+        self.metrics.latency.labels("screen").observe(time.perf_counter() - start - self._model_s)
         return decisions
 
     def warm_up(self) -> None:

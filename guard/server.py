@@ -132,6 +132,11 @@ class InferenceServicer:
         except GuardError as exc:
             guard.count_error(exc)
             raise
+        except Exception as exc:  # a bug: answered INTERNAL and counted; the server goes on
+            log.exception("request %s failed", getattr(request, "id", "") or "-")
+            error = GuardError(f"internal error in trojan-guard ({type(exc).__name__}: {exc})")
+            guard.count_error(error)
+            raise error from exc
         finally:
             metrics.in_flight.dec()
             metrics.latency.labels("total").observe(time.perf_counter() - start)
