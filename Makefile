@@ -18,13 +18,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/trojan-forensics demo --out demo-out
 
-# the deploy tests run promtool and a real Prometheus server: Debian's prometheus package
-PROMETHEUS_PKG = command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+# Debian packages the tests run: promtool and a real Prometheus server (deploy tests), and headless
+# Chromium (the forensic report must render in a real browser)
+DEBIAN_PKGS = command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v chromium >/dev/null || \
 	{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus chromium \
+	  >/dev/null; }
 
 test: $(STAMP)
-	@$(PROMETHEUS_PKG)
+	@$(DEBIAN_PKGS)
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)

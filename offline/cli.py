@@ -162,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_args(pa)
 
+    rp = sub.add_parser("report", help="write the forensic report (HTML + JSON) of a bundle",
+                        description="Build the forensic report from a bundle written by 'patch' (which also "
+                                    "writes it): one self-contained HTML file with the images embedded, and "
+                                    "report.json. Triage, detection, trigger, impact, repair, attribution "
+                                    "(MITRE ATLAS).")
+    rp.add_argument("--bundle", required=True, help="bundle directory written by 'patch'")
+    rp.add_argument("--true-trigger", default=None,
+                    help="evaluation mode: attack.json from 'train'; the report gives the recovered trigger's "
+                         "overlap with it")
+
     t = sub.add_parser("train", help="train a (possibly backdoored) classifier with an attack simulator",
                        description="Train the project's small CNN on clean data, optionally poisoned by a "
                                    "simulated attack; save it as TorchScript with the held-out clean split.")
@@ -232,6 +242,25 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         summary["trigger_delta_file"] = "trigger_delta.npy"
     write_json_atomic(out / "attack.json", summary)
     return summary
+
+
+def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from guard.bundle import BundleError, GuardBundle
+    from offline.report import build_report
+
+    try:
+        bundle = GuardBundle.load(args.bundle)
+    except BundleError as exc:
+        raise ForensicsError(str(exc)) from exc
+    report_dir = bundle.root / "report"
+    if not (report_dir / "scan.json").is_file():
+        raise ForensicsError(f"{report_dir}: no scan.json; was this bundle written by 'trojan-forensics patch'?")
+    report = build_report(report_dir, bundle.manifest.model_dump(), args.true_trigger)
+    print(report["verdict"]["headline"])
+    if "repair" in report["verdict"]:
+        print(report["verdict"]["repair"])
+    print(f"written: {report_dir / 'report.html'} and {report_dir / 'report.json'}")
+    return report
 
 
 def _print_scan(report: dict[str, Any], out: Path) -> None:
@@ -329,7 +358,7 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
                              test.y[keep], args.target, say=lambda line: print("        " + line))
     summary["guard"] = traffic
     print(f"demo: patched model and guard thresholds in {bundle} (trojan-guard inspect {bundle}), forensic "
-          f"details in {bundle / 'report'}, flagged inputs kept in {out / 'evidence'} "
+          f"report {bundle / 'report' / 'report.html'}, flagged inputs kept in {out / 'evidence'} "
           f"(trojan-guard evidence {out / 'evidence'})")
     return summary
 
@@ -345,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"model: {Path(args.out) / 'model.pt'}, clean held-out data: {Path(args.out) / 'clean.npz'}")
         elif args.command == "patch":
             _cmd_patch(args)
+        elif args.command == "report":
+            _cmd_report(args)
         elif args.command == "demo":
             _cmd_demo(args)
     except ForensicsError as exc:

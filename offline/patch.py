@@ -32,6 +32,7 @@ from offline.export import INPUT_NAME, OPSET, export_onnx
 from offline.jobs import TOOL_VERSION, load_case, scan_case, write_json_atomic
 from offline.neural_cleanse import NeuralCleanseConfig
 from offline.repair import Evaluator, RepairSettings, repair
+from offline.report import build_report
 
 PHASES = ("scan", "repair", "export", "calibrate", "evaluate", "bundle")
 Trigger = PatchTrigger | BlendTrigger | AdditiveTrigger
@@ -264,6 +265,7 @@ def run_patch(
     for phase, result in (("repair", repair_result), ("export", export_result), ("calibrate", calib_result),
                           ("evaluate", eval_result)):
         write_json_atomic(report_dir / f"{phase}.json", result)
+    build_report(report_dir, manifest.model_dump(), true_trigger_file)
     write_bundle(out, manifest, {"model.onnx": onnx_path, "strip_pool.npy": pool_file},
                  extra_dirs={"report": report_dir})
     summary = {
@@ -271,5 +273,6 @@ def run_patch(
         "repair": repair_result["summary"], "evaluation": eval_result,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    say(f"bundle written to {out} (verify with: trojan-guard inspect {out}); report in {out}/report/")
+    say(f"bundle written to {out} (verify with: trojan-guard inspect {out}); forensic report "
+        f"{out}/report/report.html")
     return summary

@@ -1,0 +1,262 @@
+"""The forensic report: one self-contained HTML file (images embedded) plus ``report.json``.
+
+Built from what the patch job leaves in the bundle's ``report/`` directory
+(scan, repair, calibration, evaluation results and trigger images) and the
+bundle manifest, following the forensic workflow: triage, detection, trigger,
+impact, repair, attribution. The verdict is the first thing a reader sees.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offline.jobs import TOOL_VERSION, write_json_atomic
+
+# MITRE ATLAS techniques, with the IDs and names ATLAS publishes
+ATLAS = {
+    "AML.T0018.000": ("Poison AI Model", "the model's weights carry a backdoor: it obeys a trigger"),
+    "AML.T0020": ("Poison Training Data", "the usual way such a backdoor is implanted: stamped, relabelled "
+                                          "training samples"),
+    "AML.T0043.004": ("Insert Backdoor Trigger", "how the backdoor is used: the adversary adds the trigger to "
+                                                 "inputs at inference time"),
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _anomaly_chart(per_class: list[dict], threshold: float, class_names: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=100)
+    values = [c["anomaly_index"] for c in per_class]
+    colors = ["#c0392b" if c["flagged"] else "#7f8c8d" for c in per_class]
+    ax.bar([class_names[c["class"]] for c in per_class], values, color=colors)
+    ax.axhline(threshold, color="#c0392b", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_ylabel("anomaly index")
+    ax.set_xlabel("class")
+    ax.legend(loc="upper right", frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def trigger_character(mask: np.ndarray) -> str:
+    """Patch (compact, small) or blended/invisible (spread over the image), from the recovered mask."""
+    m = mask.reshape(mask.shape[-2], mask.shape[-1]) if mask.ndim > 2 else mask
+    total = float(m.sum())
+    if total <= 0:
+        return "unknown (empty mask)"
+    rows, cols = np.nonzero(m >= 0.5 * m.max())
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    area = box / m.size
+    inside = float(m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].sum()) / total
+    if area <= 0.15 and inside >= 0.5:
+        return (f"patch: a compact region ({rows.max() - rows.min() + 1}x{cols.max() - cols.min() + 1} px at "
+                f"row {rows.min()}, column {cols.min()}) holds {inside:.0%} of the mask")
+    return (f"blended or invisible: the mask spreads over the image ({area:.0%} of it spans the strongest "
+            f"pixels, {inside:.0%} of the mask inside)")
+
+
+def _model_triage(scan: dict[str, Any]) -> dict[str, Any]:
+    model = scan.get("model", {})
+    path = Path(model.get("path", ""))
+    triage: dict[str, Any] = {"file": str(path), "sha256": model.get("sha256"),
+                              "format": {".onnx": "ONNX", ".pt": "TorchScript", ".pth": "TorchScript"}.get(
+                                  path.suffix.lower(), path.suffix or "unknown"),
+                              "classes": model.get("num_classes"), "features_layer": model.get("features_layer"),
+                              "torch_version": scan.get("environment", {}).get("torch")}
+    if path.is_file():
+        triage["size_bytes"] = path.stat().st_size
+        try:
+            if triage["format"] == "ONNX":
+                import onnx
+
+                graph = onnx.load(str(path))
+                triage["parameters"] = int(sum(np.prod(t.dims) for t in graph.graph.initializer))
+                triage["opset"] = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+            else:
+                import torch
+
+                net = torch.jit.load(str(path), map_location="cpu")
+                triage["parameters"] = int(sum(p.numel() for p in net.parameters()))
+        except Exception as exc:  # triage must not fail on an odd model file; it says so instead
+            triage["parameters_error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        triage["note"] = "model file not available where the scan ran; figures from scan.json"
+    return triage
+
+
+def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_file: str | Path | None = None
+                 ) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.html`` into ``report_dir``; return the report."""
+    report_dir = Path(report_dir)
+    scan = _read_json(report_dir / "scan.json")
+    repair = _read_json(report_dir / "repair.json")
+    evaluation = _read_json(report_dir / "evaluate.json")
+    class_names = manifest.get("class_names") or scan.get("data", {}).get("class_names") or []
+    flagged = scan.get("flagged_classes", [])
+    per_class = scan.get("per_class", [])
+    truth = _read_json(Path(true_trigger_file)) if true_trigger_file else {}
+
+    triggers = []
+    for rec in scan.get("recovered_triggers", []):
+        mask = np.load(report_dir / rec["mask_file"])
+        entry = {"class": rec["class"], "class_name": class_names[rec["class"]] if class_names else str(rec["class"]),
+                 "mask_l1_norm": rec["mask_l1_norm"], "held_out_asr": rec["held_out_asr"],
+                 "character": trigger_character(mask), "examples_image": rec.get("examples_image")}
+        desc = truth.get("trigger") or {}
+        if desc.get("kind") == "patch":
+            from offline.attacks import trigger_from_description
+
+            plane = mask.reshape(mask.shape[-2:])
+            region = trigger_from_description(desc).region(*plane.shape)
+            entry["true_trigger_overlap"] = round(float(plane[region].sum() / max(plane.sum(), 1e-12)), 4)
+        triggers.append(entry)
+
+    before, after = repair.get("before", {}), repair.get("after", {})
+    backdoored = bool(flagged)
+    asr_key = "true_asr" if "true_asr" in before else "reversed_asr"
+    verdict = {
+        "backdoored": backdoored,
+        "flagged_classes": flagged,
+        "headline": (f"BACKDOOR FOUND: class {', '.join(class_names[c] if class_names else str(c) for c in flagged)} "
+                     f"(anomaly index {max(c['anomaly_index'] for c in per_class if c['class'] in flagged):.2f}, "
+                     f"threshold {scan.get('threshold', 2.0):g})" if backdoored else
+                     "NO BACKDOOR FOUND by Neural Cleanse"),
+    }
+    if backdoored and after:
+        verdict["repair"] = (f"repaired by {repair.get('method')}: clean accuracy {before.get('accuracy', 0):.1%} -> "
+                             f"{after.get('accuracy', 0):.1%}, {'true' if asr_key == 'true_asr' else 'reversed'}"
+                             f"-trigger ASR {before.get(asr_key, 0):.1%} -> {after.get(asr_key, 0):.1%}")
+    strip, af = manifest.get("strip", {}), manifest.get("activation_filter", {})
+    report = {
+        "tool": f"trojan-forensics {TOOL_VERSION}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "verdict": verdict,
+        "triage": {"model": _model_triage(scan), "data": scan.get("data", {})},
+        "detection": {"method": scan.get("method"), "threshold": scan.get("threshold"), "runs": scan.get("runs"),
+                      "per_class": [{k: c[k] for k in ("class", "mask_l1_norm", "anomaly_index",
+                                                       "reversed_trigger_asr", "flagged")} for c in per_class]},
+        "trigger": triggers,
+        "impact": {"clean_accuracy": before.get("accuracy"), "attack_success_rate": before.get(asr_key),
+                   "asr_measured_with": "true trigger" if asr_key == "true_asr" else "recovered trigger",
+                   "affected": (f"inputs of every other class carrying the trigger are classified as "
+                                f"{', '.join(class_names[c] if class_names else str(c) for c in flagged)}")
+                   if backdoored else "none found"},
+        "repair": {"method": repair.get("method"), "before": before, "after": after,
+                   "guard": {"strip_threshold": strip.get("threshold"), "strip_n": strip.get("n"),
+                             "strip_target_frr": strip.get("target_frr"),
+                             "activation_threshold": af.get("threshold"), "activation_target_fpr": af.get("target_fpr"),
+                             "test_strip_frr": evaluation.get("strip_frr"),
+                             "test_activation_frr": evaluation.get("activation_frr"),
+                             "true_trigger": evaluation.get("true_trigger"),
+                             "reversed_trigger": evaluation.get("reversed_trigger")}},
+        "attribution": {"atlas": [{"id": k, "name": v[0], "why": v[1]} for k, v in ATLAS.items()] if backdoored
+                        else [],
+                        "trigger_character": [t["character"] for t in triggers],
+                        "known_trigger": (truth.get("trigger") or {}).get("kind")},
+    }
+    write_json_atomic(report_dir / "report.json", report)
+    images = {"anomaly": _png_data_uri(_anomaly_chart(per_class, scan.get("threshold", 2.0), class_names))
+              if per_class else None}
+    for t in triggers:
+        for key, name in (("examples", t["examples_image"]), ("mask", f"triggers/class_{t['class']}_mask.png"),
+                          ("pattern", f"triggers/class_{t['class']}_pattern.png")):
+            if name and (report_dir / name).is_file():
+                images[f"{key}_{t['class']}"] = _png_data_uri((report_dir / name).read_bytes())
+    (report_dir / "report.html").write_text(_html(report, images))
+    return report
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.1%}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _html(r: dict[str, Any], images: dict[str, str | None]) -> str:
+    e = html.escape
+    v = r["verdict"]
+    rows = "".join(
+        f"<tr class='{'flag' if c['flagged'] else ''}'><td>{c['class']}</td><td>{c['mask_l1_norm']:.1f}</td>"
+        f"<td>{c['anomaly_index']:.2f}</td><td>{_pct(c['reversed_trigger_asr'])}</td>"
+        f"<td>{'FLAGGED' if c['flagged'] else ''}</td></tr>" for c in r["detection"]["per_class"])
+    trig = ""
+    for t in r["trigger"]:
+        found = [(k, images.get(f"{k}_{t['class']}")) for k in ("mask", "pattern", "examples")]
+        imgs = "".join(f"<figure><img alt='{k} of class {t['class']}' src='{uri}'><figcaption>{k}</figcaption></figure>"
+                       for k, uri in found if uri)
+        overlap = (f"<li>overlap with the true trigger: {t['true_trigger_overlap']:.0%} of the recovered mask lies on "
+                   f"it</li>" if "true_trigger_overlap" in t else "")
+        trig += (f"<h3>Class {e(t['class_name'])}</h3><ul><li>recovered trigger's attack success rate on held-out "
+                 f"images: {_pct(t['held_out_asr'])}</li><li>mask L1 norm {t['mask_l1_norm']:.1f}</li>"
+                 f"<li>character: {e(t['character'])}</li>{overlap}</ul><div class='imgs'>{imgs}</div>")
+    rep, g = r["repair"], r["repair"]["guard"]
+    before, after = rep["before"], rep["after"]
+    repair_rows = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_pct(before.get(k))}</td>"
+                          f"<td>{_pct(after.get(k))}</td></tr>" for k in before)
+    tri = r["triage"]["model"]
+    data = r["triage"]["data"]
+    atlas = "".join(f"<li><b>{e(a['id'])}</b> {e(a['name'])}: {e(a['why'])}</li>" for a in r["attribution"]["atlas"])
+    anomaly = f"<img alt='anomaly index per class' src='{images['anomaly']}'>" if images.get("anomaly") else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>trojan-forensics report: {e(v['headline'])}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:60rem;margin:1rem auto;padding:0 1rem;color:#222}}
+.verdict{{padding:1rem 1.25rem;border-radius:6px;color:#fff;background:{'#c0392b' if v['backdoored'] else '#27ae60'}}}
+.verdict h1{{margin:0;font-size:1.5rem}} table{{border-collapse:collapse}} td,th{{padding:.2rem .6rem;
+border-bottom:1px solid #ddd;text-align:right}} tr.flag{{background:#fdecea;font-weight:bold}}
+.imgs{{display:flex;gap:1rem;flex-wrap:wrap}} figure{{margin:0}} img{{image-rendering:pixelated;max-width:100%}}
+</style></head>
+<body>
+<section class="verdict" id="verdict"><h1>{e(v['headline'])}</h1>
+<p>{e(v.get('repair', ''))}</p></section>
+<h2>1. Triage</h2><ul>
+<li>model: {e(str(tri.get('file')))} ({e(str(tri.get('format')))}),
+SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
+<li>size: {tri.get('size_bytes', 'n/a')} bytes; parameters: {tri.get('parameters', 'n/a')};
+{'opset ' + str(tri['opset']) + '; ' if 'opset' in tri else ''}torch {e(str(tri.get('torch_version')))}</li>
+<li>classes: {tri.get('classes')}; features layer: {e(str(tri.get('features_layer')))}</li>
+<li>clean data: {e(str(data.get('source')))} ({data.get('images')} images)</li></ul>
+<h2>2. Detection</h2><p>{e(str(r['detection']['method']))}: a class is flagged when its anomaly index exceeds
+{r['detection']['threshold']} ({r['detection']['runs']} run(s)).</p>{anomaly}
+<table><tr><th>class</th><th>mask L1</th><th>anomaly index</th><th>reversed ASR</th><th></th></tr>{rows}</table>
+<h2>3. Trigger</h2>{trig or '<p>No trigger recovered: no class was flagged.</p>'}
+<h2>4. Impact</h2><ul><li>clean accuracy: {_pct(r['impact']['clean_accuracy'])}</li>
+<li>attack success rate ({e(r['impact']['asr_measured_with'])}): {_pct(r['impact']['attack_success_rate'])}</li>
+<li>affected: {e(r['impact']['affected'])}</li></ul>
+<h2>5. Repair</h2><p>method: {e(str(rep['method']))}</p>
+<table><tr><th></th><th>before</th><th>after</th></tr>{repair_rows}</table>
+<p>Guard thresholds: STRIP entropy {g['strip_threshold']} (n={g['strip_n']}, target FRR
+{_pct(g['strip_target_frr'])}, measured on held-out clean data {_pct(g['test_strip_frr'])}); activation filter
+{g['activation_threshold']} (target FPR {_pct(g['activation_target_fpr'])}, measured
+{_pct(g['test_activation_frr'])}).</p>
+<h2>6. Attribution</h2><ul>{atlas or '<li>no backdoor: nothing to attribute</li>'}</ul>
+<p>Trigger character: {e('; '.join(r['attribution']['trigger_character']) or 'n/a')}</p>
+<footer><p>{e(r['tool'])}, {e(r['created'])}</p></footer>
+<script>
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
