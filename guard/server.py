@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from guard import __version__
 from guard.bundle import MANIFEST, GuardBundle, sha256_file
 from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
-from guard.dataplane import Guard, Refused
-from guard.errors import GuardError, InvalidInput, ModelNotFound
+from guard.dataplane import Guard, Refused, ServingState
+from guard.errors import GuardError, InvalidInput, ModelNotFound, NotReady
 from guard.proto import guard_admin_pb2 as admin_pb
 from guard.proto import inference_pb2 as pb
 from guard.settings import GuardSettings
@@ -100,9 +100,7 @@ class InferenceServicer:
                      pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
                                                              shape=[-1, 4])])
 
-    def _state(self):
-        from guard.errors import NotReady
-
+    def _state(self) -> ServingState:
         if self.guard.state is None:
             raise NotReady("the guard is starting: its bundle is not loaded and warmed up yet")
         return self.guard.state
