@@ -134,7 +134,7 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
 
     before, after = repair.get("before", {}), repair.get("after", {})
     backdoored = bool(flagged)
-    asr_key = "true_asr" if "true_asr" in before else "reversed_asr"
+    asr_key = "true_asr" if before.get("true_asr") is not None else "reversed_asr"
     verdict = {
         "backdoored": backdoored,
         "flagged_classes": flagged,
@@ -144,9 +144,9 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                      "NO BACKDOOR FOUND by Neural Cleanse"),
     }
     if backdoored and after:
-        verdict["repair"] = (f"repaired by {repair.get('method')}: clean accuracy {before.get('accuracy', 0):.1%} -> "
-                             f"{after.get('accuracy', 0):.1%}, {'true' if asr_key == 'true_asr' else 'reversed'}"
-                             f"-trigger ASR {before.get(asr_key, 0):.1%} -> {after.get(asr_key, 0):.1%}")
+        verdict["repair"] = (f"repaired by {repair.get('method')}: clean accuracy {_pct(before.get('accuracy'))} -> "
+                             f"{_pct(after.get('accuracy'))}, {'true' if asr_key == 'true_asr' else 'reversed'}"
+                             f"-trigger ASR {_pct(before.get(asr_key))} -> {_pct(after.get(asr_key))}")
     strip, af = manifest.get("strip", {}), manifest.get("activation_filter", {})
     report = {
         "tool": f"trojan-forensics {TOOL_VERSION}",

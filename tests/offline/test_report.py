@@ -67,3 +67,21 @@ def test_report_command_refuses_what_is_not_a_bundle(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "offline.cli", "report", "--bundle", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "guard.json: missing" in run.stderr
+
+
+@pytest.mark.slow
+def test_without_the_true_trigger_the_report_uses_the_recovered_one(patched: tuple[Path, dict],
+                                                                   tmp_path: Path) -> None:
+    from offline.report import build_report
+
+    report_dir = Path(shutil.copytree(patched[0] / "report", tmp_path / "report"))
+    repair = json.loads((report_dir / "repair.json").read_text())
+    for phase in ("before", "after"):
+        repair[phase]["true_asr"] = None  # what a patch job without --true-trigger records
+    (report_dir / "repair.json").write_text(json.dumps(repair))
+    manifest = json.loads((patched[0] / "guard.json").read_text())
+    report = build_report(report_dir, manifest)
+    assert report["impact"]["asr_measured_with"] == "recovered trigger"
+    assert "reversed-trigger ASR" in report["verdict"]["repair"]
+    assert "true_trigger_overlap" not in report["trigger"][0]
+    assert (report_dir / "report.html").read_text().count("<img") >= 4
