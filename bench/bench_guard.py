@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -53,7 +50,7 @@ from bench_scan import ZOO  # noqa: E402
 
 from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
-from guard.client import GuardClient  # noqa: E402
+from guard.client import local_guard  # noqa: E402
 from guard.proto import inference_pb2 as pb  # noqa: E402
 from guard.screening import StripScreen, quantile_threshold, softmax  # noqa: E402
 from offline.data import load_dataset  # noqa: E402
@@ -62,12 +59,6 @@ from offline.repair import RepairSettings  # noqa: E402
 
 MODEL = "patch-3x3-top-left-white"
 LEVELS = (1, 4, 8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drive(call, items: list, concurrency: int, seconds: float) -> dict:
@@ -130,14 +121,8 @@ def part_a(bundle_dir: Path, images: np.ndarray, seconds: float, levels: tuple[i
     backend = EmbeddedBackend(bundle.model_path, m.input.name)
     for b in batches[:5]:
         backend.infer(b)
-    port, metrics_port = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(bundle_dir), "--host",
-                             "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-                             "--policy", "flag"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    client = GuardClient(f"127.0.0.1:{port}")
     rows = {}
-    try:
-        client.wait_ready(alive=lambda: proc.poll() is None)
+    with local_guard(bundle_dir, "--policy", "flag") as client:
         singles = [x[None] for x in images[:64]]
         for x in singles[:5]:
             client.infer(x)
@@ -152,10 +137,6 @@ def part_a(bundle_dir: Path, images: np.ndarray, seconds: float, levels: tuple[i
             rows[c] = {"bare": drive(backend.infer, batches, c, seconds),
                        "guard": drive(through_guard, singles, c, seconds),
                        "floor": drive(lambda _: client.stub.ServerLive(live), [0], c, seconds / 2)}
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
     print(f"\n{title}, N={m.strip.n} STRIP blends: the guard through gRPC vs bare onnxruntime "
           f"running the same {m.strip.n + 1} images ({seconds:.0f} s per cell)")
     print(f"{'concurrency':>11} {'bare p50':>9} {'bare p99':>9} {'bare/s':>8} | {'guard p50':>9} {'guard p99':>9} "

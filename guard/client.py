@@ -7,13 +7,22 @@ refused request, from the trailing metadata.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from guard.codec import infer_request, output_arrays
 from guard.proto import inference_pb2 as pb
 from guard.proto import inference_pb2_grpc
 
@@ -54,6 +63,7 @@ class GuardClient:
                         if root_cert else grpc.insecure_channel(target, options=options))
         self.stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.model, self.input_name, self.timeout_s = model, input_name, timeout_s
+        self.metrics_url = ""
 
     def wait_ready(self, timeout_s: float = 60.0, alive=lambda: True) -> None:
         """Block until the guard's readiness health check says SERVING."""
@@ -73,9 +83,7 @@ class GuardClient:
             time.sleep(0.2)
 
     def infer(self, x: np.ndarray, request_id: str = "") -> Answer:
-        request = pb.ModelInferRequest(model_name=self.model, id=request_id)
-        request.inputs.add(name=self.input_name, datatype="FP32", shape=list(x.shape))
-        request.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+        request = infer_request(x, self.model, self.input_name, request_id)
         start = time.perf_counter()
         try:
             response = self.stub.ModelInfer(request, timeout=self.timeout_s)
@@ -84,9 +92,50 @@ class GuardClient:
                           verdict={k.replace("-", "_"): v for k, v in (exc.trailing_metadata() or ())
                                    if k.startswith("guard-")})
         latency = time.perf_counter() - start
-        out = response.outputs[0]
-        logits = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(tuple(out.shape))
-        return Answer("OK", latency, logits, {k: _param(v) for k, v in response.parameters.items()})
+        verdict = {k: _param(v) for k, v in response.parameters.items()}
+        return Answer("OK", latency, output_arrays(response)["logits"], verdict)
 
     def close(self) -> None:
         self.channel.close()
+
+
+def free_port(preferred: int = 0) -> int:
+    """``preferred`` if it is free on loopback, else any free port."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_guard(bundle: str | Path, *flags: str, port: int = 0, metrics_port: int = 0,
+                log_path: Path | None = None, ready_timeout_s: float = 90.0) -> Iterator[GuardClient]:
+    """``trojan-guard serve`` on loopback as a child process, ready; SIGTERM-ed on exit.
+
+    ``port``/``metrics_port`` 0 pick free ones. Raises RuntimeError (with the
+    log's tail when ``log_path`` is given) if it exits or is not ready in time.
+    """
+    port, metrics_port = port or free_port(), metrics_port or free_port()
+    cmd = [sys.executable, "-m", "guard.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), *flags]
+    with open(log_path or os.devnull, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    client = GuardClient(f"127.0.0.1:{port}")
+    client.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        try:
+            client.wait_ready(ready_timeout_s, alive=lambda: proc.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = f"; see {log_path}:\n{log_path.read_text()[-2000:]}" if log_path else ""
+            raise RuntimeError(f"{exc}{tail}") from exc
+        yield client
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

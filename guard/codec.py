@@ -7,11 +7,16 @@ message says what was expected and what arrived.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from guard.dataplane import Decision
 from guard.errors import InvalidInput, TooLarge
 from guard.proto import inference_pb2 as pb
+
+if TYPE_CHECKING:
+    from guard.dataplane import Decision
 
 OUTPUTS = ("logits", "features", "guard_scores")
 SCORE_COLUMNS = ("strip_entropy", "strip_p_value", "activation_score", "activation_p_value")
@@ -66,6 +71,38 @@ def decode_inputs(request: pb.ModelInferRequest, name: str, shape: list[int], ma
                                reason="byte_length")
         x = np.asarray(values, dtype=np.float32)
     return x.reshape(dims).astype(np.float32, copy=False)
+
+
+def infer_request(x: np.ndarray, model: str, input_name: str, request_id: str = "",
+                  outputs: Sequence[str] = ()) -> pb.ModelInferRequest:
+    """A ModelInferRequest carrying ``x`` as raw little-endian FP32 (what clients and the upstream call send)."""
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+_FLOATS = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
+
+
+def output_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Every output tensor of a response as float32, by name, from raw or typed contents."""
+    raw = list(response.raw_output_contents)
+    arrays = {}
+    for i, out in enumerate(response.outputs):
+        if i < len(raw):
+            dtype = _FLOATS.get(out.datatype)
+            if dtype is None:
+                raise ValueError(f"output '{out.name}' has datatype {out.datatype}, expected FP32")
+            arr = np.frombuffer(raw[i], dtype=np.dtype(dtype).newbyteorder("<"))
+        elif out.contents.fp32_contents:
+            arr = np.asarray(out.contents.fp32_contents, dtype=np.float32)
+        else:
+            arr = np.asarray(out.contents.fp64_contents, dtype=np.float64)
+        arrays[out.name] = arr.reshape(tuple(out.shape)).astype(np.float32, copy=False)
+    return arrays
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[str]:

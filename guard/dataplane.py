@@ -257,10 +257,18 @@ class Guard:
         self.started = time.time()
         self.counts = {"requests": 0, "flagged": 0, "reloads": 0}
         self.metrics.queue_depth.set_function(lambda: self.state.batcher.depth if self.state else 0)
+        if self.evidence is not None:
+            self.metrics.evidence_bytes.set_function(lambda: self.evidence.total_bytes)
 
     @property
     def ready(self) -> bool:
         return self.state is not None
+
+    def current_state(self) -> ServingState:
+        """The serving state; :class:`NotReady` before the first bundle is warmed up."""
+        if self.state is None:
+            raise NotReady("the guard is starting: its bundle is not loaded and warmed up yet")
+        return self.state
 
     async def _load(self, bundle: GuardBundle) -> ServingState:
         loop = asyncio.get_running_loop()
@@ -294,8 +302,6 @@ class Guard:
         state.set_gauges()
         self.state = state
         self.metrics.ready.set(1)
-        if self.evidence:
-            self.metrics.evidence_bytes.set(self.evidence.total_bytes)
 
     async def reload(self, path: str | Path | None = None) -> tuple[str, str]:
         """Swap in a verified, warmed-up bundle; returns (previous sha256, new sha256)."""
@@ -324,13 +330,13 @@ class Guard:
                 await old.close()  # finishes the requests it already queued
             return (old.sha256 if old else ""), state.sha256
 
-    def validate(self, x: np.ndarray) -> None:
+    @staticmethod
+    def validate(x: np.ndarray, state: ServingState) -> None:
         """Values must be finite and inside the bundle's range."""
-        assert self.state is not None
         if not np.isfinite(x).all():
             bad = int(np.size(x) - np.isfinite(x).sum())
             raise InvalidInput(f"input contains {bad} NaN or infinite value(s)", reason="non_finite")
-        lo, hi = self.state.value_range
+        lo, hi = state.value_range
         xmin, xmax = float(x.min()), float(x.max())
         if xmin < lo or xmax > hi:
             raise InvalidInput(f"input values span [{xmin:g}, {xmax:g}], outside the model's range [{lo:g}, {hi:g}]",
@@ -338,10 +344,8 @@ class Guard:
 
     async def infer(self, x: np.ndarray, request_id: str = "") -> Decision:
         """Screen one request's inputs and apply the policy; raises :class:`Refused` under enforce."""
-        state = self.state
-        if state is None:
-            raise NotReady("the guard is starting: its bundle is not loaded and warmed up yet")
-        self.validate(x)
+        state = self.current_state()
+        self.validate(x, state)
         decision = await state.batcher.submit(x)
         self._record(state, decision)
         if decision.flagged:
@@ -387,7 +391,6 @@ class Guard:
             except OSError as exc:  # a full disk must not take the guard down; it is counted and logged
                 self.metrics.evidence_errors.inc()
                 log.error("could not keep evidence of request %s: %s", request_id or "-", exc)
-        self.metrics.evidence_bytes.set(store.total_bytes)
         self.metrics.latency.labels("evidence").observe(time.perf_counter() - start)
 
     def count_outcome(self, verdict: str, action: str) -> None:

@@ -42,10 +42,12 @@ class EvidenceStore:
         self._seq = int(existing[-1].stem[len(PREFIX):]) if existing else 0
         self._fd: int | None = None
         self._size = 0
+        self._total = sum(p.stat().st_size for p in existing)
 
     @property
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in _segments(self.root))
+        """Bytes the store holds (kept up to date by appends and rotation; no disk scan)."""
+        return self._total
 
     def _open_next(self) -> None:
         if self._fd is not None:
@@ -61,12 +63,10 @@ class EvidenceStore:
             os.close(dir_fd)
 
     def _enforce_budget(self) -> None:
-        segments = _segments(self.root)
-        total = sum(p.stat().st_size for p in segments)
-        for old in segments[:-1]:  # never the segment being written
-            if total <= self.max_bytes:
+        for old in _segments(self.root)[:-1]:  # never the segment being written
+            if self._total <= self.max_bytes:
                 break
-            total -= old.stat().st_size
+            self._total -= old.stat().st_size
             old.unlink()
 
     def append(self, x: np.ndarray, **fields: Any) -> str:
@@ -85,6 +85,7 @@ class EvidenceStore:
             os.write(self._fd, line)
             os.fsync(self._fd)
             self._size += len(line)
+            self._total += len(line)
         return digest
 
     def close(self) -> None:

@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from guard import __version__
 from guard.bundle import MANIFEST, GuardBundle, sha256_file
 from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
-from guard.dataplane import Guard, Refused, ServingState
-from guard.errors import GuardError, InvalidInput, ModelNotFound, NotReady
+from guard.dataplane import Guard, Refused
+from guard.errors import GuardError, InvalidInput, ModelNotFound
 from guard.proto import guard_admin_pb2 as admin_pb
 from guard.proto import inference_pb2 as pb
 from guard.settings import GuardSettings
@@ -88,7 +88,7 @@ class InferenceServicer:
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         self._check_model(request.name, request.version)
-        state = self._state()
+        state = self.guard.current_state()
         m = state.bundle.manifest
         k = len(m.class_names)
         return pb.ModelMetadataResponse(
@@ -100,21 +100,13 @@ class InferenceServicer:
                      pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
                                                              shape=[-1, 4])])
 
-    def _state(self) -> ServingState:
-        if self.guard.state is None:
-            raise NotReady("the guard is starting: its bundle is not loaded and warmed up yet")
-        return self.guard.state
-
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         guard, metrics = self.guard, self.guard.metrics
         start = time.perf_counter()
         metrics.in_flight.inc()
         try:
-            if isinstance(request, _Garbage):
-                raise InvalidInput(f"request is not a valid ModelInferRequest protobuf ({request.error})",
-                                   reason="garbage")
             self._check_model(request.model_name, request.model_version)
-            state = self._state()
+            state = guard.current_state()
             spec = state.bundle.manifest.input
             x = decode_inputs(request, spec.name, spec.shape, guard.settings.max_request_inputs)
             outputs = requested_outputs(request)
@@ -127,14 +119,6 @@ class InferenceServicer:
             guard.count_outcome("flagged", "refused")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc),
                                 trailing_metadata=trailing_metadata(exc.decision))
-        except GuardError as exc:
-            guard.count_error(exc)
-            raise
-        except Exception as exc:  # a bug: answered INTERNAL and counted; the server goes on
-            log.exception("request %s failed", getattr(request, "id", "") or "-")
-            error = GuardError(f"internal error in trojan-guard ({type(exc).__name__}: {exc})")
-            guard.count_error(error)
-            raise error from exc
         finally:
             metrics.in_flight.dec()
             metrics.latency.labels("total").observe(time.perf_counter() - start)
@@ -160,24 +144,38 @@ class AdminServicer:
                                              previous_sha256=previous)
 
 
-def _unary(fn: Callable[..., Awaitable[Any]], request_type: Any, response_type: Any) -> grpc.RpcMethodHandler:
-    """A handler that maps every GuardError to its gRPC status, once, here."""
+def _unary(fn: Callable[..., Awaitable[Any]], request_type: Any, response_type: Any,
+           on_error: Callable[[GuardError], None] | None = None) -> grpc.RpcMethodHandler:
+    """A handler that maps every GuardError to its gRPC status, once, here.
+
+    Bytes that are not the request message become INVALID_ARGUMENT; an
+    unexpected exception (a bug) becomes INTERNAL; ``on_error`` counts both.
+    """
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Garbage) and fn.__name__ != "ModelInfer":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request is not a valid {request_type.DESCRIPTOR.name} protobuf ({request.error})")
         try:
+            if isinstance(request, _Garbage):
+                raise InvalidInput(f"request is not a valid {request_type.DESCRIPTOR.name} protobuf "
+                                   f"({request.error})", reason="garbage")
             return await fn(request, context)
-        except GuardError as exc:
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
+        except grpc.aio.AbortError:
+            raise  # the handler already chose the status
+        except Exception as exc:
+            error = exc if isinstance(exc, GuardError) else GuardError(
+                f"internal error in trojan-guard ({type(exc).__name__}: {exc})")
+            if error is not exc:
+                log.exception("%s failed", fn.__name__)
+            if on_error is not None:
+                on_error(error)
+            await context.abort(grpc.StatusCode[error.code], str(error))
 
     return grpc.unary_unary_rpc_method_handler(call, request_deserializer=_lenient(request_type),
                                                response_serializer=response_type.SerializeToString)
 
 
 def _handlers(inference: InferenceServicer, admin: AdminServicer) -> list[grpc.GenericRpcHandler]:
-    methods = {name: _unary(getattr(inference, name), getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"))
+    methods = {name: _unary(getattr(inference, name), getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"),
+                            on_error=inference.guard.count_error if name == "ModelInfer" else None)
                for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
                             "ModelInfer")}
     admin_methods = {

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -13,19 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from guard.client import Answer, GuardClient
+from guard.client import Answer, free_port, local_guard
 from offline.errors import ForensicsError
-
-
-def _port(preferred: int) -> int:
-    """``preferred`` if it is free on loopback, else any free port."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
 
 def _rate(part: int, whole: int) -> str:
@@ -35,32 +20,22 @@ def _rate(part: int, whole: int) -> str:
 def serve_and_send(bundle: Path, out: Path, clean_x: np.ndarray, clean_y: np.ndarray, triggered_x: np.ndarray,
                    triggered_y: np.ndarray, target: int, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Start the guard on the bundle, send clean and triggered images one request each, stop the guard."""
-    port, metrics_port = _port(8001), _port(8002)
+    port, metrics_port = free_port(8001), free_port(8002)
     log_path = out / "guard.log"
-    cmd = [sys.executable, "-m", "guard.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--evidence-dir", str(out / "evidence")]
+    evidence = out / "evidence"
     say(f"trojan-guard serve --bundle {bundle} --port {port} --metrics-port {metrics_port} "
-        f"--evidence-dir {out / 'evidence'}   (log: {log_path})")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    client = GuardClient(f"127.0.0.1:{port}")
+        f"--evidence-dir {evidence}   (log: {log_path})")
     try:
-        try:
-            client.wait_ready(alive=lambda: proc.poll() is None)
-        except (RuntimeError, TimeoutError) as exc:
-            raise ForensicsError(f"{exc}; see {log_path}:\n{log_path.read_text()[-2000:]}") from exc
-        clean = [client.infer(x[None], request_id=f"demo-clean-{i}") for i, x in enumerate(clean_x)]
-        triggered = [client.infer(x[None], request_id=f"demo-triggered-{i}") for i, x in enumerate(triggered_x)]
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        counts = [line for line in urllib.request.urlopen(metrics_url, timeout=5).read().decode().splitlines()
-                  if line.startswith("trojan_guard_requests_total")]
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with local_guard(bundle, "--evidence-dir", str(evidence), port=port, metrics_port=metrics_port,
+                         log_path=log_path) as client:
+            clean = [client.infer(x[None], request_id=f"demo-clean-{i}") for i, x in enumerate(clean_x)]
+            triggered = [client.infer(x[None], request_id=f"demo-triggered-{i}")
+                         for i, x in enumerate(triggered_x)]
+            metrics_url = client.metrics_url
+            counts = [line for line in urllib.request.urlopen(metrics_url, timeout=5).read().decode().splitlines()
+                      if line.startswith("trojan_guard_requests_total")]
+    except RuntimeError as exc:
+        raise ForensicsError(str(exc)) from exc
 
     def answered(answers: list[Answer], labels: np.ndarray, cls: int | None = None) -> int:
         return sum(a.answered and int(a.classes[0]) == (int(y) if cls is None else cls)
@@ -76,7 +51,7 @@ def serve_and_send(bundle: Path, out: Path, clean_x: np.ndarray, clean_y: np.nda
                       "answered_attacker_target": answered(triggered, triggered_y, target)},
         "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 2),
                        "p99": round(float(np.percentile(latencies, 99)), 2)},
-        "errors": len(failed), "metrics_url": metrics_url, "evidence": str(out / "evidence"),
+        "errors": len(failed), "metrics_url": metrics_url, "evidence": str(evidence),
     }
     c, t = summary["clean"], summary["triggered"]
     say(f"clean images:     answered {_rate(c['answered'], c['sent'])}, with the right class "

@@ -83,3 +83,27 @@ def save_stamped_examples(path: Path, x: np.ndarray, mask: np.ndarray, pattern: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def anomaly_chart_png(per_class: list[dict], threshold: float, class_names: list[str]) -> bytes:
+    """Bar chart of each class's anomaly index against the threshold, flagged classes in red, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=100)
+    values = [c["anomaly_index"] for c in per_class]
+    colors = ["#c0392b" if c["flagged"] else "#7f8c8d" for c in per_class]
+    ax.bar([class_names[c["class"]] for c in per_class], values, color=colors)
+    ax.axhline(threshold, color="#c0392b", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_ylabel("anomaly index")
+    ax.set_xlabel("class")
+    ax.legend(loc="upper right", frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from offline.jobs import TOOL_VERSION, write_json_atomic
+from offline.plots import anomaly_chart_png
 
 # MITRE ATLAS techniques, with the IDs and names ATLAS publishes
 ATLAS = {
@@ -36,27 +36,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _anomaly_chart(per_class: list[dict], threshold: float, class_names: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=100)
-    values = [c["anomaly_index"] for c in per_class]
-    colors = ["#c0392b" if c["flagged"] else "#7f8c8d" for c in per_class]
-    ax.bar([class_names[c["class"]] for c in per_class], values, color=colors)
-    ax.axhline(threshold, color="#c0392b", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax.set_ylabel("anomaly index")
-    ax.set_xlabel("class")
-    ax.legend(loc="upper right", frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def trigger_character(mask: np.ndarray) -> str:
@@ -176,7 +155,7 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                         "known_trigger": (truth.get("trigger") or {}).get("kind")},
     }
     write_json_atomic(report_dir / "report.json", report)
-    images = {"anomaly": _png_data_uri(_anomaly_chart(per_class, scan.get("threshold", 2.0), class_names))
+    images = {"anomaly": _png_data_uri(anomaly_chart_png(per_class, scan.get("threshold", 2.0), class_names))
               if per_class else None}
     for t in triggers:
         for key, name in (("examples", t["examples_image"]), ("mask", f"triggers/class_{t['class']}_mask.png"),

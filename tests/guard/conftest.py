@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from guard.client import free_port
+from guard.codec import infer_request, output_arrays
 from guard.proto import inference_pb2 as pb
 from guard.proto import inference_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GuardProcess:
@@ -111,17 +106,11 @@ class GuardProcess:
 
 def request(x: np.ndarray, model: str = "model", request_id: str = "", outputs: tuple[str, ...] = ()
             ) -> pb.ModelInferRequest:
-    req = pb.ModelInferRequest(model_name=model, id=request_id)
-    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
-    for name in outputs:
-        req.outputs.add(name=name)
-    return req
+    return infer_request(x, model, "input", request_id, outputs)
 
 
 def logits_of(response: pb.ModelInferResponse) -> np.ndarray:
-    i = [o.name for o in response.outputs].index("logits")
-    return np.frombuffer(response.raw_output_contents[i], "<f4").reshape(tuple(response.outputs[i].shape))
+    return output_arrays(response)["logits"]
 
 
 @pytest.fixture(scope="module")
