@@ -162,15 +162,41 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_args(pa)
 
-    rp = sub.add_parser("report", help="write the forensic report (HTML + JSON) of a bundle",
-                        description="Build the forensic report from a bundle written by 'patch' (which also "
-                                    "writes it): one self-contained HTML file with the images embedded, and "
-                                    "report.json. Triage, detection, trigger, impact, repair, attribution "
-                                    "(MITRE ATLAS).")
-    rp.add_argument("--bundle", required=True, help="bundle directory written by 'patch'")
-    rp.add_argument("--true-trigger", default=None,
-                    help="evaluation mode: attack.json from 'train'; the report gives the recovered trigger's "
-                         "overlap with it")
+    au = sub.add_parser("audit", help="find poisoned samples in a training set (activation clustering, "
+                                      "spectral signatures)",
+                        description="Audit a training set with the model trained on it. Activation Clustering "
+                                    "(Chen et al. 2019): per label, reduce the activations of the model's "
+                                    "convolutional representation (ICA), 2-means, and reclassify the smaller "
+                                    "cluster with a linear probe fitted on every other sample; a cluster that "
+                                    "mostly leaves its label is poison. Spectral Signatures (Tran et al. 2018): "
+                                    "per label, remove the samples most aligned with the top singular vector, "
+                                    "1.5x the expected poison count. Writes audit.json with per-label statistics "
+                                    "and flagged indices; with poison_idx in the .npz (the attack simulators' "
+                                    "truth) also precision and recall.")
+    au.add_argument("--model", required=True, help="TorchScript (.pt) or ONNX (.onnx) classifier")
+    au.add_argument("--data", required=True,
+                    help="the training set: .npz with x and y (and optionally poison_idx, the truth, to score "
+                         "the audit), or an image folder; `trojan-forensics train` writes train.npz")
+    au.add_argument("--out", required=True, help="output directory for audit.json")
+    au.add_argument("--layer", default=None,
+                    help="layer whose activations are audited (default: the one feeding the first fully "
+                         "connected layer)")
+    au.add_argument("--reduce", choices=("ica", "pca"), default="ica",
+                    help="dimensionality reduction before clustering (default: %(default)s, as in the paper)")
+    au.add_argument("--components", type=_positive(int), default=10, help="reduced dimensions (%(default)s)")
+    au.add_argument("--keep-threshold", type=_fraction, default=0.3,
+                    help="flag a cluster when less than this share of it stays in its label once reclassified "
+                         "(%(default)s)")
+    au.add_argument("--no-reclassify", action="store_true",
+                    help="skip the exclusionary reclassification; flag by silhouette and cluster size instead")
+    au.add_argument("--silhouette", type=_fraction, default=0.25,
+                    help="with --no-reclassify: a label is flagged when its 2-means silhouette is at least this "
+                         "(%(default)s) ...")
+    au.add_argument("--max-cluster-share", type=_fraction, default=0.35,
+                    help="... and its smaller cluster holds at most this share of the label (%(default)s)")
+    au.add_argument("--expected-poison-rate", type=_fraction, default=0.1,
+                    help="expected poisoned share of a label; spectral signatures remove 1.5x that (%(default)s)")
+    au.add_argument("--quiet", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="train a (possibly backdoored) classifier with an attack simulator",
                        description="Train the project's small CNN on clean data, optionally poisoned by a "
@@ -190,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test-fraction", type=_fraction, default=0.3,
                    help="share held out as clean data for scanning and ACC/ASR (%(default)s)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="output directory: model.pt, clean.npz, attack.json")
+    t.add_argument("--out", required=True, help="output directory: model.pt, clean.npz (held out), train.npz (the "
+                                                "training set as trained on, with poison_idx), attack.json")
 
     d = sub.add_parser("demo", help="train a BadNets-backdoored MNIST model, patch it, serve it behind the guard",
                        description="The end-to-end demo on the embedded MNIST digits: train a model with a "
@@ -208,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, train_backdoored_model
+    from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, apply_poison, train_backdoored_model
     from offline.data import load_dataset
     from offline.jobs import write_json_atomic
     from offline.models import save_torchscript
@@ -235,6 +262,11 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_torchscript(result.model, out / "model.pt")
     test.save_npz(out / "clean.npz")
+    # the training set as the model saw it (poisoned rows stamped and relabelled), with the truth for audits
+    x_train, y_train = (apply_poison(train.x, train.y, trigger, args.target, result.poison_idx)
+                        if len(result.poison_idx) else (train.x, train.y))
+    np.savez_compressed(out / "train.npz", x=x_train, y=y_train, class_names=np.array(train.class_names),
+                        poison_idx=result.poison_idx)
     summary = {"attack": args.attack, "data": data.source, "train_images": len(train),
                "held_out_images": len(test), **result.summary()}
     if isinstance(result.trigger, AdditiveTrigger):
@@ -244,22 +276,50 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
-    from guard.bundle import BundleError, GuardBundle
-    from offline.report import build_report
+def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    from tqdm.auto import tqdm
 
-    try:
-        bundle = GuardBundle.load(args.bundle)
-    except BundleError as exc:
-        raise ForensicsError(str(exc)) from exc
-    report_dir = bundle.root / "report"
-    if not (report_dir / "scan.json").is_file():
-        raise ForensicsError(f"{report_dir}: no scan.json; was this bundle written by 'trojan-forensics patch'?")
-    report = build_report(report_dir, bundle.manifest.model_dump(), args.true_trigger)
-    print(report["verdict"]["headline"])
-    if "repair" in report["verdict"]:
-        print(report["verdict"]["repair"])
-    print(f"written: {report_dir / 'report.html'} and {report_dir / 'report.json'}")
+    from offline.audit import AuditSettings, audit, detection_quality
+    from offline.jobs import load_case, write_json_atomic
+
+    case = load_case(args.model, args.data, None)
+    truth = None
+    if str(args.data).endswith(".npz"):
+        with np.load(args.data, allow_pickle=False) as raw:
+            truth = raw["poison_idx"] if "poison_idx" in raw.files else None
+    settings = AuditSettings(layer=args.layer, reduce=args.reduce, components=args.components,
+                             exclusionary=not args.no_reclassify, keep_threshold=args.keep_threshold,
+                             silhouette_threshold=args.silhouette, max_cluster_share=args.max_cluster_share,
+                             expected_poison_rate=args.expected_poison_rate)
+
+    def progress(items, total, desc):  # a bar on a terminal, silence in logs and pipes
+        return tqdm(items, total=total, desc=desc, unit="label", disable=True if args.quiet else None)
+
+    report = audit(case.model, case.data.x, case.data.y, settings, progress)
+    report["model_sha256"], report["data"] = case.model_sha256, case.data.source
+    if truth is not None:
+        report["evaluation"] = {
+            "activation_clustering": detection_quality(report["activation_clustering"]["flagged_indices"], truth),
+            "spectral_signatures": detection_quality(report["spectral_signatures"]["removed_indices"], truth)}
+    out = Path(args.out)
+    write_json_atomic(out / "audit.json", report)
+    print(f"audited {report['samples']} samples at layer {report['settings']['layer']} "
+          f"({report['features_dim']} activations)")
+    print(f"{'label':>5} {'count':>6} {'silhouette':>10} {'suspects':>8} {'kept in label':>13} {'AC':>4} "
+          f"{'SS peak':>7}")
+    for c in report["classes"]:
+        kept = "-" if c["kept_label"] is None else f"{c['kept_label']:.0%}"
+        print(f"{c['label']:>5} {c['count']:>6} {c['silhouette']:>10.3f} {c['suspect_size']:>8} {kept:>13} "
+              f"{'FLAG' if c['flagged'] else '-':>4} {c['spectral_peak']:>7.1f}")
+    ac, ss = report["activation_clustering"], report["spectral_signatures"]
+    print(f"activation clustering: flagged labels {report['flagged_classes'] or 'none'}, "
+          f"{len(ac['flagged_indices'])} suspect samples; spectral signatures: "
+          f"{len(ss['removed_indices'])} samples to remove")
+    for name, q in report.get("evaluation", {}).items():
+        print(f"  against poison_idx ({q['poisoned']} poisoned): {name.replace('_', ' ')}: precision "
+              f"{q['precision']:.1%}, recall {q['recall']:.1%}")
+    print(f"written: {out / 'audit.json'}")
     return report
 
 
@@ -358,7 +418,7 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
                              test.y[keep], args.target, say=lambda line: print("        " + line))
     summary["guard"] = traffic
     print(f"demo: patched model and guard thresholds in {bundle} (trojan-guard inspect {bundle}), forensic "
-          f"report {bundle / 'report' / 'report.html'}, flagged inputs kept in {out / 'evidence'} "
+          f"details in {bundle / 'report'}, flagged inputs kept in {out / 'evidence'} "
           f"(trojan-guard evidence {out / 'evidence'})")
     return summary
 
@@ -374,8 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"model: {Path(args.out) / 'model.pt'}, clean held-out data: {Path(args.out) / 'clean.npz'}")
         elif args.command == "patch":
             _cmd_patch(args)
-        elif args.command == "report":
-            _cmd_report(args)
+        elif args.command == "audit":
+            _cmd_audit(args)
         elif args.command == "demo":
             _cmd_demo(args)
     except ForensicsError as exc:

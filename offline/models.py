@@ -55,7 +55,7 @@ def module_kind(module: nn.Module) -> str:
     return getattr(module, "original_name", None) or type(module).__name__
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return module_kind(module) in ("Linear", "Gemm") or isinstance(module, nn.Linear)
 
 
@@ -203,7 +203,7 @@ class ForensicModel(nn.Module):
 def default_features_layer(named: list[tuple[str, nn.Module]]) -> str:
     """The leaf module just before the last linear layer: the penultimate layer."""
     leaves = [(n, m) for n, m in named if n and not list(m.children())]
-    linear = [i for i, (_, m) in enumerate(leaves) if _is_linear(m)]
+    linear = [i for i, (_, m) in enumerate(leaves) if is_linear(m)]
     if not linear or linear[-1] == 0:
         raise ModelLoadError("cannot find the layer before the output layer; name it with --features-layer")
     return leaves[linear[-1] - 1][0]

@@ -1,0 +1,228 @@
+"""Training-data audit: find the poisoned samples of a training set with the model trained on it.
+
+- **Activation Clustering** (Chen et al., 2019). Per label, the activations of
+  the model's convolutional representation (the layer feeding its first fully
+  connected layer) are reduced to 10 dimensions (ICA, as in the paper, after a
+  PCA to at most 50 that drops degenerate directions) and split in two by
+  k-means. Poison of one trigger, relabelled to the target, forms a cluster of
+  its own; as in the paper, the suspect is each label's smaller cluster (poison
+  is assumed to be a minority of its label). Whether it is poison is decided by
+  *exclusionary reclassification*: a classifier that never saw the cluster
+  classifies it. A clean cluster is still put in its label; a poisoned one,
+  whose trigger that classifier never learned, goes to the classes its images
+  really show. The paper retrains the whole network; here the classifier is a
+  linear probe (logistic regression) on the same representation, fitted on
+  every other sample, because on a few thousand images a network retrained
+  without a cluster generalises too poorly to tell style from poison. A cluster
+  is flagged when less than ``keep_threshold`` of it stays in its label. (The
+  paper's ``p / l > T`` compares with the single most frequent other class,
+  which misses poison stamped on images of many source classes: it scatters
+  back to all of them.) A clean cluster of an unusual style can also leave its
+  label; on MNIST-sized sets that is the main source of false flags.
+  With ``exclusionary=False`` a label is flagged by silhouette and cluster size.
+- **Spectral Signatures** (Tran et al., 2018). Per label, centre the
+  representations and score each sample by its squared projection on the top
+  singular vector; poison concentrates along it. The top ``1.5 x`` the expected
+  poison count of every label are removed (the paper's rule).
+
+Both run on numpy arrays with scikit-learn, one label at a time; indices in the
+result refer to rows of the audited set.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA, FastICA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import silhouette_score
+from sklearn.preprocessing import StandardScaler
+
+from offline.errors import DataError
+from offline.models import ForensicModel, is_linear
+
+
+@dataclass
+class AuditSettings:
+    """Knobs of the audit, with the defaults of the papers where they give one."""
+
+    layer: str | None = None  # default: the layer feeding the first fully connected layer
+    reduce: Literal["ica", "pca"] = "ica"
+    components: int = 10
+    # exclusionary reclassification: a linear probe fitted without the smaller cluster classifies it
+    exclusionary: bool = True
+    keep_threshold: float = 0.3  # flag when less than this share of the suspect cluster stays in its label
+    probe_c: float = 1.0
+    probe_iterations: int = 500
+    # without the probe: flag a label whose smaller cluster is well separated and of poison size
+    silhouette_threshold: float = 0.25
+    max_cluster_share: float = 0.35
+    min_cluster_share: float = 0.01
+    silhouette_sample: int = 3000
+    # spectral signatures: expected poisoned share of a label, and how much more than that to remove
+    expected_poison_rate: float = 0.1
+    removal_factor: float = 1.5
+    seed: int = 0
+
+
+@dataclass
+class ClassAudit:
+    label: int
+    count: int
+    silhouette: float  # of 2-means on the label's reduced activations
+    suspect_size: int  # the smaller cluster: the suspect
+    suspect_share: float
+    # exclusionary reclassification of the suspect cluster (None when not run)
+    kept_label: float | None  # share the probe still puts in the label
+    reclassified_as: int | None  # the most frequent other class
+    reclassified_share: float | None
+    flagged: bool
+    spectral_peak: float  # mean score of the removed samples / median score: how peaked the signature is
+    ac_flagged_indices: list[int] = field(default_factory=list)
+    ss_removed_indices: list[int] = field(default_factory=list)
+
+
+def clustering_layer(model: ForensicModel) -> str:
+    """The leaf feeding the model's first fully connected layer (its convolutional representation).
+
+    Falls back to the features layer when the first layer is already fully
+    connected. In small CNNs the penultimate layer has already mapped the poison
+    onto its target, while the convolutional representation still keeps it apart.
+    """
+    named = list(model.leaves) if model.leaves is not None else list(model.net.named_modules())
+    leaves = [(n, m) for n, m in named if n and not list(m.children())]
+    first = next((i for i, (_, m) in enumerate(leaves) if is_linear(m)), None)
+    if not first:
+        return model.features_layer
+    return leaves[first - 1][0]
+
+
+@torch.no_grad()
+def layer_activations(model: ForensicModel, layer: str, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    model.eval()
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.cat([model.layer_output(layer, xt[i:i + batch_size]).flatten(1)
+                      for i in range(0, len(xt), batch_size)]).numpy().astype(np.float64)
+
+
+def reduce_dimensions(feats: np.ndarray, s: AuditSettings) -> np.ndarray:
+    """PCA to at most 50 non-degenerate directions, then ICA (or PCA) to ``components``."""
+    keep = feats.std(axis=0) > 1e-9
+    f = feats[:, keep]
+    rank = min(50, f.shape[1], len(f) - 1)
+    if rank < 1:
+        return np.zeros((len(feats), 1))
+    pre = PCA(n_components=rank, random_state=s.seed).fit(f)
+    pre_k = max(1, int(np.sum(pre.explained_variance_ > 1e-9 * pre.explained_variance_[0])))
+    z = pre.transform(f)[:, :pre_k]
+    k = min(s.components, pre_k)
+    if s.reduce == "pca":
+        return z[:, :k]
+    with warnings.catch_warnings():  # a non-converged ICA still gives usable directions for 2-means
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return FastICA(n_components=k, random_state=s.seed, max_iter=1000, tol=1e-3,
+                       whiten="unit-variance").fit_transform(z)
+
+
+def two_means(reduced: np.ndarray, s: AuditSettings) -> tuple[np.ndarray, float]:
+    """Cluster assignment (0/1) and silhouette of 2-means on one label's reduced activations."""
+    if len(reduced) < 4:
+        return np.zeros(len(reduced), dtype=int), 0.0
+    assign = KMeans(n_clusters=2, n_init=10, random_state=s.seed).fit_predict(reduced)
+    if assign.min() == assign.max():
+        return assign, 0.0
+    silhouette = silhouette_score(reduced, assign, sample_size=min(len(reduced), s.silhouette_sample),
+                                  random_state=s.seed)
+    return assign, float(silhouette)
+
+
+def spectral_signature(feats: np.ndarray) -> np.ndarray:
+    """Outlier score of every sample: squared projection of its centred representation on the top singular vector."""
+    centred = feats - feats.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return (centred @ vt[0]) ** 2
+
+
+def exclusionary_reclassification(reps: np.ndarray, y: np.ndarray, members: np.ndarray,
+                                  s: AuditSettings) -> tuple[float, int, float]:
+    """Fit a linear probe on every representation but ``members`` (all of one label) and classify them.
+
+    Returns (share kept in the label, most frequent other class, its share).
+    """
+    label = int(y[members[0]])
+    keep = np.ones(len(y), dtype=bool)
+    keep[members] = False
+    probe = LogisticRegression(max_iter=s.probe_iterations, C=s.probe_c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(reps[keep], y[keep])
+    counts = np.bincount(probe.predict(reps[members]), minlength=int(y.max()) + 1)
+    kept = counts[label] / len(members)
+    counts[label] = -1
+    other = int(np.argmax(counts))
+    return float(kept), other, float(counts[other] / len(members))
+
+
+def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSettings | None = None,
+          progress: Callable[[Iterable[Any], int, str], Iterable[Any]] = lambda it, total, desc: it,
+          ) -> dict[str, Any]:
+    """Audit a (possibly poisoned) training set; indices in the result refer to rows of ``x``.
+
+    ``progress(iterable, total, description)`` wraps the long loops (a progress bar).
+    """
+    s = settings or AuditSettings()
+    if len(x) != len(y) or len(y) == 0:
+        raise DataError(f"the training set has {len(x)} images and {len(y)} labels; need as many of each, > 0")
+    layer = s.layer or clustering_layer(model)
+    feats = layer_activations(model, layer, x)
+    labels = [int(v) for v in np.unique(y)]
+
+    reps = StandardScaler().fit_transform(feats) if s.exclusionary else None
+    ordered: list[ClassAudit] = []
+    for label in progress(labels, len(labels), "audit"):
+        idx = np.flatnonzero(y == label)
+        assign, silhouette = two_means(reduce_dimensions(feats[idx], s), s)
+        small = int(np.argmin(np.bincount(assign, minlength=2)))
+        members = idx[assign == small]
+        share = len(members) / len(idx)
+        kept = other = other_share = None
+        if reps is not None:
+            flagged = False
+            if 0 < len(members) < len(y):
+                kept, other, other_share = exclusionary_reclassification(reps, y, members, s)
+                flagged = kept < s.keep_threshold
+        else:
+            flagged = silhouette >= s.silhouette_threshold and s.min_cluster_share <= share <= s.max_cluster_share
+        scores = spectral_signature(feats[idx])
+        budget = min(len(idx), int(round(s.removal_factor * s.expected_poison_rate * len(idx))))
+        removed = np.argsort(scores)[::-1][:budget]
+        peak = float(scores[removed].mean() / max(float(np.median(scores)), 1e-12)) if budget else 0.0
+        ordered.append(ClassAudit(
+            label, len(idx), round(silhouette, 4), len(members), round(share, 4),
+            None if kept is None else round(kept, 4), other, None if other_share is None else round(other_share, 4),
+            bool(flagged), round(peak, 2), sorted(members.tolist()) if flagged else [], sorted(idx[removed].tolist())))
+    return {
+        "settings": {**asdict(s), "layer": layer},
+        "samples": int(len(y)),
+        "features_dim": int(feats.shape[1]),
+        "flagged_classes": [c.label for c in ordered if c.flagged],
+        "activation_clustering": {"flagged_indices": sorted(i for c in ordered for i in c.ac_flagged_indices)},
+        "spectral_signatures": {"removed_indices": sorted(i for c in ordered for i in c.ss_removed_indices)},
+        "classes": [asdict(c) for c in ordered],
+    }
+
+
+def detection_quality(flagged: list[int], truth: np.ndarray) -> dict[str, float]:
+    """Precision and recall of flagged indices against the true poison indices."""
+    flagged_set, true_set = set(flagged), set(np.asarray(truth).tolist())
+    hits = len(flagged_set & true_set)
+    return {"flagged": len(flagged_set), "poisoned": len(true_set), "hits": hits,
+            "precision": round(hits / len(flagged_set), 4) if flagged_set else 1.0,
+            "recall": round(hits / len(true_set), 4) if true_set else 1.0}
