@@ -13,6 +13,10 @@ speed: scans one BadNets model twice in this process with the same settings
        and seed: all classes batched (the shipped scan), then the per-class
        reference loop (one optimisation per class, as the original code runs).
        Prints both times, the ratio, and whether the verdicts agree.
+methods: Neural Cleanse and TABOR (``--method tabor``) on the same zoo models,
+       data and seed: flagged classes, the target's and the largest anomaly
+       index, how scattered the clean classes' false triggers are (mask
+       smoothness term per unit of mask L1), and time. ``--only`` picks models.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offline.attacks import BlendTrigger, PatchTrigger, train_backdoored_model  # noqa: E402
 from offline.data import load_mnist  # noqa: E402
 from offline.neural_cleanse import (  # noqa: E402
+    METHODS,
     NeuralCleanseConfig,
     ReversedTriggers,
     anomaly_index,
@@ -98,6 +103,48 @@ def _zoo(out: Path) -> list[dict]:
     return rows
 
 
+def _methods(out: Path, only: list[str] | None) -> list[dict]:
+    """Neural Cleanse and TABOR on the same zoo models, data and seed, one after the other."""
+    data = load_mnist()
+    train, clean = data.split(0.3, seed=0)
+    fit, held_out = clean.split(0.2, seed=0)
+    rows = []
+    for name, trigger, target, seed in ZOO:
+        if only and not any(o in name for o in only):
+            continue
+        kwargs = dict(learn_trigger=True, eps=0.1, epochs=12) if trigger == "invisible" else {}
+        bd = train_backdoored_model(train, clean, None if trigger == "invisible" else trigger, target or 0,
+                                    0.1 if target is not None else 0.0, seed=seed, **kwargs)
+        row: dict = {"model": name, "target": target}
+        for method in METHODS:
+            started = time.perf_counter()
+            result = scan(bd.model, fit.x, held_out.x, held_out.y, 10, NeuralCleanseConfig(method=method))
+            ai = result.median_anomaly_index
+            quality = result.best_run.quality
+            others = [k for k in range(10) if k != target]
+            row[method] = {
+                "flagged": result.flagged, "max_ai": round(float(ai.max()), 2),
+                "target_ai": None if target is None else round(float(ai[target]), 2),
+                "seconds": round(time.perf_counter() - started, 1),
+                # scattering of the false triggers: mask smoothness term per unit of mask L1, median over classes
+                "other_scatter": round(float(np.median(quality[others, 2] / result.best_run.triggers.norms[others])),
+                                       3),
+            }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (out / "methods.json").write_text(json.dumps(rows, indent=2))
+    print(f"\n{'model':32} {'method':>15} {'flagged':>10} {'target AI':>9} {'max AI':>7} {'scatter':>8} {'time':>7}")
+    for r in rows:
+        for method in METHODS:
+            m = r[method]
+            print(f"{r['model']:32} {method:>15} {str(m['flagged']):>10} {str(m['target_ai']):>9} {m['max_ai']:>7} "
+                  f"{m['other_scatter']:>8} {m['seconds']:>6.0f}s")
+    for method in METHODS:
+        ratio = sum(r[method]["seconds"] for r in rows) / sum(r["neural-cleanse"]["seconds"] for r in rows)
+        print(f"{method}: total time {ratio:.2f}x Neural Cleanse's")
+    return rows
+
+
 def _per_class_reference(model, x: np.ndarray, num_classes: int, config: NeuralCleanseConfig) -> ReversedTriggers:
     """The plain loop: one optimisation per class, one class after another."""
     runs = [reverse_engineer_triggers(model, x, [k], config) for k in range(num_classes)]
@@ -146,7 +193,9 @@ def _speed(out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("zoo", "speed", "all"), default="all")
+    parser.add_argument("--part", choices=("zoo", "speed", "methods", "all"), default="all")
+    parser.add_argument("--only", default=None,
+                        help="methods part: comma-separated substrings of the zoo models to run (default: all)")
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args()
     out = Path(args.out)
@@ -155,6 +204,8 @@ def main() -> None:
         _speed(out)
     if args.part in ("zoo", "all"):
         _zoo(out)
+    if args.part in ("methods", "all"):
+        _methods(out, args.only.split(",") if args.only else None)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ATTACKS = ("badnets", "blend", "invisible", "none")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    from offline.neural_cleanse import NeuralCleanseConfig
+    from offline.neural_cleanse import METHODS, TABOR_TERMS, NeuralCleanseConfig
 
     defaults = NeuralCleanseConfig()
     g = parser.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)")
@@ -42,12 +42,28 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                    help="clean images per optimisation step (%(default)s)")
     g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(%(default)s)")
     g.add_argument("--seed", type=int, default=defaults.seed, help="random seed of the first run (%(default)s)")
+    g.add_argument("--method", choices=METHODS, default=defaults.method,
+                   help="neural-cleanse, or tabor: the same objective plus TABOR's regularisers against "
+                        "scattered, overly large and object-covering false triggers (%(default)s)")
+    g.add_argument("--tabor-weights", type=_weights, default=defaults.tabor_weights, metavar="W,W,W,W,W,W",
+                   help="weights of TABOR's terms " + ", ".join(TABOR_TERMS) + " (pixels in [0, 1]; default: "
+                        + ",".join(f"{w:g}" for w in defaults.tabor_weights) + ")")
 
 
 def _config_from(args: argparse.Namespace) -> Any:
     from offline.neural_cleanse import NeuralCleanseConfig
 
     return NeuralCleanseConfig(**{f.name: getattr(args, f.name) for f in fields(NeuralCleanseConfig)})
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        weights = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected six comma-separated numbers, got {text!r}") from None
+    if len(weights) != 6 or any(w < 0 for w in weights):
+        raise argparse.ArgumentTypeError(f"expected six comma-separated numbers >= 0, got {text!r}")
+    return weights
 
 
 def _positive(kind: type) -> Any:

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from offline.neural_cleanse import NeuralCleanseConfig, _CostSchedule, anomaly_index, reverse_engineer_triggers
+from offline.neural_cleanse import (
+    TABOR_TERMS,
+    NeuralCleanseConfig,
+    _CostSchedule,
+    anomaly_index,
+    reverse_engineer_triggers,
+    tabor_terms,
+)
 
 
 def test_anomaly_index_uses_mad_with_consistency_constant() -> None:
@@ -59,13 +66,15 @@ class _Linear(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
-def test_batched_optimisation_equals_one_class_at_a_time() -> None:
-    """Stacking classes is exact: same init and data give the same triggers."""
+@pytest.mark.parametrize("method", ["neural-cleanse", "tabor"])
+def test_batched_optimisation_equals_one_class_at_a_time(method: str) -> None:
+    """Stacking classes is exact: same init and data give the same triggers (TABOR's terms included)."""
     model = _Linear().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     x = np.random.default_rng(0).random((200, 1, 6, 6)).astype(np.float32)
-    cfg = NeuralCleanseConfig(max_steps=12, samples_per_step=64, patience=2, early_stop_patience=3)
+    cfg = NeuralCleanseConfig(max_steps=12, samples_per_step=64, patience=2, early_stop_patience=3, method=method,
+                              tabor_weights=(1e-2, 1e-3, 1e-2, 1e-3, 1e-1, 1e-1))
     rng = np.random.default_rng(1)
     masks = rng.random((3, 6, 6)).astype(np.float32)
     patterns = rng.random((3, 1, 6, 6)).astype(np.float32)
@@ -75,3 +84,32 @@ def test_batched_optimisation_equals_one_class_at_a_time() -> None:
         np.testing.assert_allclose(together.masks[i], alone.masks[0], atol=1e-5)
         np.testing.assert_allclose(together.patterns[i], alone.patterns[0], atol=1e-5)
         assert together.steps[i] == alone.steps[0]
+
+
+def test_tabor_terms_penalise_scattered_large_and_blocking_triggers() -> None:
+    model = _Linear().eval()
+    x = torch.from_numpy(np.random.default_rng(0).random((16, 1, 6, 6)).astype(np.float32))
+    compact = torch.zeros(1, 1, 6, 6)
+    compact[..., :2, :2] = 1.0
+    scattered = torch.zeros(1, 1, 6, 6)
+    scattered[..., ::3, ::3] = 1.0  # same L1 (4 pixels), no two neighbours
+    pattern = torch.zeros(1, 1, 6, 6)
+    pattern[..., :2, :2] = 1.0
+    masks = torch.cat([compact, scattered])
+    terms = tabor_terms(model, x, masks, pattern.repeat(2, 1, 1, 1), torch.tensor([0, 0]))
+    assert terms.shape == (2, len(TABOR_TERMS))
+    named = {name: terms[:, i] for i, name in enumerate(TABOR_TERMS)}
+    assert torch.equal(named["mask_l2"], torch.tensor([4.0, 4.0]))
+    assert named["mask_smoothness"][0] < named["mask_smoothness"][1]  # 8 edges against 16
+    assert named["pattern_outside_mask"][0] == 0 and named["pattern_outside_mask"][1] > 0
+    assert (named["blocking"] >= 0).all() and (named["overlay"] >= 0).all()
+    skipped = tabor_terms(model, x, masks, pattern.repeat(2, 1, 1, 1), torch.tensor([0, 0]),
+                          need=(1, 1, 1, 1, 0, 0))
+    assert (skipped[:, 4:] == 0).all()
+
+
+def test_tabor_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        NeuralCleanseConfig(method="strip")
+    with pytest.raises(ValueError, match="6 weights"):
+        NeuralCleanseConfig(method="tabor", tabor_weights=(1.0, 2.0))

@@ -63,3 +63,31 @@ def test_scan_flags_nothing_on_clean_models(index: int, tmp_path: Path, clean_mo
                                             mnist_splits) -> None:
     result = _scan(clean_models[index], mnist_splits[1], tmp_path)
     assert result.flagged == [], f"clean model flagged {result.flagged}: {result.median_anomaly_index}"
+
+
+def test_tabor_scan_cli_flags_the_badnets_target(tmp_path: Path, case_dir: Path) -> None:
+    """A shortened TABOR scan (15 steps) through the CLI: right class, trigger quality reported."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "offline.cli", "scan", "--model", str(case_dir / "model.pt"),
+         "--data", str(case_dir / "clean.npz"), "--out", str(tmp_path / "out"), "--quiet", "--method", "tabor",
+         "--max-steps", "15", "--no-recover"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert report["settings"]["method"] == "tabor" and len(report["settings"]["tabor_weights"]) == 6
+    assert report["flagged_classes"] == [3]
+    quality = report["per_class"][3]["trigger_quality"]
+    assert set(quality) == {"mask_l2", "pattern_outside_mask", "mask_smoothness", "trigger_smoothness",
+                            "blocking", "overlay"}
+    assert quality["blocking"] < 1.0  # cutting the recovered patch out leaves the digit recognisable
+
+
+def test_bad_tabor_weights_are_refused(tmp_path: Path, case_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "offline.cli", "scan", "--model", str(case_dir / "model.pt"),
+         "--data", str(case_dir / "clean.npz"), "--out", str(tmp_path / "out"), "--method", "tabor",
+         "--tabor-weights", "1,2,x"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "six comma-separated numbers" in proc.stderr and "Traceback" not in proc.stderr
