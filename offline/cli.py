@@ -93,8 +93,9 @@ def _share(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trojan-forensics",
-        description="Forensics for possibly backdoored image classifiers: Neural Cleanse scan, "
-                    "trigger recovery, and attack simulators to build test models.",
+        description="Forensics for possibly backdoored image classifiers: Neural Cleanse or TABOR trigger "
+                    "reverse-engineering, repair and the guard bundle, training-data audit, forensic report, and "
+                    "attack simulators to build test models.",
     )
     parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -177,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--fresh", action="store_true", help="ignore finished phases of an earlier run")
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_args(pa)
+
+    rp = sub.add_parser("report", help="write the forensic report (HTML + JSON) of a bundle",
+                        description="Build the forensic report from a bundle written by 'patch' (which also "
+                                    "writes it): one self-contained HTML file with the images embedded, and "
+                                    "report.json. Triage, detection, trigger, impact, repair, attribution "
+                                    "(MITRE ATLAS).")
+    rp.add_argument("--bundle", required=True, help="bundle directory written by 'patch'")
+    rp.add_argument("--true-trigger", default=None,
+                    help="evaluation mode: attack.json from 'train'; the report gives the recovered trigger's "
+                         "overlap with it")
+    rp.add_argument("--audit", default=None,
+                    help="audit.json from 'trojan-forensics audit' of the model's training set: its clustering "
+                         "statistics join the detection section (kept in the bundle's report/ for later rebuilds)")
 
     au = sub.add_parser("audit", help="find poisoned samples in a training set (activation clustering, "
                                       "spectral signatures)",
@@ -290,6 +304,35 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         summary["trigger_delta_file"] = "trigger_delta.npy"
     write_json_atomic(out / "attack.json", summary)
     return summary
+
+
+def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from guard.bundle import BundleError, GuardBundle
+    from offline.jobs import write_json_atomic
+    from offline.report import build_report
+
+    try:
+        bundle = GuardBundle.load(args.bundle)
+    except BundleError as exc:
+        raise ForensicsError(str(exc)) from exc
+    report_dir = bundle.root / "report"
+    if not (report_dir / "scan.json").is_file():
+        raise ForensicsError(f"{report_dir}: no scan.json; was this bundle written by 'trojan-forensics patch'?")
+    if args.audit:
+        try:
+            audit = json.loads(Path(args.audit).read_text())
+        except (OSError, ValueError) as exc:
+            raise ForensicsError(f"{args.audit}: not a readable audit.json ({exc})") from exc
+        if not isinstance(audit, dict) or "classes" not in audit or "activation_clustering" not in audit:
+            raise ForensicsError(f"{args.audit}: not an audit.json written by 'trojan-forensics audit'")
+        write_json_atomic(report_dir / "audit.json", audit)
+    report = build_report(report_dir, bundle.manifest.model_dump(), args.true_trigger)
+    print(report["verdict"]["headline"])
+    for key in ("repair", "audit"):
+        if key in report["verdict"]:
+            print(report["verdict"][key])
+    print(f"written: {report_dir / 'report.html'} and {report_dir / 'report.json'}")
+    return report
 
 
 def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
@@ -434,7 +477,7 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
                              test.y[keep], args.target, say=lambda line: print("        " + line))
     summary["guard"] = traffic
     print(f"demo: patched model and guard thresholds in {bundle} (trojan-guard inspect {bundle}), forensic "
-          f"details in {bundle / 'report'}, flagged inputs kept in {out / 'evidence'} "
+          f"report {bundle / 'report' / 'report.html'}, flagged inputs kept in {out / 'evidence'} "
           f"(trojan-guard evidence {out / 'evidence'})")
     return summary
 
@@ -450,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"model: {Path(args.out) / 'model.pt'}, clean held-out data: {Path(args.out) / 'clean.npz'}")
         elif args.command == "patch":
             _cmd_patch(args)
+        elif args.command == "report":
+            _cmd_report(args)
         elif args.command == "audit":
             _cmd_audit(args)
         elif args.command == "demo":

@@ -1,8 +1,9 @@
 """The forensic report: one self-contained HTML file (images embedded) plus ``report.json``.
 
 Built from what the patch job leaves in the bundle's ``report/`` directory
-(scan, repair, calibration, evaluation results and trigger images) and the
-bundle manifest, following the forensic workflow: triage, detection, trigger,
+(scan, repair, calibration, evaluation results and trigger images, and
+``audit.json`` when a training-data audit was added with ``report --audit``) and
+the bundle manifest, following the forensic workflow: triage, detection, trigger,
 impact, repair, attribution. The verdict is the first thing a reader sees.
 """
 
@@ -95,6 +96,7 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
     flagged = scan.get("flagged_classes", [])
     per_class = scan.get("per_class", [])
     truth = _read_json(Path(true_trigger_file)) if true_trigger_file else {}
+    audit = _read_json(report_dir / "audit.json")
 
     triggers = []
     for rec in scan.get("recovered_triggers", []):
@@ -126,6 +128,11 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         verdict["repair"] = (f"repaired by {repair.get('method')}: clean accuracy {_pct(before.get('accuracy'))} -> "
                              f"{_pct(after.get('accuracy'))}, {'true' if asr_key == 'true_asr' else 'reversed'}"
                              f"-trigger ASR {_pct(before.get(asr_key))} -> {_pct(after.get(asr_key))}")
+    audit_summary = _audit_summary(audit) if audit else None
+    if audit_summary and audit_summary["flagged_classes"]:
+        labels = ", ".join(class_names[c] if class_names else str(c) for c in audit_summary["flagged_classes"])
+        verdict["audit"] = (f"training-data audit (activation clustering): a suspect cluster of "
+                            f"{audit_summary['flagged_samples']} samples in label(s) {labels}")
     strip, af = manifest.get("strip", {}), manifest.get("activation_filter", {})
     report = {
         "tool": f"trojan-forensics {TOOL_VERSION}",
@@ -134,7 +141,8 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         "triage": {"model": _model_triage(scan), "data": scan.get("data", {})},
         "detection": {"method": scan.get("method"), "threshold": scan.get("threshold"), "runs": scan.get("runs"),
                       "per_class": [{k: c[k] for k in ("class", "mask_l1_norm", "anomaly_index",
-                                                       "reversed_trigger_asr", "flagged")} for c in per_class]},
+                                                       "reversed_trigger_asr", "flagged")} for c in per_class],
+                      "training_data_audit": audit_summary},
         "trigger": triggers,
         "impact": {"clean_accuracy": before.get("accuracy"), "attack_success_rate": before.get(asr_key),
                    "asr_measured_with": "true trigger" if asr_key == "true_asr" else "recovered trigger",
@@ -164,6 +172,38 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                 images[f"{key}_{t['class']}"] = _png_data_uri((report_dir / name).read_bytes())
     (report_dir / "report.html").write_text(_html(report, images))
     return report
+
+
+def _audit_summary(audit: dict[str, Any]) -> dict[str, Any]:
+    """The clustering statistics of ``trojan-forensics audit`` that the report shows."""
+    keys = ("label", "count", "silhouette", "suspect_size", "kept_label", "reclassified_as", "flagged",
+            "spectral_peak")
+    return {"layer": audit.get("settings", {}).get("layer"), "samples": audit.get("samples"),
+            "flagged_classes": audit.get("flagged_classes", []),
+            "flagged_samples": len(audit.get("activation_clustering", {}).get("flagged_indices", [])),
+            "spectral_removed": len(audit.get("spectral_signatures", {}).get("removed_indices", [])),
+            "per_class": [{k: c.get(k) for k in keys} for c in audit.get("classes", [])],
+            "evaluation": audit.get("evaluation")}
+
+
+def _audit_html(a: dict[str, Any] | None) -> str:
+    if not a:
+        return ("<p>Training-data audit: not run (<code>trojan-forensics audit</code>, then "
+                "<code>trojan-forensics report --audit audit.json</code>).</p>")
+    e = html.escape
+    rows = "".join(
+        f"<tr class='{'flag' if c['flagged'] else ''}'><td>{c['label']}</td><td>{c['count']}</td>"
+        f"<td>{c['silhouette']:.3f}</td><td>{c['suspect_size']}</td><td>{_pct(c['kept_label'])}</td>"
+        f"<td>{'' if c['reclassified_as'] is None else c['reclassified_as']}</td><td>{c['spectral_peak']:.1f}</td>"
+        f"<td>{'FLAGGED' if c['flagged'] else ''}</td></tr>" for c in a["per_class"])
+    ev = a.get("evaluation") or {}
+    scored = "".join(f"<li>{e(k.replace('_', ' '))} against the known poison: precision {_pct(q['precision'])}, "
+                     f"recall {_pct(q['recall'])}</li>" for k, q in ev.items())
+    return (f"<h3>Training-data audit</h3><p>Activation clustering at layer {e(str(a['layer']))} over "
+            f"{a['samples']} training samples: flagged label(s) {a['flagged_classes'] or 'none'} "
+            f"({a['flagged_samples']} suspect samples); spectral signatures would remove {a['spectral_removed']}."
+            f"</p><ul>{scored}</ul><table><tr><th>label</th><th>samples</th><th>silhouette</th><th>suspects</th>"
+            f"<th>kept in label</th><th>mostly sent to</th><th>spectral peak</th><th></th></tr>{rows}</table>")
 
 
 def _pct(v: Any) -> str:
@@ -206,7 +246,7 @@ border-bottom:1px solid #ddd;text-align:right}} tr.flag{{background:#fdecea;font
 </style></head>
 <body>
 <section class="verdict" id="verdict"><h1>{e(v['headline'])}</h1>
-<p>{e(v.get('repair', ''))}</p></section>
+<p>{e(v.get('repair', ''))}</p>{'<p>' + e(v['audit']) + '</p>' if 'audit' in v else ''}</section>
 <h2>1. Triage</h2><ul>
 <li>model: {e(str(tri.get('file')))} ({e(str(tri.get('format')))}),
 SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
@@ -217,6 +257,7 @@ SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 <h2>2. Detection</h2><p>{e(str(r['detection']['method']))}: a class is flagged when its anomaly index exceeds
 {r['detection']['threshold']} ({r['detection']['runs']} run(s)).</p>{anomaly}
 <table><tr><th>class</th><th>mask L1</th><th>anomaly index</th><th>reversed ASR</th><th></th></tr>{rows}</table>
+{_audit_html(r['detection']['training_data_audit'])}
 <h2>3. Trigger</h2>{trig or '<p>No trigger recovered: no class was flagged.</p>'}
 <h2>4. Impact</h2><ul><li>clean accuracy: {_pct(r['impact']['clean_accuracy'])}</li>
 <li>attack success rate ({e(r['impact']['asr_measured_with'])}): {_pct(r['impact']['attack_success_rate'])}</li>

@@ -85,3 +85,36 @@ def test_without_the_true_trigger_the_report_uses_the_recovered_one(patched: tup
     assert "reversed-trigger ASR" in report["verdict"]["repair"]
     assert "true_trigger_overlap" not in report["trigger"][0]
     assert (report_dir / "report.html").read_text().count("<img") >= 4
+
+
+def test_report_includes_a_training_data_audit(patched: tuple[Path, dict], tmp_path: Path, capsys,
+                                               badnets_model, mnist_splits) -> None:
+    """`report --audit` puts the audit's clustering statistics in the detection section and keeps the file."""
+    from offline.attacks import apply_poison
+    from offline.audit import audit
+    from offline.cli import main
+    from offline.models import ForensicModel
+
+    train, _ = mnist_splits
+    x, y = apply_poison(train.x, train.y, badnets_model.trigger, badnets_model.target, badnets_model.poison_idx)
+    rows = np.random.default_rng(0).choice(len(y), 1500, replace=False)  # the training set is sorted by label
+    result = audit(ForensicModel(badnets_model.model, "body.8"), x[rows], y[rows])
+    (tmp_path / "audit.json").write_text(json.dumps(result))
+    bundle = Path(shutil.copytree(patched[0], tmp_path / "bundle"))
+    (tmp_path / "bad.json").write_text('{"classes": ')
+    assert main(["report", "--bundle", str(bundle), "--audit", str(tmp_path / "bad.json")]) == 2
+    assert "not a readable audit.json" in capsys.readouterr().err
+    assert not (bundle / "report" / "audit.json").exists()
+
+    assert main(["report", "--bundle", str(bundle), "--audit", str(tmp_path / "audit.json")]) == 0
+    report = json.loads((bundle / "report" / "report.json").read_text())
+    section = report["detection"]["training_data_audit"]
+    assert section["layer"] == "body.6" and section["samples"] == 1500 and len(section["per_class"]) == 10
+    assert section["flagged_classes"] == result["flagged_classes"]
+    page = (bundle / "report" / "report.html").read_text()
+    assert "<h3>Training-data audit</h3>" in page and page.count("<tr") >= 2 * 11
+    if result["flagged_classes"]:
+        assert "training-data audit" in report["verdict"]["audit"]
+    # a later rebuild without --audit keeps the section
+    assert main(["report", "--bundle", str(bundle)]) == 0
+    assert json.loads((bundle / "report" / "report.json").read_text())["detection"]["training_data_audit"]
