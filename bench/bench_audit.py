@@ -60,6 +60,7 @@ def main() -> None:
             row = {"model": name, "rate": rate if target is not None else 0.0, "target": target,
                    "asr": bd.attack_success_rate, "flagged_labels": result["flagged_classes"],
                    "target_kept": kept.get(target) if target is not None else None,
+                   "ambiguous": [c["label"] for c in result["classes"] if c["ambiguous"]],
                    "lowest_other_kept": min(v for k, v in kept.items() if k != target),
                    "ac": ac, "ss": ss, "seconds": round(seconds, 1)}
             rows.append(row)

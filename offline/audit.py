@@ -18,7 +18,12 @@
   paper's ``p / l > T`` compares with the single most frequent other class,
   which misses poison stamped on images of many source classes: it scatters
   back to all of them.) A clean cluster of an unusual style can also leave its
-  label; on MNIST-sized sets that is the main source of false flags.
+  label; on MNIST-sized sets that is the main source of false flags. When the
+  smaller cluster is flagged, the larger one is reclassified too: if it also
+  leaves the label, the poison is half the label or more (the rest of the label
+  is then mostly poison, so the clean part leaves as well), and the suspect is
+  the cluster whose leavers spread over more classes (poison returns to its many
+  source classes, clean images to one or two look-alikes); ``ambiguous`` marks it.
   With ``exclusionary=False`` a label is flagged by silhouette and cluster size.
 - **Spectral Signatures** (Tran et al., 2018). Per label, centre the
   representations and score each sample by its squared projection on the top
@@ -77,13 +82,15 @@ class ClassAudit:
     label: int
     count: int
     silhouette: float  # of 2-means on the label's reduced activations
-    suspect_size: int  # the smaller cluster: the suspect
+    suspect_size: int  # the smaller cluster, or the more scattered one when both leave the label
     suspect_share: float
     # exclusionary reclassification of the suspect cluster (None when not run)
     kept_label: float | None  # share the probe still puts in the label
     reclassified_as: int | None  # the most frequent other class
     reclassified_share: float | None
+    reclassified_spread: float | None  # effective number of classes the leavers go to
     flagged: bool
+    ambiguous: bool  # both clusters leave the label: the poison may be half of it or more
     spectral_peak: float  # mean score of the removed samples / median score: how peaked the signature is
     ac_flagged_indices: list[int] = field(default_factory=list)
     ss_removed_indices: list[int] = field(default_factory=list)
@@ -150,12 +157,17 @@ def spectral_signature(feats: np.ndarray) -> np.ndarray:
     return (centred @ vt[0]) ** 2
 
 
-def exclusionary_reclassification(reps: np.ndarray, y: np.ndarray, members: np.ndarray,
-                                  s: AuditSettings) -> tuple[float, int, float]:
-    """Fit a linear probe on every representation but ``members`` (all of one label) and classify them.
+@dataclass
+class Reclassified:
+    kept: float  # share the probe still puts in the label
+    other: int  # the most frequent other class
+    other_share: float
+    spread: float  # effective number of classes the leavers go to: exp(entropy) of their distribution
 
-    Returns (share kept in the label, most frequent other class, its share).
-    """
+
+def exclusionary_reclassification(reps: np.ndarray, y: np.ndarray, members: np.ndarray,
+                                  s: AuditSettings) -> Reclassified:
+    """Fit a linear probe on every representation but ``members`` (all of one label) and classify them."""
     label = int(y[members[0]])
     keep = np.ones(len(y), dtype=bool)
     keep[members] = False
@@ -163,11 +175,13 @@ def exclusionary_reclassification(reps: np.ndarray, y: np.ndarray, members: np.n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         probe.fit(reps[keep], y[keep])
-    counts = np.bincount(probe.predict(reps[members]), minlength=int(y.max()) + 1)
+    counts = np.bincount(probe.predict(reps[members]), minlength=int(y.max()) + 1).astype(float)
     kept = counts[label] / len(members)
-    counts[label] = -1
+    counts[label] = 0
     other = int(np.argmax(counts))
-    return float(kept), other, float(counts[other] / len(members))
+    leavers = counts[counts > 0] / max(counts.sum(), 1.0)
+    spread = float(np.exp(-(leavers * np.log(leavers)).sum())) if len(leavers) else 0.0
+    return Reclassified(float(kept), other, float(counts[other] / len(members)), spread)
 
 
 def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSettings | None = None,
@@ -192,12 +206,24 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
         small = int(np.argmin(np.bincount(assign, minlength=2)))
         members = idx[assign == small]
         share = len(members) / len(idx)
-        kept = other = other_share = None
+        found: Reclassified | None = None
+        ambiguous = False
         if reps is not None:
             flagged = False
             if 0 < len(members) < len(y):
-                kept, other, other_share = exclusionary_reclassification(reps, y, members, s)
-                flagged = kept < s.keep_threshold
+                found = exclusionary_reclassification(reps, y, members, s)
+                flagged = found.kept < s.keep_threshold
+            rest = idx[assign != small]
+            if flagged and len(rest):
+                # Poison as large as the clean part (or larger) leaves the clean part as the smaller cluster,
+                # and it leaves its label too, since what remains of the label is poison. Then both halves
+                # leave; poison scatters back to its many source classes, clean images go to look-alikes.
+                other_half = exclusionary_reclassification(reps, y, rest, s)
+                if other_half.kept < s.keep_threshold:
+                    ambiguous = True
+                    if other_half.spread > found.spread:
+                        members, found = rest, other_half
+                        share = len(members) / len(idx)
         else:
             flagged = silhouette >= s.silhouette_threshold and s.min_cluster_share <= share <= s.max_cluster_share
         scores = spectral_signature(feats[idx])
@@ -206,8 +232,10 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
         peak = float(scores[removed].mean() / max(float(np.median(scores)), 1e-12)) if budget else 0.0
         ordered.append(ClassAudit(
             label, len(idx), round(silhouette, 4), len(members), round(share, 4),
-            None if kept is None else round(kept, 4), other, None if other_share is None else round(other_share, 4),
-            bool(flagged), round(peak, 2), sorted(members.tolist()) if flagged else [], sorted(idx[removed].tolist())))
+            None if found is None else round(found.kept, 4), None if found is None else found.other,
+            None if found is None else round(found.other_share, 4), None if found is None else round(found.spread, 2),
+            bool(flagged), ambiguous, round(peak, 2), sorted(members.tolist()) if flagged else [],
+            sorted(idx[removed].tolist())))
     return {
         "settings": {**asdict(s), "layer": layer},
         "samples": int(len(y)),

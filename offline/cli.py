@@ -365,13 +365,16 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     write_json_atomic(out / "audit.json", report)
     print(f"audited {report['samples']} samples at layer {report['settings']['layer']} "
           f"({report['features_dim']} activations)")
-    print(f"{'label':>5} {'count':>6} {'silhouette':>10} {'suspects':>8} {'kept in label':>13} {'AC':>4} "
+    print(f"{'label':>5} {'count':>6} {'silhouette':>10} {'suspects':>8} {'kept in label':>13} {'AC':>5} "
           f"{'SS peak':>7}")
     for c in report["classes"]:
         kept = "-" if c["kept_label"] is None else f"{c['kept_label']:.0%}"
         print(f"{c['label']:>5} {c['count']:>6} {c['silhouette']:>10.3f} {c['suspect_size']:>8} {kept:>13} "
-              f"{'FLAG' if c['flagged'] else '-':>4} {c['spectral_peak']:>7.1f}")
+              f"{('FLAG*' if c['ambiguous'] else 'FLAG') if c['flagged'] else '-':>5} {c['spectral_peak']:>7.1f}")
     ac, ss = report["activation_clustering"], report["spectral_signatures"]
+    if any(c["ambiguous"] for c in report["classes"]):
+        print("* both clusters of the label leave it: the poison may be half the label or more; the suspects are "
+              "the cluster whose reclassification scatters more")
     print(f"activation clustering: flagged labels {report['flagged_classes'] or 'none'}, "
           f"{len(ac['flagged_indices'])} suspect samples; spectral signatures: "
           f"{len(ss['removed_indices'])} samples to remove")

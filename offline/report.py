@@ -176,7 +176,7 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
 
 def _audit_summary(audit: dict[str, Any]) -> dict[str, Any]:
     """The clustering statistics of ``trojan-forensics audit`` that the report shows."""
-    keys = ("label", "count", "silhouette", "suspect_size", "kept_label", "reclassified_as", "flagged",
+    keys = ("label", "count", "silhouette", "suspect_size", "kept_label", "reclassified_as", "flagged", "ambiguous",
             "spectral_peak")
     return {"layer": audit.get("settings", {}).get("layer"), "samples": audit.get("samples"),
             "flagged_classes": audit.get("flagged_classes", []),
@@ -184,6 +184,12 @@ def _audit_summary(audit: dict[str, Any]) -> dict[str, Any]:
             "spectral_removed": len(audit.get("spectral_signatures", {}).get("removed_indices", [])),
             "per_class": [{k: c.get(k) for k in keys} for c in audit.get("classes", [])],
             "evaluation": audit.get("evaluation")}
+
+
+def _audit_flag(c: dict[str, Any]) -> str:
+    if not c["flagged"]:
+        return ""
+    return "FLAGGED (both clusters leave the label)" if c.get("ambiguous") else "FLAGGED"
 
 
 def _audit_html(a: dict[str, Any] | None) -> str:
@@ -195,7 +201,7 @@ def _audit_html(a: dict[str, Any] | None) -> str:
         f"<tr class='{'flag' if c['flagged'] else ''}'><td>{c['label']}</td><td>{c['count']}</td>"
         f"<td>{c['silhouette']:.3f}</td><td>{c['suspect_size']}</td><td>{_pct(c['kept_label'])}</td>"
         f"<td>{'' if c['reclassified_as'] is None else c['reclassified_as']}</td><td>{c['spectral_peak']:.1f}</td>"
-        f"<td>{'FLAGGED' if c['flagged'] else ''}</td></tr>" for c in a["per_class"])
+        f"<td>{_audit_flag(c)}</td></tr>" for c in a["per_class"])
     ev = a.get("evaluation") or {}
     scored = "".join(f"<li>{e(k.replace('_', ' '))} against the known poison: precision {_pct(q['precision'])}, "
                      f"recall {_pct(q['recall'])}</li>" for k, q in ev.items())

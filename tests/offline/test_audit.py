@@ -8,6 +8,7 @@ measures the zoo, which they were not chosen on, misses included.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def test_cli_audit_finds_patch_poison(tmp_path: Path, capsys) -> None:
     ss = report["evaluation"]["spectral_signatures"]
     assert ss["recall"] >= 0.3, ss
     target = next(c for c in report["classes"] if c["label"] == 3)
-    assert target["flagged"] and target["kept_label"] < 0.3
+    assert target["flagged"] and target["kept_label"] < 0.3 and target["reclassified_spread"] > 3
     assert target["ac_flagged_indices"] == report["activation_clustering"]["flagged_indices"]
     assert "flagged labels [3]" in printed and "precision" in printed
 
@@ -66,6 +67,18 @@ def test_blended_poison_is_found(mnist_splits) -> None:
     assert report["flagged_classes"] == [5]
     ac = detection_quality(report["activation_clustering"]["flagged_indices"], bd.poison_idx)
     assert ac["recall"] >= 0.9 and ac["precision"] >= 0.8, ac
+
+
+def test_poison_as_large_as_the_clean_part_is_told_apart(mnist_splits, badnets_model) -> None:
+    """The shared BadNets model (a copy: the audit hooks its layers): 10 % of the set poisoned, half of
+    label 3. Both clusters leave the label; the scattered one is the poison."""
+    train, _ = mnist_splits
+    x, y = apply_poison(train.x, train.y, badnets_model.trigger, 3, badnets_model.poison_idx)
+    report = audit(ForensicModel(copy.deepcopy(badnets_model.model), "body.8"), x, y)
+    target = next(c for c in report["classes"] if c["label"] == 3)
+    assert target["flagged"] and target["ambiguous"]
+    ac = detection_quality(report["activation_clustering"]["flagged_indices"], badnets_model.poison_idx)
+    assert ac["recall"] >= 0.9 and ac["precision"] >= 0.7, ac
 
 
 def test_clean_training_set_flags_little(mnist_splits) -> None:
@@ -101,11 +114,10 @@ def test_spectral_signature_and_reclassification_on_planted_data() -> None:
     reps[planted] = centres[1] + rng.normal(0, 1, size=(40, 16))
     scores = spectral_signature(reps[y == 0])
     assert set(np.argsort(scores)[::-1][:40]) == set(planted.tolist())
-    kept, other, share = exclusionary_reclassification(reps, y, planted, AuditSettings())
-    assert kept < 0.1 and other == 1 and share > 0.9
+    found = exclusionary_reclassification(reps, y, planted, AuditSettings())
+    assert found.kept < 0.1 and found.other == 1 and found.other_share > 0.9 and found.spread < 1.5
     clean = np.arange(40, 80)
-    kept, _, _ = exclusionary_reclassification(reps, y, clean, AuditSettings())
-    assert kept > 0.9
+    assert exclusionary_reclassification(reps, y, clean, AuditSettings()).kept > 0.9
 
 
 def test_clustering_layer_is_the_convolutional_representation() -> None:

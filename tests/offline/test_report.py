@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -98,7 +99,7 @@ def test_report_includes_a_training_data_audit(patched: tuple[Path, dict], tmp_p
     train, _ = mnist_splits
     x, y = apply_poison(train.x, train.y, badnets_model.trigger, badnets_model.target, badnets_model.poison_idx)
     rows = np.random.default_rng(0).choice(len(y), 1500, replace=False)  # the training set is sorted by label
-    result = audit(ForensicModel(badnets_model.model, "body.8"), x[rows], y[rows])
+    result = audit(ForensicModel(copy.deepcopy(badnets_model.model), "body.8"), x[rows], y[rows])
     (tmp_path / "audit.json").write_text(json.dumps(result))
     bundle = Path(shutil.copytree(patched[0], tmp_path / "bundle"))
     (tmp_path / "bad.json").write_text('{"classes": ')
