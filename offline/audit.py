@@ -20,10 +20,9 @@
   back to all of them.) A clean cluster of an unusual style can also leave its
   label; on MNIST-sized sets that is the main source of false flags. When the
   smaller cluster is flagged, the larger one is reclassified too: if it also
-  leaves the label, the poison is half the label or more (the rest of the label
-  is then mostly poison, so the clean part leaves as well), and the suspect is
-  the cluster whose leavers spread over more classes (poison returns to its many
-  source classes, clean images to one or two look-alikes); ``ambiguous`` marks it.
+  leaves the label, the poison may be half the label or more (the rest of the
+  label is then mostly poison, so the clean part leaves as well) and the
+  suspects may be the clean half; ``ambiguous`` marks the label.
   With ``exclusionary=False`` a label is flagged by silhouette and cluster size.
 - **Spectral Signatures** (Tran et al., 2018). Per label, centre the
   representations and score each sample by its squared projection on the top
@@ -82,7 +81,7 @@ class ClassAudit:
     label: int
     count: int
     silhouette: float  # of 2-means on the label's reduced activations
-    suspect_size: int  # the smaller cluster, or the more scattered one when both leave the label
+    suspect_size: int  # the smaller cluster
     suspect_share: float
     # exclusionary reclassification of the suspect cluster (None when not run)
     kept_label: float | None  # share the probe still puts in the label
@@ -216,14 +215,11 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
             rest = idx[assign != small]
             if flagged and len(rest):
                 # Poison as large as the clean part (or larger) leaves the clean part as the smaller cluster,
-                # and it leaves its label too, since what remains of the label is poison. Then both halves
-                # leave; poison scatters back to its many source classes, clean images go to look-alikes.
+                # and that leaves its label too, since what remains of the label is mostly poison: then both
+                # clusters leave, and the suspects may be the clean half. Marked, not guessed (choosing the
+                # cluster whose leavers scatter more fixed one zoo case and broke two).
                 other_half = exclusionary_reclassification(reps, y, rest, s)
-                if other_half.kept < s.keep_threshold:
-                    ambiguous = True
-                    if other_half.spread > found.spread:
-                        members, found = rest, other_half
-                        share = len(members) / len(idx)
+                ambiguous = other_half.kept < s.keep_threshold
         else:
             flagged = silhouette >= s.silhouette_threshold and s.min_cluster_share <= share <= s.max_cluster_share
         scores = spectral_signature(feats[idx])

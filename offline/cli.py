@@ -373,8 +373,8 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
               f"{('FLAG*' if c['ambiguous'] else 'FLAG') if c['flagged'] else '-':>5} {c['spectral_peak']:>7.1f}")
     ac, ss = report["activation_clustering"], report["spectral_signatures"]
     if any(c["ambiguous"] for c in report["classes"]):
-        print("* both clusters of the label leave it: the poison may be half the label or more; the suspects are "
-              "the cluster whose reclassification scatters more")
+        print("* both clusters of the label leave it: the poison may be half the label or more, and the "
+              "suspects listed (the smaller cluster) may be its clean part")
     print(f"activation clustering: flagged labels {report['flagged_classes'] or 'none'}, "
           f"{len(ac['flagged_indices'])} suspect samples; spectral signatures: "
           f"{len(ss['removed_indices'])} samples to remove")

