@@ -43,9 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     train, held_out = load_mnist().split(0.3, seed=0)
     rows = []
-    for rate in [float(r) for r in args.rates.split(",")]:
+    rates = [float(r) for r in args.rates.split(",")]
+    for rate in rates:
         for name, trigger, target, seed in ZOO:
-            if trigger == "invisible" or (target is None and rate != float(args.rates.split(",")[0])):
+            if trigger == "invisible" or (target is None and rate != rates[0]):  # clean models once
                 continue
             bd = train_backdoored_model(train, held_out, trigger, target or 0, rate if target is not None else 0.0,
                                         seed=seed)

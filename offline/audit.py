@@ -102,8 +102,7 @@ def clustering_layer(model: ForensicModel) -> str:
     connected. In small CNNs the penultimate layer has already mapped the poison
     onto its target, while the convolutional representation still keeps it apart.
     """
-    named = list(model.leaves) if model.leaves is not None else list(model.net.named_modules())
-    leaves = [(n, m) for n, m in named if n and not list(m.children())]
+    leaves = model.leaf_modules()
     first = next((i for i, (_, m) in enumerate(leaves) if is_linear(m)), None)
     if not first:
         return model.features_layer

@@ -103,6 +103,11 @@ class ForensicModel(nn.Module):
             return [name for name, _ in self.leaves]
         return [name for name, _ in self.net.named_modules() if name]
 
+    def leaf_modules(self) -> list[tuple[str, nn.Module]]:
+        """The named modules without children, in order (for TorchScript, the verified top-level leaves)."""
+        named = self.leaves if self.leaves is not None else list(self.net.named_modules())
+        return [(n, m) for n, m in named if n and not list(m.children())]
+
     def _check_layer(self, name: str) -> None:
         names = self.layer_names
         if name not in names:

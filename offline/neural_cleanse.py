@@ -197,7 +197,7 @@ def tabor_terms(model: nn.Module, xb: torch.Tensor, mask: torch.Tensor, pattern:
         _smoothness(mask),
         _smoothness(visible),
     ]
-    if need is None or need[4] > 0:
+    if need is None or need[TABOR_TERMS.index("blocking")] > 0:
         with torch.no_grad():
             clean_pred = model(xb).argmax(1)
         b = len(xb)
@@ -205,7 +205,8 @@ def tabor_terms(model: nn.Module, xb: torch.Tensor, mask: torch.Tensor, pattern:
         terms.append(F.cross_entropy(model(blocked), clean_pred.repeat(k), reduction="none").reshape(k, b).mean(1))
     else:
         terms.append(zero)
-    terms.append(F.cross_entropy(model(visible), targets, reduction="none") if need is None or need[5] > 0 else zero)
+    overlay = need is None or need[TABOR_TERMS.index("overlay")] > 0
+    terms.append(F.cross_entropy(model(visible), targets, reduction="none") if overlay else zero)
     return torch.stack(terms, dim=1)
 
 

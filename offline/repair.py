@@ -209,7 +209,7 @@ def prune(model: ForensicModel, x_rank: np.ndarray, evaluate: Evaluator, s: Repa
 
 
 def last_conv_layer(model: ForensicModel) -> str:
-    names = [n for n, m in (model.leaves or model.net.named_modules()) if module_kind(m) in ("Conv2d", "Conv")]
+    names = [n for n, m in model.leaf_modules() if module_kind(m) in ("Conv2d", "Conv")]
     if not names:
         raise ForensicsError("fine-pruning needs a convolutional layer, and this model has none; "
                              "use --repair unlearn or prune")
