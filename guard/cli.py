@@ -45,6 +45,10 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
                                                "off; SIGHUP and the admin RPC always reload)")),
     ("--grace-s", dict(type=float, help="shutdown waits this long for in-flight requests (default 10)")),
     ("--threads", dict(type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")),
+    ("--spin", dict(choices=("on", "off"), help="onnxruntime's idle threads busy-wait for the next batch (on, "
+                                                "default: lower latency and more throughput) or sleep (off: "
+                                                "about half the CPU per request, for cores shared with the "
+                                                "model server or other pods)")),
     ("--log-level", dict(choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")),
 ]
 

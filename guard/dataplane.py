@@ -118,7 +118,7 @@ class ServingState:
                 on_error=lambda code: metrics.upstream_errors.labels(code).inc())
         else:
             self.backend = EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
-                                           threads=settings.threads)
+                                           threads=settings.threads, spin=settings.spin)
         self.strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule, self.value_range,
                                  np.asarray(m.strip.calibration_scores), seed=settings.seed)
         self.activation = ActivationFilter(np.asarray(m.activation_filter.neurons), m.activation_filter.threshold,
@@ -132,7 +132,7 @@ class ServingState:
         self.metrics.batch_inputs.observe(inputs)
         self.metrics.batch_requests.observe(len(waits))
         for wait in waits:
-            self.metrics.latency.labels("queue").observe(wait)
+            self.metrics.stage["queue"].observe(wait)
 
     def _timed_infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         start = time.perf_counter()
@@ -140,7 +140,7 @@ class ServingState:
             return self.backend.infer(x)
         finally:
             self._model_s = time.perf_counter() - start  # one model thread: no race
-            self.metrics.latency.labels("model").observe(self._model_s)
+            self.metrics.stage["model"].observe(self._model_s)
 
     def run_batch(self, xs: Sequence[np.ndarray]) -> list[Decision]:
         """Screen a batch of requests (runs in a worker thread)."""
@@ -174,7 +174,7 @@ class ServingState:
                               _verdicts(result.strip, result.activation, lo, hi), policy=self.policy,
                               bundle_sha256=self.sha256) for lo, hi in spans]
         # blending, scoring and verdicts: the batch's time outside the model
-        self.metrics.latency.labels("screen").observe(time.perf_counter() - start - self._model_s)
+        self.metrics.stage["screen"].observe(time.perf_counter() - start - self._model_s)
         return decisions
 
     def warm_up(self) -> None:
@@ -359,18 +359,18 @@ class Guard:
         metrics, name = self.metrics, self.model_name
         self.counts["requests"] += 1
         if not decision.screened:
-            metrics.inputs.labels(name, "unscreened").inc(len(decision.logits))
+            metrics.child(metrics.inputs, name, "unscreened").inc(len(decision.logits))
         for v in decision.inputs:
-            metrics.inputs.labels(name, "flagged" if v.flagged else "clean").inc()
-            metrics.strip_entropy.labels(name).observe(v.strip_entropy)
-            metrics.activation_score.labels(name).observe(v.activation_score)
+            metrics.child(metrics.inputs, name, "flagged" if v.flagged else "clean").inc()
+            metrics.child(metrics.strip_entropy, name).observe(v.strip_entropy)
+            metrics.child(metrics.activation_score, name).observe(v.activation_score)
             for d in v.detectors:
-                metrics.detections.labels(name, d).inc()
+                metrics.child(metrics.detections, name, d).inc()
         if decision.flagged:
             self.counts["flagged"] += 1
         if not (decision.flagged and decision.policy == "enforce"):
             for k in decision.logits.argmax(axis=1):
-                metrics.predictions.labels(name, state.class_names[int(k)]).inc()
+                metrics.child(metrics.predictions, name, state.class_names[int(k)]).inc()
 
     async def _keep_evidence(self, state: ServingState, x: np.ndarray, decision: Decision, request_id: str) -> None:
         if self.evidence is None:
@@ -391,10 +391,10 @@ class Guard:
             except OSError as exc:  # a full disk must not take the guard down; it is counted and logged
                 self.metrics.evidence_errors.inc()
                 log.error("could not keep evidence of request %s: %s", request_id or "-", exc)
-        self.metrics.latency.labels("evidence").observe(time.perf_counter() - start)
+        self.metrics.stage["evidence"].observe(time.perf_counter() - start)
 
     def count_outcome(self, verdict: str, action: str) -> None:
-        self.metrics.requests.labels(self.model_name, verdict, action).inc()
+        self.metrics.child(self.metrics.requests, self.model_name, verdict, action).inc()
 
     def count_error(self, exc: GuardError) -> None:
         self.metrics.request_errors.labels(self.model_name, exc.code, exc.reason).inc()

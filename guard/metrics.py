@@ -7,6 +7,7 @@ detector, stage, status code, reason); never a label per request.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -85,8 +86,16 @@ class GuardMetrics:
         self.ready = Gauge(f"{p}_ready", "1 when the guard serves (bundle loaded and warmed up)", registry=r)
         self.build_info = Gauge(f"{p}_build_info", "Guard version and serving bundle (value 1)",
                                 ["version", "model", "bundle_sha256", "policy", "backend"], registry=r)
-        for stage in STAGES:
-            self.latency.labels(stage)
+        self.stage = {stage: self.latency.labels(stage) for stage in STAGES}  # request path: no label lookup
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Gauge | Histogram, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: the request path skips prometheus-client's lookup and lock."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def serve(self, host: str, port: int):
         """Start the /metrics HTTP endpoint; returns (server, thread)."""

@@ -38,23 +38,39 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=-1)
 
 
-def blend(x: np.ndarray, overlays: np.ndarray, rule: str, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
+def softmax_entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of softmax(logits) over the last axis, without forming log-probabilities.
+
+    With z = logits - max and S = sum(exp z): H = log S - sum(softmax * z).
+    """
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=-1)
+    return np.log(total) - (e * z).sum(axis=-1) / total
+
+
+def blend(x: np.ndarray, overlays: np.ndarray, rule: str, lo: float = 0.0, hi: float = 1.0,
+          out: np.ndarray | None = None) -> np.ndarray:
     """Superimpose each input with its overlays.
 
-    ``x`` is (B, C, H, W), ``overlays`` (B, N, C, H, W); returns (B, N, C, H, W).
-    ``add`` sums the two images pixel by pixel, as the paper does, clipped to the
-    value range; ``average`` takes their mean.
+    ``x`` is (B, C, H, W), ``overlays`` (B, N, C, H, W); returns (B, N, C, H, W),
+    written into ``out`` when given. ``add`` sums the two images pixel by pixel,
+    as the paper does, clipped to the value range; ``average`` takes their mean.
     """
+    if rule not in BLEND_RULES:
+        raise ValueError(f"unknown blend rule '{rule}' (one of {', '.join(BLEND_RULES)})")
+    out = np.add(x[:, None], overlays, out=out)
     if rule == "add":
-        return np.clip(x[:, None] + overlays, lo, hi)
-    if rule == "average":
-        return 0.5 * (x[:, None] + overlays)
-    raise ValueError(f"unknown blend rule '{rule}' (one of {', '.join(BLEND_RULES)})")
+        return np.clip(out, lo, hi, out=out)
+    return np.multiply(out, 0.5, out=out)
 
 
-def p_values(calibration_scores: np.ndarray, scores: np.ndarray, low_is_suspicious: bool) -> np.ndarray:
+def p_values(calibration_scores: np.ndarray, scores: np.ndarray, low_is_suspicious: bool,
+             presorted: bool = False) -> np.ndarray:
     """Share of calibration scores at least as suspicious as each score (with +1 smoothing)."""
-    ref = np.sort(np.asarray(calibration_scores, dtype=np.float64))
+    ref = np.asarray(calibration_scores, dtype=np.float64)
+    if not presorted:
+        ref = np.sort(ref)
     if low_is_suspicious:
         count = np.searchsorted(ref, scores, side="right")
     else:
@@ -103,22 +119,35 @@ class StripScreen:
         if not 1 <= self.n <= len(self.pool):
             raise ValueError(f"STRIP needs 1 <= n <= pool size ({len(self.pool)}), got n={self.n}")
         self._rng = np.random.default_rng(self.seed)
+        self._sorted_calibration = np.sort(np.asarray(self.calibration_scores, dtype=np.float64))
+
+    def model_batch(self, x: np.ndarray) -> np.ndarray:
+        """One float32 batch for the model: the B inputs, then their n blends each (B + B * n rows).
+
+        Each input is blended with n pool images drawn without replacement.
+        """
+        b, shape = len(x), x.shape[1:]
+        out = np.empty((b * (self.n + 1), *shape), dtype=np.float32)
+        out[:b] = x
+        # n distinct pool images per input: the first n of a random permutation of the pool
+        idx = self._rng.permuted(np.broadcast_to(np.arange(len(self.pool)), (b, len(self.pool))), axis=1)
+        blend(out[:b], self.pool[idx[:, :self.n]], self.rule, *self.value_range,
+              out=out[b:].reshape(b, self.n, *shape))
+        return out
 
     def perturb(self, x: np.ndarray) -> np.ndarray:
         """The n blends of every input, flattened to one batch of (B * n, C, H, W)."""
-        idx = np.stack([self._rng.choice(len(self.pool), self.n, replace=False) for _ in range(len(x))])
-        blended = blend(x, self.pool[idx], self.rule, *self.value_range)
-        return blended.reshape(len(x) * self.n, *x.shape[1:]).astype(np.float32, copy=False)
+        return self.model_batch(x)[len(x):]
 
     def scores(self, blend_logits: np.ndarray) -> np.ndarray:
         """Average entropy per input from the logits of its n blends, (B * n, K) -> (B,)."""
-        per_blend = entropy(softmax(blend_logits.astype(np.float64)))
+        per_blend = softmax_entropy(blend_logits.astype(np.float64))
         return per_blend.reshape(-1, self.n).mean(axis=1)
 
     def judge(self, scores: np.ndarray) -> Verdicts:
         return Verdicts(scores, scores < self.threshold,
-                        p_values(self.calibration_scores, scores, True) if len(self.calibration_scores)
-                        else np.full(len(scores), np.nan))
+                        p_values(self._sorted_calibration, scores, True, presorted=True)
+                        if len(self._sorted_calibration) else np.full(len(scores), np.nan))
 
 
 @dataclass
@@ -129,13 +158,16 @@ class ActivationFilter:
     threshold: float
     calibration_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
+    def __post_init__(self) -> None:
+        self._sorted_calibration = np.sort(np.asarray(self.calibration_scores, dtype=np.float64))
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         return features.reshape(len(features), -1)[:, self.neurons].mean(axis=1)
 
     def judge(self, scores: np.ndarray) -> Verdicts:
         return Verdicts(scores, scores > self.threshold,
-                        p_values(self.calibration_scores, scores, False) if len(self.calibration_scores)
-                        else np.full(len(scores), np.nan))
+                        p_values(self._sorted_calibration, scores, False, presorted=True)
+                        if len(self._sorted_calibration) else np.full(len(scores), np.nan))
 
 
 @dataclass
@@ -158,8 +190,7 @@ def screen(infer, x: np.ndarray, strip: StripScreen, activation: ActivationFilte
     ``infer(batch) -> (logits, features)`` runs the model (an onnxruntime
     session in the guard, the same exported model during calibration).
     """
-    blends = strip.perturb(x)
-    logits, features = infer(np.concatenate([x.astype(np.float32, copy=False), blends]))
+    logits, features = infer(strip.model_batch(x))
     b = len(x)
     return ScreenResult(
         logits=logits[:b],

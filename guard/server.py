@@ -110,7 +110,7 @@ class InferenceServicer:
             spec = state.bundle.manifest.input
             x = decode_inputs(request, spec.name, spec.shape, guard.settings.max_request_inputs)
             outputs = requested_outputs(request)
-            metrics.latency.labels("decode").observe(time.perf_counter() - start)
+            metrics.stage["decode"].observe(time.perf_counter() - start)
             decision = await guard.infer(x, request.id)
             response = encode_response(request, decision, guard.model_name, outputs)
             guard.count_outcome(decision.verdict, "answered")
@@ -121,7 +121,7 @@ class InferenceServicer:
                                 trailing_metadata=trailing_metadata(exc.decision))
         finally:
             metrics.in_flight.dec()
-            metrics.latency.labels("total").observe(time.perf_counter() - start)
+            metrics.stage["total"].observe(time.perf_counter() - start)
 
 
 class AdminServicer:

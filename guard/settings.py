@@ -42,6 +42,8 @@ class GuardSettings(BaseSettings):
     watch_bundle_s: float = Field(0.0, ge=0, description="reload when the bundle's guard.json changes, checked "
                                                        "this often (0: only on SIGHUP or the admin RPC)")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
+    spin: bool = Field(True, description="onnxruntime's idle threads busy-wait for the next batch (lower latency; "
+                                         "off saves CPU on cores shared with other work)")
     seed: int = 0
     log_level: str = "INFO"
 

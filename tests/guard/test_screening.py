@@ -13,6 +13,7 @@ from guard.screening import (
     quantile_threshold,
     screen,
     softmax,
+    softmax_entropy,
 )
 
 
@@ -20,6 +21,28 @@ def test_entropy_of_certain_and_uniform_predictions() -> None:
     probs = np.array([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     np.testing.assert_allclose(entropy(probs), [0.0, np.log(4)], atol=1e-9)
     np.testing.assert_allclose(softmax(np.array([[0.0, 0.0]])), [[0.5, 0.5]])
+
+
+def test_softmax_entropy_matches_the_entropy_of_softmax() -> None:
+    logits = np.random.default_rng(0).normal(0, 8, (200, 10))
+    logits[0] = [50.0] + [0.0] * 9  # near-certain: no log(0) trouble
+    np.testing.assert_allclose(softmax_entropy(logits), entropy(softmax(logits)), atol=1e-9)
+
+
+def test_model_batch_is_the_inputs_then_n_blends_of_distinct_pool_images() -> None:
+    rng = np.random.default_rng(2)
+    pool = rng.random((30, 1, 3, 3)).astype(np.float32) * 0.5
+    x = rng.random((4, 1, 3, 3)).astype(np.float32) * 0.5
+    strip = StripScreen(pool, n=6, threshold=0.0, rule="add", seed=3)
+    batch = strip.model_batch(x)
+    assert batch.shape == (4 + 4 * 6, 1, 3, 3) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch[:4], x)
+    for i in range(4):
+        blends = batch[4 + 6 * i:4 + 6 * (i + 1)]
+        used = [int(np.argmin(np.abs(pool - (b - x[i])).reshape(30, -1).max(1))) for b in blends]
+        np.testing.assert_allclose(blends, np.clip(x[i] + pool[used], 0, 1), atol=1e-6)
+        assert len(set(used)) == 6  # drawn without replacement
+    assert not np.array_equal(strip.model_batch(x)[4:], batch[4:])  # fresh draws every call
 
 
 def test_blend_rules() -> None:
