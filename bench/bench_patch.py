@@ -4,12 +4,14 @@ Run: ``.venv/bin/python bench/bench_patch.py [--out bench-out/patch]``
 
 For every backdoored model of the zoo (``bench_scan.ZOO``: BadNets patches of
 three sizes and positions, a blended trigger, an invisible perturbation) it runs
-``trojan-forensics patch`` twice on the model's held-out clean data, the second
-time reusing the first run's scan:
+``trojan-forensics patch`` three times on the model's held-out clean data, the
+later runs reusing the first run's scan:
 
 - default repair (unlearning): clean accuracy and true-trigger ASR before and
   after, on the job's test split (20 %, never used for repair or calibration);
-- ``--repair none`` (guard only): the screens in front of the unrepaired model.
+- ``--repair none`` (guard only): the screens in front of the unrepaired model;
+- ``--repair none --strip-scope suspect``: the same with STRIP judging only
+  inputs the model answers with the flagged class (FRR budget spent there).
 
 Screens are calibrated on the calibration split (STRIP at 1 % FRR, activation
 filter at 5 % FPR) and measured on the test split: clean FRR, and for the true
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import ZOO  # noqa: E402
 
 from offline.attacks import AdditiveTrigger, train_backdoored_model  # noqa: E402
+from offline.calibrate import CalibrationSettings  # noqa: E402
 from offline.data import load_mnist  # noqa: E402
 from offline.models import save_torchscript  # noqa: E402
 from offline.patch import PatchSettings, run_patch  # noqa: E402
@@ -72,17 +75,21 @@ def main() -> None:
         patched = run_patch(case / "model.pt", str(case / "clean.npz"), case / "bundle", **common)
         guard_only = run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only",
                                settings=PatchSettings(repair=RepairSettings(method="none")), **common)
+        scoped = run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only-scoped",
+                           settings=PatchSettings(repair=RepairSettings(method="none"),
+                                                  calibration=CalibrationSettings(strip_scope="suspect")), **common)
         rep = json.loads((case / "bundle" / "guard.json").read_text())["repair"]
         row = {"model": name, "target": target, "flagged": patched["flagged"],
                "acc_before": rep["before"]["accuracy"], "acc_after": rep["after"]["accuracy"],
                "true_asr_before": rep["before"]["true_asr"], "true_asr_after": rep["after"]["true_asr"]}
-        for label, summary in (("patched", patched), ("guard_only", guard_only)):
+        for label, summary in (("patched", patched), ("guard_only", guard_only), ("guard_only_scoped", scoped)):
             ev = summary["evaluation"]
             true = ev.get("true_trigger", {})
             row[label] = {"strip_frr": ev["strip_frr"], "filter_frr": ev["activation_frr"],
                           "strip_unflagged": true.get("strip_unflagged"),
                           "filter_unflagged": true.get("activation_unflagged"),
-                          "attacks_through_guard": true.get("guard_attack_passes")}
+                          "attacks_through_guard": true.get("guard_attack_passes"),
+                          "strip_frr_by_class": ev.get("strip_frr_by_class")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     (out / "patch.json").write_text(json.dumps(rows, indent=2))
@@ -98,13 +105,17 @@ def main() -> None:
               f"{pct(asr_b):>10} {pct(r['true_asr_after']):>9}")
     print("\nscreens on the test split (STRIP at 1 % target FRR, filter at 5 % target FPR); 'unflagged' = "
           "true-trigger inputs the screen lets through")
-    print(f"{'model':30} {'bundle':>10} {'STRIP FRR':>9} {'STRIP pass':>10} {'filter FRR':>10} "
+    print(f"{'model':30} {'bundle':>17} {'STRIP FRR':>9} {'STRIP pass':>10} {'filter FRR':>10} "
           f"{'filter pass':>11} {'attacks through':>15}")
     for r in rows:
-        for label in ("guard_only", "patched"):
+        for label in ("guard_only", "guard_only_scoped", "patched"):
             g = r[label]
-            print(f"{r['model']:30} {label:>10} {pct(g['strip_frr']):>9} {pct(g['strip_unflagged']):>10} "
-                  f"{pct(g['filter_frr']):>10} {pct(g['filter_unflagged']):>11} {pct(g['attacks_through_guard']):>15}")
+            by_class = ", ".join(f"class {k}: {v:.1%}" for k, v in (g["strip_frr_by_class"] or {}).items())
+            print(f"{r['model']:30} {label:>17} {pct(g['strip_frr']):>9} {pct(g['strip_unflagged']):>10} "
+                  f"{pct(g['filter_frr']):>10} {pct(g['filter_unflagged']):>11} {pct(g['attacks_through_guard']):>15}"
+                  + (f"  (STRIP FRR on {by_class})" if by_class else ""))
+    print("guard_only_scoped: --repair none --strip-scope suspect (STRIP judges only inputs answered with the "
+          "flagged class)")
     print("(the true-trigger ASR is None where the scan flagged a different class than the true target)")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST = "guard.json"
@@ -75,6 +75,8 @@ class StripSpec(_Strict):
     target_frr: float = Field(gt=0, lt=1)
     clean_entropy: CleanStats
     calibration_scores: list[float] = Field(description="clean entropies the threshold came from")
+    classes: list[int] = Field(default_factory=list, description="STRIP judges only inputs the model answers "
+                               "with one of these classes (the suspected targets); empty: every input")
 
 
 class ActivationFilterSpec(_Strict):
@@ -114,6 +116,13 @@ class GuardManifest(_Strict):
     repair: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="FRR/FAR on a held-out split")
     provenance: Provenance
+
+    @model_validator(mode="after")
+    def _strip_classes_exist(self) -> GuardManifest:
+        unknown = [k for k in self.strip.classes if not 0 <= k < len(self.class_names)]
+        if unknown:
+            raise ValueError(f"strip.classes {unknown} are not classes of this model (0..{len(self.class_names) - 1})")
+        return self
 
 
 def sha256_file(path: str | Path) -> str:
@@ -211,7 +220,8 @@ class GuardBundle:
             f"(max anomaly index {max(m.scan.anomaly_index):.2f}, threshold {m.scan.threshold:g})",
             f"STRIP       n={m.strip.n}, blend '{m.strip.blend_rule}', entropy threshold "
             f"{m.strip.threshold:.4f} ({m.strip.threshold_rule}) at target FRR {m.strip.target_frr:.1%}; "
-            f"pool {len(self.pool)} images (sha256 verified)",
+            + (f"judges inputs answered as {[m.class_names[k] for k in m.strip.classes]}; " if m.strip.classes
+               else "") + f"pool {len(self.pool)} images (sha256 verified)",
             f"act-filter  layer '{af.layer}', {len(af.neurons)} neurons {af.neurons[:8]}"
             f"{' ...' if len(af.neurons) > 8 else ''}, threshold {af.threshold:.4f} at target FPR "
             f"{af.target_fpr:.1%}",

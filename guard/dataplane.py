@@ -120,7 +120,8 @@ class ServingState:
             self.backend = EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
                                            threads=settings.threads, spin=settings.spin)
         self.strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule, self.value_range,
-                                 np.asarray(m.strip.calibration_scores), seed=settings.seed)
+                                 np.asarray(m.strip.calibration_scores), seed=settings.seed,
+                                 classes=tuple(m.strip.classes))
         self.activation = ActivationFilter(np.asarray(m.activation_filter.neurons), m.activation_filter.threshold,
                                            np.asarray(m.activation_filter.calibration_scores))
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,

@@ -112,6 +112,9 @@ class StripScreen:
     value_range: tuple[float, float] = (0.0, 1.0)
     calibration_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     seed: int = 0
+    # scope: only inputs answered with one of these classes can be flagged (empty: every input). A trigger
+    # can only succeed through the classes it targets, so the false-rejection budget is spent on them.
+    classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rule not in BLEND_RULES:
@@ -144,8 +147,17 @@ class StripScreen:
         per_blend = softmax_entropy(blend_logits.astype(np.float64))
         return per_blend.reshape(-1, self.n).mean(axis=1)
 
-    def judge(self, scores: np.ndarray) -> Verdicts:
-        return Verdicts(scores, scores < self.threshold,
+    def in_scope(self, predicted: np.ndarray) -> np.ndarray:
+        """Which inputs STRIP judges, from the model's answers on them."""
+        return np.isin(predicted, self.classes) if self.classes else np.ones(len(predicted), dtype=bool)
+
+    def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Verdicts:
+        flagged = scores < self.threshold
+        if self.classes:
+            if predicted is None:
+                raise ValueError("a STRIP screen scoped to classes needs the model's answers to judge")
+            flagged &= self.in_scope(predicted)
+        return Verdicts(scores, flagged,
                         p_values(self._sorted_calibration, scores, True, presorted=True)
                         if len(self._sorted_calibration) else np.full(len(scores), np.nan))
 
@@ -195,6 +207,6 @@ def screen(infer, x: np.ndarray, strip: StripScreen, activation: ActivationFilte
     return ScreenResult(
         logits=logits[:b],
         features=features[:b],
-        strip=strip.judge(strip.scores(logits[b:])),
+        strip=strip.judge(strip.scores(logits[b:]), logits[:b].argmax(axis=1)),
         activation=activation.judge(activation.scores(features[:b])),
     )

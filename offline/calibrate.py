@@ -7,6 +7,7 @@ numbers the guard computes at run time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from guard.backends import EmbeddedBackend
 from guard.screening import ActivationFilter, StripScreen, normal_threshold, quantile_threshold, screen
 from offline.attacks import stamp
+from offline.errors import ForensicsError
 
 
 @dataclass
@@ -23,6 +25,8 @@ class CalibrationSettings:
     strip_n: int | None = None  # None: the smallest candidate that detects as well as the best
     strip_candidates: tuple[int, ...] = (5, 10, 20, 50)
     blend_rule: str = "add"
+    # "suspect": STRIP only judges inputs answered with a flagged class and spends the whole FRR budget there
+    strip_scope: str = "all"
     threshold_rule: str = "quantile"
     pool_size: int = 200
     filter_fpr: float = 0.05
@@ -36,11 +40,22 @@ def _stats(scores: np.ndarray) -> dict[str, float]:
 
 
 def _strip_scores(backend: EmbeddedBackend, pool: np.ndarray, n: int, rule: str, x: np.ndarray,
-                  seed: int) -> np.ndarray:
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """STRIP entropy of every input, and the class the model answers it with."""
     strip = StripScreen(pool, n, threshold=0.0, rule=rule, seed=seed)
     dummy = ActivationFilter(np.array([0]), threshold=0.0)
-    return np.concatenate([screen(backend.infer, x[i:i + 256], strip, dummy).strip.scores
-                           for i in range(0, len(x), 256)])
+    results = [screen(backend.infer, x[i:i + 256], strip, dummy) for i in range(0, len(x), 256)]
+    return (np.concatenate([r.strip.scores for r in results]),
+            np.concatenate([r.logits.argmax(axis=1) for r in results]))
+
+
+def scoped_rate(frr: float, predicted: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, float]:
+    """Which clean inputs a scoped STRIP judges, and the rate among them that costs ``frr`` overall."""
+    inside = np.isin(predicted, list(classes)) if classes else np.ones(len(predicted), dtype=bool)
+    if not inside.any():
+        raise ForensicsError(f"no calibration image is answered with class(es) {list(classes)}: STRIP cannot "
+                             f"be calibrated for them; use --strip-scope all")
+    return inside, min(1.0, frr * len(predicted) / int(inside.sum()))
 
 
 def choose_activation_neurons(backend: EmbeddedBackend, x_clean: np.ndarray, x_stamped: np.ndarray,
@@ -52,28 +67,34 @@ def choose_activation_neurons(backend: EmbeddedBackend, x_clean: np.ndarray, x_s
 
 
 def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y_calib: np.ndarray,
-              target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None
-              ) -> dict[str, Any]:
+              target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None,
+              strip_classes: Sequence[int] = ()) -> dict[str, Any]:
     """Thresholds for STRIP (at the target FRR) and the activation filter (at the target FPR).
 
     The reversed trigger stamped on calibration images of other classes stands
     in for attack traffic when choosing STRIP's n and the filter's neurons.
+    With ``strip_classes`` STRIP only judges inputs answered with one of them,
+    and its threshold flags the share of those clean inputs that costs the
+    target FRR over all of them.
     """
     s = settings or CalibrationSettings()
+    classes = sorted(int(k) for k in strip_classes)
     stamped = stamp(x_calib[y_calib != target], mask[None], pattern).astype(np.float32)
     candidates = [s.strip_n] if s.strip_n else [n for n in s.strip_candidates if n <= len(pool)]
     trials = []
     for n in candidates:
-        clean = _strip_scores(backend, pool, n, s.blend_rule, x_calib, s.seed)
-        thr = quantile_threshold(clean, s.strip_frr, low_is_suspicious=True)
-        triggered = _strip_scores(backend, pool, n, s.blend_rule, stamped, s.seed + 1)
-        trials.append({"n": n, "threshold": thr, "reversed_trigger_pass_rate": float((triggered >= thr).mean()),
-                       "clean": clean})
+        clean, answered = _strip_scores(backend, pool, n, s.blend_rule, x_calib, s.seed)
+        inside, rate = scoped_rate(s.strip_frr, answered, classes)
+        thr = quantile_threshold(clean[inside], rate, low_is_suspicious=True)
+        triggered, t_answered = _strip_scores(backend, pool, n, s.blend_rule, stamped, s.seed + 1)
+        caught = (triggered < thr) & (np.isin(t_answered, classes) if classes else True)
+        trials.append({"n": n, "threshold": thr, "reversed_trigger_pass_rate": float(1.0 - caught.mean()),
+                       "clean": clean[inside], "rate": rate})
     best = min(t["reversed_trigger_pass_rate"] for t in trials)
     chosen = next(t for t in trials if t["reversed_trigger_pass_rate"] <= best + 0.01)
-    clean = chosen["clean"]
-    thresholds = {"quantile": quantile_threshold(clean, s.strip_frr, True),
-                  "normal": normal_threshold(clean, s.strip_frr, True)}
+    clean, rate = chosen["clean"], chosen["rate"]
+    thresholds = {"quantile": quantile_threshold(clean, rate, True),
+                  "normal": normal_threshold(clean, rate, True)}
     neurons = choose_activation_neurons(backend, x_calib, stamped, s.filter_top_share)
     af = ActivationFilter(neurons, threshold=0.0)
     af_clean = af.scores(backend.infer(x_calib)[1])
@@ -83,18 +104,22 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
             "n": chosen["n"], "blend_rule": s.blend_rule, "threshold": thresholds[s.threshold_rule],
             "threshold_rule": s.threshold_rule, "thresholds": thresholds, "target_frr": s.strip_frr,
             "clean_entropy": _stats(clean), "calibration_scores": [round(float(v), 6) for v in clean],
+            "classes": classes,
         },
+        "strip_scope": {"classes": classes, "share_of_clean_judged": len(clean) / len(x_calib),
+                        "rate_among_judged": rate},
         "activation_filter": {
             "neurons": [int(v) for v in neurons], "threshold": af_thr, "target_fpr": s.filter_fpr,
             "clean_score": _stats(af_clean), "calibration_scores": [round(float(v), 6) for v in af_clean],
         },
-        "n_selection": [{k: v for k, v in t.items() if k != "clean"} for t in trials],
+        "n_selection": [{k: v for k, v in t.items() if k not in ("clean", "rate")} for t in trials],
         "settings": asdict(s),
     }
 
 
 def evaluate_screens(backend: EmbeddedBackend, strip: StripScreen, activation: ActivationFilter,
-                     x_clean: np.ndarray, triggered: dict[str, tuple[np.ndarray, int]]) -> dict[str, Any]:
+                     x_clean: np.ndarray, triggered: dict[str, tuple[np.ndarray, int]],
+                     y_clean: np.ndarray | None = None) -> dict[str, Any]:
     """FRR on held-out clean inputs; for each triggered set, how many get through each screen.
 
     ``triggered`` maps a name to (inputs, target class). "unflagged" is the share
@@ -105,12 +130,16 @@ def evaluate_screens(backend: EmbeddedBackend, strip: StripScreen, activation: A
         return [screen(backend.infer, x[i:i + 256], strip, activation) for i in range(0, len(x), 256)]
 
     clean = run(x_clean)
+    strip_flags = np.concatenate([r.strip.flagged for r in clean])
     out: dict[str, Any] = {
         "clean_images": int(len(x_clean)),
-        "strip_frr": float(np.concatenate([r.strip.flagged for r in clean]).mean()),
+        "strip_frr": float(strip_flags.mean()),
         "activation_frr": float(np.concatenate([r.activation.flagged for r in clean]).mean()),
         "combined_frr": float(np.concatenate([r.flagged for r in clean]).mean()),
     }
+    if strip.classes and y_clean is not None:  # a scoped STRIP concentrates its rejections on these classes
+        out["strip_frr_by_class"] = {str(k): float(strip_flags[y_clean == k].mean()) for k in strip.classes
+                                     if (y_clean == k).any()}
     for name, (x, target) in triggered.items():
         res = run(x)
         strip_flag = np.concatenate([r.strip.flagged for r in res])

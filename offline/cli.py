@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "trigger as well as the best)")
     c.add_argument("--blend-rule", choices=("add", "average"), default="add",
                    help="add: pixel-wise sum clipped to range, as in the paper (default); average: mean")
+    c.add_argument("--strip-scope", choices=("all", "suspect"), default="all",
+                   help="all: STRIP judges every input (default); suspect: only inputs the model answers with a "
+                        "flagged class, where a trigger must land to succeed, so the whole FRR budget is spent "
+                        "there (about 10x the rejections on that class, none elsewhere)")
     c.add_argument("--threshold-rule", choices=("quantile", "normal"), default="quantile",
                    help="empirical quantile or the paper's normal fit; both are recorded (%(default)s)")
     c.add_argument("--pool-size", type=_positive(int), default=200, help="clean images STRIP blends with (%(default)s)")
@@ -426,7 +430,8 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                               lr=args.repair_lr, asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
                               fine_tune_epochs=args.fine_tune_epochs),
         calibration=CalibrationSettings(strip_frr=args.strip_frr, strip_n=args.strip_n,
-                                        blend_rule=args.blend_rule, threshold_rule=args.threshold_rule,
+                                        blend_rule=args.blend_rule, strip_scope=args.strip_scope,
+                                        threshold_rule=args.threshold_rule,
                                         pool_size=args.pool_size, filter_fpr=args.filter_fpr,
                                         filter_top_share=args.filter_top_share),
         model_name=args.model_name, policy=args.policy,

@@ -210,27 +210,36 @@ def run_patch(
         rng = np.random.default_rng(s.calibration.seed)
         pool = fit.x[np.sort(rng.choice(len(fit), min(s.calibration.pool_size, len(fit)), replace=False))]
         np.save(phases.dir("calibrate") / "strip_pool.npy", pool)
-        calibration = calibrate(backend, pool, calib.x, calib.y, suspect, mask, pattern, s.calibration)
+        scope = flagged if s.calibration.strip_scope == "suspect" else []
+        if s.calibration.strip_scope == "suspect" and not flagged:
+            say("      --strip-scope suspect: no class flagged, so STRIP judges every input")
+        calibration = calibrate(backend, pool, calib.x, calib.y, suspect, mask, pattern, s.calibration,
+                                strip_classes=scope)
         calib_result = phases.finish("calibrate", fp_calibrate, calibration)
     pool = np.load(pool_file)
     strip_c, af_c = calib_result["strip"], calib_result["activation_filter"]
+    scoped = (f" on inputs answered as class(es) {strip_c['classes']} (flags "
+              f"{calib_result['strip_scope']['rate_among_judged']:.0%} of those)" if strip_c.get("classes") else "")
     say(f"      STRIP: n={strip_c['n']}, entropy threshold {strip_c['threshold']:.4f} at FRR "
-        f"{strip_c['target_frr']:.0%}; activation filter: {len(af_c['neurons'])} neuron(s), threshold "
+        f"{strip_c['target_frr']:.0%}{scoped}; activation filter: {len(af_c['neurons'])} neuron(s), threshold "
         f"{af_c['threshold']:.3f} at FPR {af_c['target_fpr']:.0%}")
 
     # 5. evaluate on the test split, which neither calibration nor repair saw
     eval_result = phases.result("evaluate", fp_evaluate)
     header(5, "evaluate", eval_result is not None)
     if eval_result is None:
-        strip = StripScreen(pool, strip_c["n"], strip_c["threshold"], strip_c["blend_rule"], seed=7)
+        strip = StripScreen(pool, strip_c["n"], strip_c["threshold"], strip_c["blend_rule"], seed=7,
+                            classes=tuple(strip_c.get("classes", ())))
         af = ActivationFilter(np.array(af_c["neurons"]), af_c["threshold"])
         keep = test.y != suspect
         triggered = {"reversed_trigger": (stamp(test.x[keep], mask[None], pattern).astype(np.float32), suspect)}
         if true_trigger is not None:
             keep_true = test.y != true_target
             triggered["true_trigger"] = (true_trigger.apply(test.x[keep_true]), int(true_target))
-        eval_result = phases.finish("evaluate", fp_evaluate, evaluate_screens(backend, strip, af, test.x, triggered))
-    say(f"      held-out clean: STRIP FRR {eval_result['strip_frr']:.1%}, activation filter FRR "
+        evaluation = evaluate_screens(backend, strip, af, test.x, triggered, test.y)
+        eval_result = phases.finish("evaluate", fp_evaluate, evaluation)
+    by_class = "".join(f", class {k} {v:.1%}" for k, v in eval_result.get("strip_frr_by_class", {}).items())
+    say(f"      held-out clean: STRIP FRR {eval_result['strip_frr']:.1%}{by_class}, activation filter FRR "
         f"{eval_result['activation_frr']:.1%}")
     for name in ("reversed_trigger", "true_trigger"):
         if name in eval_result:

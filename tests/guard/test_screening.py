@@ -94,3 +94,15 @@ def test_strip_refuses_impossible_settings() -> None:
     pool = np.zeros((3, 1, 2, 2), np.float32)
     with pytest.raises(ValueError, match="pool size"):
         StripScreen(pool, n=5, threshold=0.1)
+
+
+def test_a_scoped_strip_screen_only_flags_inputs_answered_with_its_classes() -> None:
+    rng = np.random.default_rng(4)
+    pool = rng.random((20, 1, 2, 2)).astype(np.float32)
+    strip = StripScreen(pool, n=4, threshold=0.5, classes=(1,))
+    scores = np.array([0.1, 0.1, 0.9, 0.1])
+    verdicts = strip.judge(scores, predicted=np.array([1, 0, 1, 2]))
+    assert verdicts.flagged.tolist() == [True, False, False, False]
+    assert StripScreen(pool, n=4, threshold=0.5).judge(scores).flagged.tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match="needs the model's answers"):
+        strip.judge(scores)

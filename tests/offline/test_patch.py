@@ -129,3 +129,47 @@ def test_killed_job_resumes_and_never_breaks_the_old_bundle(patched: tuple[Path,
     assert (out / "guard.json").read_text() != old_manifest
     assert bundle.manifest.scan.flagged_classes == patched[1]["flagged"]
     assert len(bundle.pool) == 200 and bundle.pool.dtype == np.float32
+
+
+def test_strip_scope_suspect_spends_the_rejections_on_the_flagged_class(guard_only_bundle: Path, case_dir: Path,
+                                                                        traffic: dict[str, np.ndarray]) -> None:
+    """--strip-scope suspect: STRIP judges only inputs answered with the flagged class, at the same overall FRR,
+    and the guard serving the bundle applies that scope."""
+    import asyncio
+
+    from guard.dataplane import Guard
+    from guard.settings import GuardSettings
+    from offline.calibrate import CalibrationSettings
+    from offline.patch import PatchSettings, run_patch
+    from offline.repair import RepairSettings
+
+    out = case_dir / "guard-only-scoped"
+    lines: list[str] = []
+    run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), out,
+              settings=PatchSettings(repair=RepairSettings(method="none"),
+                                     calibration=CalibrationSettings(strip_scope="suspect")),
+              true_trigger_file=case_dir / "attack.json", work_dir=case_dir / "bundle.work",
+              progress=False, say=lines.append)
+    assert any("[3/6] export: reused" in line for line in lines)  # only calibration onwards runs again
+    target = 3
+    manifest = GuardBundle.load(out).manifest
+    assert manifest.strip.classes == [target]
+    ev = manifest.evaluation
+    assert ev["strip_frr"] <= 0.05  # the budget is the same overall ...
+    assert ev["strip_frr_by_class"][str(target)] >= ev["strip_frr"]  # ... and lands on the flagged class
+    assert ev["true_trigger"]["strip_unflagged"] <= 0.05, ev["true_trigger"]
+
+    async def serve() -> list:
+        guard = Guard(GuardSettings(bundle=out, policy="flag"))
+        await guard.start()
+        try:
+            x = np.concatenate([traffic["clean_x"], traffic["triggered_x"]])
+            return [await guard.infer(x[i:i + 1]) for i in range(len(x))]
+        finally:
+            await guard.close()
+
+    decisions = asyncio.run(serve())
+    answers = np.array([int(d.logits.argmax()) for d in decisions])
+    strip_flagged = np.array(["strip" in d.detectors for d in decisions])
+    assert not strip_flagged[answers != target].any()  # nothing answered with another class is judged
+    assert strip_flagged[len(traffic["clean_x"]):].mean() >= 0.9  # the triggered inputs, answered as 3
