@@ -152,6 +152,8 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         "repair": {"method": repair.get("method"), "before": before, "after": after,
                    "guard": {"strip_threshold": strip.get("threshold"), "strip_n": strip.get("n"),
                              "strip_target_frr": strip.get("target_frr"),
+                             "strip_classes": strip.get("classes", []),
+                             "test_strip_frr_by_class": evaluation.get("strip_frr_by_class"),
                              "activation_threshold": af.get("threshold"), "activation_target_fpr": af.get("target_fpr"),
                              "test_strip_frr": evaluation.get("strip_frr"),
                              "test_activation_frr": evaluation.get("activation_frr"),
@@ -237,6 +239,11 @@ def _html(r: dict[str, Any], images: dict[str, str | None]) -> str:
     before, after = rep["before"], rep["after"]
     repair_rows = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_pct(before.get(k))}</td>"
                           f"<td>{_pct(after.get(k))}</td></tr>" for k in before)
+    strip_scope = ""
+    if g.get("strip_classes"):
+        on = ", ".join(f"class {k} {_pct(v)}" for k, v in (g.get("test_strip_frr_by_class") or {}).items())
+        strip_scope = (f"; judging only inputs answered as class(es) {e(str(g['strip_classes']))}"
+                       + (f", where it rejected {e(on)} of clean images" if on else ""))
     tri = r["triage"]["model"]
     data = r["triage"]["data"]
     atlas = "".join(f"<li><b>{e(a['id'])}</b> {e(a['name'])}: {e(a['why'])}</li>" for a in r["attribution"]["atlas"])
@@ -271,8 +278,8 @@ SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 <h2>5. Repair</h2><p>method: {e(str(rep['method']))}</p>
 <table><tr><th></th><th>before</th><th>after</th></tr>{repair_rows}</table>
 <p>Guard thresholds: STRIP entropy {g['strip_threshold']} (n={g['strip_n']}, target FRR
-{_pct(g['strip_target_frr'])}, measured on held-out clean data {_pct(g['test_strip_frr'])}); activation filter
-{g['activation_threshold']} (target FPR {_pct(g['activation_target_fpr'])}, measured
+{_pct(g['strip_target_frr'])}, measured on held-out clean data {_pct(g['test_strip_frr'])}{strip_scope});
+activation filter {g['activation_threshold']} (target FPR {_pct(g['activation_target_fpr'])}, measured
 {_pct(g['test_activation_frr'])}).</p>
 <h2>6. Attribution</h2><ul>{atlas or '<li>no backdoor: nothing to attribute</li>'}</ul>
 <p>Trigger character: {e('; '.join(r['attribution']['trigger_character']) or 'n/a')}</p>
