@@ -30,7 +30,9 @@ class CalibrationSettings:
     threshold_rule: str = "quantile"
     pool_size: int = 200
     filter_fpr: float = 0.05
-    filter_top_share: float = 0.01
+    # None: the smallest candidate share that stops the reversed trigger as well as the best (at least one neuron)
+    filter_top_share: float | None = None
+    filter_candidates: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
     seed: int = 0
 
 
@@ -58,10 +60,11 @@ def scoped_rate(frr: float, predicted: np.ndarray, classes: Sequence[int]) -> tu
     return inside, min(1.0, frr * len(predicted) / int(inside.sum()))
 
 
-def choose_activation_neurons(backend: EmbeddedBackend, x_clean: np.ndarray, x_stamped: np.ndarray,
+def choose_activation_neurons(clean_features: np.ndarray, stamped_features: np.ndarray,
                               top_share: float) -> np.ndarray:
     """Features units the reversed trigger excites most (top share, at least one)."""
-    diff = backend.infer(x_stamped)[1].mean(0) - backend.infer(x_clean)[1].mean(0)
+    diff = stamped_features.reshape(len(stamped_features), -1).mean(0) - clean_features.reshape(
+        len(clean_features), -1).mean(0)
     count = max(1, int(round(top_share * len(diff))))
     return np.sort(np.argsort(-diff, kind="stable")[:count])
 
@@ -72,7 +75,9 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
     """Thresholds for STRIP (at the target FRR) and the activation filter (at the target FPR).
 
     The reversed trigger stamped on calibration images of other classes stands
-    in for attack traffic when choosing STRIP's n and the filter's neurons.
+    in for attack traffic when choosing STRIP's n and the filter's neurons (and,
+    unless fixed, how many: the smallest share of the features layer that
+    stops it within a point of the best share).
     With ``strip_classes`` STRIP only judges inputs answered with one of them,
     and its threshold flags the share of those clean inputs that costs the
     target FRR over all of them.
@@ -95,10 +100,19 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
     clean, rate = chosen["clean"], chosen["rate"]
     thresholds = {"quantile": quantile_threshold(clean, rate, True),
                   "normal": normal_threshold(clean, rate, True)}
-    neurons = choose_activation_neurons(backend, x_calib, stamped, s.filter_top_share)
-    af = ActivationFilter(neurons, threshold=0.0)
-    af_clean = af.scores(backend.infer(x_calib)[1])
-    af_thr = quantile_threshold(af_clean, s.filter_fpr, low_is_suspicious=False)
+    clean_features, stamped_features = backend.infer(x_calib)[1], backend.infer(stamped)[1]
+    filters = []
+    for share in [s.filter_top_share] if s.filter_top_share else s.filter_candidates:
+        neurons = choose_activation_neurons(clean_features, stamped_features, share)
+        af = ActivationFilter(neurons, threshold=0.0)
+        af_clean = af.scores(clean_features)
+        af_thr = quantile_threshold(af_clean, s.filter_fpr, low_is_suspicious=False)
+        filters.append({"top_share": share, "neurons": len(neurons), "threshold": af_thr,
+                        "reversed_trigger_pass_rate": float((af.scores(stamped_features) <= af_thr).mean()),
+                        "chosen": (neurons, af_clean)})
+    best_af = min(f["reversed_trigger_pass_rate"] for f in filters)
+    pick = next(f for f in filters if f["reversed_trigger_pass_rate"] <= best_af + 0.01)
+    (neurons, af_clean), af_thr = pick["chosen"], pick["threshold"]
     return {
         "strip": {
             "n": chosen["n"], "blend_rule": s.blend_rule, "threshold": thresholds[s.threshold_rule],
@@ -113,6 +127,7 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
             "clean_score": _stats(af_clean), "calibration_scores": [round(float(v), 6) for v in af_clean],
         },
         "n_selection": [{k: v for k, v in t.items() if k not in ("clean", "rate")} for t in trials],
+        "filter_selection": [{k: v for k, v in f.items() if k != "chosen"} for f in filters],
         "settings": asdict(s),
     }
 

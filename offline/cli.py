@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="empirical quantile or the paper's normal fit; both are recorded (%(default)s)")
     c.add_argument("--pool-size", type=_positive(int), default=200, help="clean images STRIP blends with (%(default)s)")
     c.add_argument("--filter-fpr", type=_fraction, default=0.05, help="activation filter target FPR (%(default)s)")
-    c.add_argument("--filter-top-share", type=_fraction, default=0.01,
-                   help="share of features neurons the filter watches, at least one (%(default)s)")
+    c.add_argument("--filter-top-share", type=_fraction, default=None,
+                   help="share of features neurons the filter watches, at least one (default: the smallest of "
+                        "1/2/5/10/20 %% that stops the reversed trigger as well as the best)")
     g = pa.add_argument_group("guard bundle")
     g.add_argument("--model-name", default="model",
                    help="name clients address the model by through the guard (%(default)s)")

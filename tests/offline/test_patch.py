@@ -43,6 +43,12 @@ def test_guard_only_bundle_screens_out_triggered_inputs(guard_only_bundle: Path)
     assert true["strip_unflagged"] <= 0.05, true
     assert true["guard_attack_passes"] <= 0.02, true
     assert evaluation["strip_frr"] <= 0.05
+    # the filter's share of the features layer is chosen on the reversed trigger: here more than the paper's
+    # single neuron (1 % of 64), which let about 28 % of this trigger through (measured on this model)
+    manifest = GuardBundle.load(guard_only_bundle).manifest
+    assert len(manifest.activation_filter.neurons) > 1
+    assert true["activation_unflagged"] <= 0.2, true
+    assert evaluation["activation_frr"] <= 0.1
 
 
 def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_path: Path,
