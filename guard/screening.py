@@ -18,6 +18,7 @@ every verdict: the share of clean calibration inputs at least as suspicious.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -63,6 +64,11 @@ def blend(x: np.ndarray, overlays: np.ndarray, rule: str, lo: float = 0.0, hi: f
     if rule == "add":
         return np.clip(out, lo, hi, out=out)
     return np.multiply(out, 0.5, out=out)
+
+
+def answered_with(predicted: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Which inputs the model answered with one of ``classes`` (every input when ``classes`` is empty)."""
+    return np.isin(predicted, list(classes)) if len(classes) else np.ones(len(predicted), dtype=bool)
 
 
 def p_values(calibration_scores: np.ndarray, scores: np.ndarray, low_is_suspicious: bool,
@@ -147,16 +153,12 @@ class StripScreen:
         per_blend = softmax_entropy(blend_logits.astype(np.float64))
         return per_blend.reshape(-1, self.n).mean(axis=1)
 
-    def in_scope(self, predicted: np.ndarray) -> np.ndarray:
-        """Which inputs STRIP judges, from the model's answers on them."""
-        return np.isin(predicted, self.classes) if self.classes else np.ones(len(predicted), dtype=bool)
-
     def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Verdicts:
         flagged = scores < self.threshold
         if self.classes:
             if predicted is None:
                 raise ValueError("a STRIP screen scoped to classes needs the model's answers to judge")
-            flagged &= self.in_scope(predicted)
+            flagged &= answered_with(predicted, self.classes)
         return Verdicts(scores, flagged,
                         p_values(self._sorted_calibration, scores, True, presorted=True)
                         if len(self._sorted_calibration) else np.full(len(scores), np.nan))

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from guard.backends import EmbeddedBackend
-from guard.screening import ActivationFilter, StripScreen, normal_threshold, quantile_threshold, screen
+from guard.screening import (
+    ActivationFilter,
+    StripScreen,
+    answered_with,
+    normal_threshold,
+    quantile_threshold,
+    screen,
+)
 from offline.attacks import stamp
 from offline.errors import ForensicsError
 
@@ -53,7 +60,7 @@ def _strip_scores(backend: EmbeddedBackend, pool: np.ndarray, n: int, rule: str,
 
 def scoped_rate(frr: float, predicted: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, float]:
     """Which clean inputs a scoped STRIP judges, and the rate among them that costs ``frr`` overall."""
-    inside = np.isin(predicted, list(classes)) if classes else np.ones(len(predicted), dtype=bool)
+    inside = answered_with(predicted, classes)
     if not inside.any():
         raise ForensicsError(f"no calibration image is answered with class(es) {list(classes)}: STRIP cannot "
                              f"be calibrated for them; use --strip-scope all")
@@ -92,7 +99,7 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
         inside, rate = scoped_rate(s.strip_frr, answered, classes)
         thr = quantile_threshold(clean[inside], rate, low_is_suspicious=True)
         triggered, t_answered = _strip_scores(backend, pool, n, s.blend_rule, stamped, s.seed + 1)
-        caught = (triggered < thr) & (np.isin(t_answered, classes) if classes else True)
+        caught = (triggered < thr) & answered_with(t_answered, classes)
         trials.append({"n": n, "threshold": thr, "reversed_trigger_pass_rate": float(1.0 - caught.mean()),
                        "clean": clean[inside], "rate": rate})
     best = min(t["reversed_trigger_pass_rate"] for t in trials)
