@@ -117,7 +117,7 @@ def part_a(bundle_dir: Path, images: np.ndarray, seconds: float, levels: tuple[i
     bundle = GuardBundle.load(bundle_dir)
     m = bundle.manifest
     strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule)
-    batches = [np.concatenate([x[None], strip.perturb(x[None])]) for x in images[:64]]
+    batches = [strip.model_batch(x[None]) for x in images[:64]]  # the input and its N blends, as the guard sends
     backend = EmbeddedBackend(bundle.model_path, m.input.name)
     for b in batches[:5]:
         backend.infer(b)

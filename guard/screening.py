@@ -98,6 +98,13 @@ def normal_threshold(clean_scores: np.ndarray, rate: float, low_is_suspicious: b
     return mu + z * sigma
 
 
+def _calibrated_p_values(sorted_calibration: np.ndarray, scores: np.ndarray, low_is_suspicious: bool) -> np.ndarray:
+    """p-values against a screen's sorted calibration scores; NaN when it has none."""
+    if not len(sorted_calibration):
+        return np.full(len(scores), np.nan)
+    return p_values(sorted_calibration, scores, low_is_suspicious, presorted=True)
+
+
 @dataclass
 class Verdicts:
     """Scores, verdicts and p-values of one screen over a batch."""
@@ -159,9 +166,7 @@ class StripScreen:
             if predicted is None:
                 raise ValueError("a STRIP screen scoped to classes needs the model's answers to judge")
             flagged &= answered_with(predicted, self.classes)
-        return Verdicts(scores, flagged,
-                        p_values(self._sorted_calibration, scores, True, presorted=True)
-                        if len(self._sorted_calibration) else np.full(len(scores), np.nan))
+        return Verdicts(scores, flagged, _calibrated_p_values(self._sorted_calibration, scores, True))
 
 
 @dataclass
@@ -179,9 +184,7 @@ class ActivationFilter:
         return features.reshape(len(features), -1)[:, self.neurons].mean(axis=1)
 
     def judge(self, scores: np.ndarray) -> Verdicts:
-        return Verdicts(scores, scores > self.threshold,
-                        p_values(self._sorted_calibration, scores, False, presorted=True)
-                        if len(self._sorted_calibration) else np.full(len(scores), np.nan))
+        return Verdicts(scores, scores > self.threshold, _calibrated_p_values(self._sorted_calibration, scores, False))
 
 
 @dataclass

@@ -227,8 +227,8 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
         peak = float(scores[removed].mean() / max(float(np.median(scores)), 1e-12)) if budget else 0.0
         ordered.append(ClassAudit(
             label, len(idx), round(silhouette, 4), len(members), round(share, 4),
-            None if found is None else round(found.kept, 4), None if found is None else found.other,
-            None if found is None else round(found.other_share, 4), None if found is None else round(found.spread, 2),
+            *((round(found.kept, 4), found.other, round(found.other_share, 4), round(found.spread, 2)) if found
+              else (None, None, None, None)),
             bool(flagged), ambiguous, round(peak, 2), sorted(members.tolist()) if flagged else [],
             sorted(idx[removed].tolist())))
     return {
