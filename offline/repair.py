@@ -10,7 +10,11 @@ reversed trigger (and of the true trigger, in evaluation mode) before and after.
   accuracy would drop by more than ``accuracy_budget``.
 - ``unlearn``: fine-tune on a slice of the clean data in which a share is
   stamped with the reversed trigger and keeps its true label, epoch by epoch
-  until the reversed trigger's success rate falls below ``asr_bound``.
+  until the reversed trigger's success rate falls below ``asr_bound`` with
+  clean accuracy back within ``unlearn_accuracy_tolerance`` of where it was;
+  half the stamped images get the reversed mask grown by ``unlearn_grow`` pixels,
+  because Neural Cleanse recovers the smallest mask that works, often a part of
+  the true trigger, and the rest of the true trigger must be unlearned too.
 - ``fine-prune``: silence the last convolutional layer's channels that stay
   dormant on clean data (most dormant first, within the accuracy budget), then
   fine-tune on clean data.
@@ -21,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import copy
 
 import numpy as np
 import torch
@@ -39,10 +45,14 @@ class RepairSettings:
 
     method: str = "unlearn"
     # unlearning (Neural Cleanse): slice of the clean data, share stamped, most epochs
-    # (stops early once the reversed trigger's ASR on the selection split is below asr_bound)
+    # (stops early once the reversed trigger's ASR on the selection split is below asr_bound and
+    # accuracy there is within unlearn_accuracy_tolerance of the start; else keeps the best epoch)
     unlearn_fraction: float = 1.0
     unlearn_stamp_share: float = 0.2
     unlearn_epochs: int = 10
+    unlearn_accuracy_tolerance: float = 0.005
+    # half the stamped images get the reversed mask grown by this many pixels (0: never)
+    unlearn_grow: int = 1
     lr: float = 1e-3
     batch_size: int = 32
     # pruning: stop when the reversed trigger's ASR is below this, or accuracy would drop past the budget
@@ -149,30 +159,61 @@ def _fine_tune(model: ForensicModel, x: np.ndarray, y: np.ndarray, epochs: int, 
     return done
 
 
+def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """``mask`` (..., H, W) dilated by ``pixels`` in every direction (a square structuring element)."""
+    if pixels <= 0:
+        return mask
+    shape = mask.shape
+    grown = F.max_pool2d(mask.reshape(-1, 1, *shape[-2:]), 2 * pixels + 1, stride=1, padding=pixels)
+    return grown.reshape(shape)
+
+
 def unlearn(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluator,
-            s: RepairSettings) -> dict[str, Any]:
+            s: RepairSettings, baseline: Measure) -> dict[str, Any]:
     """Fine-tune on a clean slice, a share of it stamped with the reversed trigger but kept at its label.
 
-    Runs up to ``unlearn_epochs`` epochs and stops early once the reversed
-    trigger's success rate on ``select`` falls below ``asr_bound``.
+    Half the stamped images get the reversed mask grown by ``unlearn_grow``
+    pixels (the pattern is the reversed one there too). After each epoch the
+    model is measured on ``select``; training stops at the first epoch whose
+    reversed-trigger ASR is below ``asr_bound`` and whose accuracy is within
+    ``unlearn_accuracy_tolerance`` of ``baseline``. If no epoch gets there, the
+    model keeps the epoch with the lowest reversed-trigger ASR among those
+    within ``accuracy_budget`` (the most accurate epoch if none is).
     """
     rng = np.random.default_rng(s.seed)
     n = max(s.batch_size, int(round(len(x) * s.unlearn_fraction)))
     idx = rng.choice(len(x), size=min(n, len(x)), replace=False)
     m, p = torch.from_numpy(select.mask[None]), torch.from_numpy(select.pattern)
+    grown = grow_mask(m, s.unlearn_grow)
     curve: list[dict[str, float]] = []
+    best: dict[str, Any] = {}  # the epoch to keep if none reaches the bound
+    reached = [False]
 
     def stamp_share(xb: torch.Tensor, r: np.random.Generator) -> torch.Tensor:
-        chosen = torch.from_numpy(r.random(len(xb)) < s.unlearn_stamp_share)[:, None, None, None]
-        return torch.where(chosen, stamp(xb, m, p), xb)
+        draw = torch.from_numpy(r.random(len(xb)))[:, None, None, None]
+        stamped = torch.where(draw < s.unlearn_stamp_share / 2, stamp(xb, m, p), stamp(xb, grown, p))
+        return torch.where(draw < s.unlearn_stamp_share, stamped, xb)
 
-    def reached_bound() -> bool:
+    def within(measure: Measure, tolerance: float) -> bool:
+        return baseline.accuracy - measure.accuracy <= tolerance
+
+    def done() -> bool:
         measure = select(model)
         curve.append({"epoch": len(curve) + 1, "accuracy": measure.accuracy, "reversed_asr": measure.reversed_asr})
-        return measure.reversed_asr < s.asr_bound
+        # best so far: within the accuracy budget and lowest reversed ASR, else most accurate
+        ok = within(measure, s.accuracy_budget)
+        rank = (not ok, measure.reversed_asr if ok else -measure.accuracy)
+        if not best or rank < best["rank"]:
+            best.update(rank=rank, epoch=len(curve), state=copy.deepcopy(model.state_dict()))
+        reached[0] = measure.reversed_asr < s.asr_bound and within(measure, s.unlearn_accuracy_tolerance)
+        return reached[0]
 
-    epochs = _fine_tune(model, x[idx], y[idx], s.unlearn_epochs, s, stamp_share, reached_bound)
-    return {"images": int(len(idx)), "stamped_share": s.unlearn_stamp_share, "epochs": epochs, "curve": curve}
+    epochs = _fine_tune(model, x[idx], y[idx], s.unlearn_epochs, s, stamp_share, done)
+    kept = epochs if reached[0] else best["epoch"]
+    if kept != epochs:
+        model.load_state_dict(best["state"])
+    return {"images": int(len(idx)), "stamped_share": s.unlearn_stamp_share, "grown_by": s.unlearn_grow,
+            "epochs": epochs, "kept_epoch": kept, "reached_bound": reached[0], "curve": curve}
 
 
 def _prune_in_order(model: ForensicModel, layer: str, order: np.ndarray, evaluate: Evaluator,
@@ -245,7 +286,7 @@ def repair(model: ForensicModel, x_train: np.ndarray, y_train: np.ndarray, selec
     before = report(model)
     baseline = select(model)
     if s.method == "unlearn":
-        details = unlearn(model, x_train, y_train, select, s)
+        details = unlearn(model, x_train, y_train, select, s, baseline)
     elif s.method == "prune":
         details = prune(model, x_train, select, s, baseline)
     elif s.method == "fine-prune":

@@ -30,7 +30,47 @@ def test_unlearning_removes_the_backdoor(setup) -> None:
     assert report.before.true_asr > 0.95
     assert report.after.true_asr < 0.05
     assert report.before.accuracy - report.after.accuracy < 0.03
-    assert report.details["epochs"] <= 10 and report.details["curve"][-1]["reversed_asr"] < 0.02
+    kept = report.details["curve"][report.details["kept_epoch"] - 1]
+    assert report.details["epochs"] <= 10 and kept["reversed_asr"] < 0.02
+
+
+def test_unlearning_stops_only_once_accuracy_is_back(setup) -> None:
+    model, fit, select, measure = setup
+    baseline = select(model).accuracy
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="unlearn", lr=3e-3))
+    curve = report.details["curve"]
+    # every epoch before the last either still obeyed the reversed trigger or had not won back its accuracy
+    for c in curve[:-1]:
+        assert c["reversed_asr"] >= 0.02 or baseline - c["accuracy"] > 0.005
+    if report.details["reached_bound"]:
+        assert baseline - curve[-1]["accuracy"] <= 0.005 and curve[-1]["reversed_asr"] < 0.02
+
+
+def test_unlearning_that_never_reaches_the_bound_keeps_its_best_epoch(setup) -> None:
+    model, fit, select, measure = setup
+    baseline = select(model).accuracy
+    s = RepairSettings(method="unlearn", asr_bound=0.0, unlearn_epochs=3)  # a bound no epoch can reach
+    report = repair(model, fit.x, fit.y, select, measure, s)
+    curve = report.details["curve"]
+    assert report.details["epochs"] == 3 and not report.details["reached_bound"]
+    within = [c for c in curve if baseline - c["accuracy"] <= s.accuracy_budget]
+    best = min(within, key=lambda c: c["reversed_asr"]) if within else max(curve, key=lambda c: c["accuracy"])
+    assert report.details["kept_epoch"] == best["epoch"]
+    now = select(model)  # the model holds that epoch's weights, not the last epoch's
+    assert (now.accuracy, now.reversed_asr) == (best["accuracy"], best["reversed_asr"])
+
+
+def test_grow_mask_dilates_by_whole_pixels() -> None:
+    import torch
+
+    from offline.repair import grow_mask
+
+    mask = torch.zeros(1, 7, 7)
+    mask[0, 3, 3] = 1.0
+    assert grow_mask(mask, 0) is mask
+    grown = grow_mask(mask, 1)
+    assert grown.shape == mask.shape and grown.sum() == 9 and grown[0, 2:5, 2:5].eq(1).all()
+    assert grow_mask(mask, 2).sum() == 25
 
 
 def test_pruning_stays_within_the_accuracy_budget(setup) -> None:
