@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -86,6 +87,16 @@ class ActivationFilterSpec(_Strict):
     target_fpr: float = Field(gt=0, lt=1)
     clean_score: CleanStats
     calibration_scores: list[float]
+    weights: list[float] = Field(default_factory=list, description="score = weighted sum of the neurons' "
+                                 "activations (a linear discriminant); empty: their mean")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> ActivationFilterSpec:
+        if self.weights and len(self.weights) != len(self.neurons):
+            raise ValueError(f"activation_filter has {len(self.weights)} weights for {len(self.neurons)} neurons")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError("activation_filter weights must be finite numbers")
+        return self
 
 
 class ScanSpec(_Strict):
@@ -222,9 +233,10 @@ class GuardBundle:
             f"{m.strip.threshold:.4f} ({m.strip.threshold_rule}) at target FRR {m.strip.target_frr:.1%}; "
             + (f"judges inputs answered as {[m.class_names[k] for k in m.strip.classes]}; " if m.strip.classes
                else "") + f"pool {len(self.pool)} images (sha256 verified)",
-            f"act-filter  layer '{af.layer}', {len(af.neurons)} neurons {af.neurons[:8]}"
-            f"{' ...' if len(af.neurons) > 8 else ''}, threshold {af.threshold:.4f} at target FPR "
-            f"{af.target_fpr:.1%}",
+            f"act-filter  layer '{af.layer}', "
+            + (f"linear discriminant over {len(af.neurons)} units" if af.weights else
+               f"mean of {len(af.neurons)} neurons {af.neurons[:8]}{' ...' if len(af.neurons) > 8 else ''}")
+            + f", threshold {af.threshold:.4f} at target FPR {af.target_fpr:.1%}",
             f"policy      {m.policy}",
             f"provenance  source {m.provenance.source_model} (sha256 {m.provenance.source_model_sha256[:16]}...), "
             f"{m.provenance.tool_version}, {m.provenance.created}",

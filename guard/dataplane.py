@@ -122,8 +122,9 @@ class ServingState:
         self.strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule, self.value_range,
                                  np.asarray(m.strip.calibration_scores), seed=settings.seed,
                                  classes=tuple(m.strip.classes))
-        self.activation = ActivationFilter(np.asarray(m.activation_filter.neurons), m.activation_filter.threshold,
-                                           np.asarray(m.activation_filter.calibration_scores))
+        af = m.activation_filter
+        self.activation = ActivationFilter(np.asarray(af.neurons), af.threshold, np.asarray(af.calibration_scores),
+                                           np.asarray(af.weights) if af.weights else None)
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
                                        executor, on_batch=self._on_batch)
         self.loaded_at = time.time()
@@ -231,10 +232,11 @@ def make_metrics(bundle: GuardBundle) -> GuardMetrics:
     m = bundle.manifest
     strip_hi = max(math.log(len(m.class_names)), m.strip.clean_entropy.max)
     af = m.activation_filter
+    lo = min(0.0, af.clean_score.min)  # a discriminant's scores can be negative
     return GuardMetrics(
         strip_buckets=threshold_buckets(m.strip.threshold, 0.0, strip_hi),
-        activation_buckets=threshold_buckets(af.threshold, min(0.0, af.clean_score.min),
-                                             max(2 * af.threshold, af.clean_score.max * 2)),
+        activation_buckets=threshold_buckets(af.threshold, lo, max(2 * af.threshold, af.clean_score.max * 2,
+                                                                   2 * af.threshold - lo)),
     )
 
 

@@ -171,17 +171,27 @@ class StripScreen:
 
 @dataclass
 class ActivationFilter:
-    """Neural Cleanse filter: mean activation of the trigger-excited neurons."""
+    """Neural Cleanse filter: mean activation of the trigger-excited neurons.
+
+    With ``weights`` the score is their weighted sum instead (a linear
+    discriminant between clean and trigger-stamped features, for instance).
+    """
 
     neurons: np.ndarray  # indices into the flattened features
     threshold: float
     calibration_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    weights: np.ndarray | None = None  # one per neuron; None: their mean
 
     def __post_init__(self) -> None:
         self._sorted_calibration = np.sort(np.asarray(self.calibration_scores, dtype=np.float64))
+        if self.weights is not None:
+            self.weights = np.asarray(self.weights, dtype=np.float32)
+            if self.weights.shape != (len(self.neurons),):
+                raise ValueError(f"{len(self.weights)} filter weights for {len(self.neurons)} neurons")
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        return features.reshape(len(features), -1)[:, self.neurons].mean(axis=1)
+        chosen = features.reshape(len(features), -1)[:, self.neurons]
+        return chosen.mean(axis=1) if self.weights is None else chosen @ self.weights
 
     def judge(self, scores: np.ndarray) -> Verdicts:
         return Verdicts(scores, scores > self.threshold, _calibrated_p_values(self._sorted_calibration, scores, False))

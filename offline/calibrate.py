@@ -26,6 +26,9 @@ from offline.attacks import stamp
 from offline.errors import ForensicsError
 
 
+FILTER_SCORES = ("auto", "mean", "lda")
+
+
 @dataclass
 class CalibrationSettings:
     strip_frr: float = 0.01
@@ -37,7 +40,11 @@ class CalibrationSettings:
     threshold_rule: str = "quantile"
     pool_size: int = 200
     filter_fpr: float = 0.05
-    # None: the smallest candidate share that stops the reversed trigger as well as the best (at least one neuron)
+    # the filter's score: "mean" of the neurons the reversed trigger excites most (Neural Cleanse), "lda" (a
+    # linear discriminant between clean and stamped features over the whole layer), or "auto": the first of
+    # the mean candidates, then lda, that stops the reversed trigger within a point of the best
+    filter_score: str = "auto"
+    # None: try every candidate share (at least one neuron)
     filter_top_share: float | None = None
     filter_candidates: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
     seed: int = 0
@@ -76,9 +83,20 @@ def choose_activation_neurons(clean_features: np.ndarray, stamped_features: np.n
     return np.sort(np.argsort(-diff, kind="stable")[:count])
 
 
+def discriminant(clean_features: np.ndarray, stamped_features: np.ndarray) -> np.ndarray:
+    """Weights of a linear discriminant (shrinkage LDA) scoring stamped features high, clean ones low."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x = np.concatenate([clean_features, stamped_features]).reshape(len(clean_features) + len(stamped_features), -1)
+    y = np.r_[np.zeros(len(clean_features)), np.ones(len(stamped_features))]
+    w = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x.astype(np.float64), y).coef_[0]
+    return (w / np.linalg.norm(w)).astype(np.float32)
+
+
 def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y_calib: np.ndarray,
               target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None,
-              strip_classes: Sequence[int] = ()) -> dict[str, Any]:
+              strip_classes: Sequence[int] = (), x_fit: np.ndarray | None = None,
+              y_fit: np.ndarray | None = None) -> dict[str, Any]:
     """Thresholds for STRIP (at the target FRR) and the activation filter (at the target FPR).
 
     The reversed trigger stamped on calibration images of other classes stands
@@ -87,9 +105,14 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
     stops it within a point of the best share).
     With ``strip_classes`` STRIP only judges inputs answered with one of them,
     and its threshold flags the share of those clean inputs that costs the
-    target FRR over all of them.
+    target FRR over all of them. The filter's discriminant is fitted on
+    ``x_fit`` (clean, and stamped where ``y_fit`` is not the target; default:
+    the calibration images), so that its threshold and its reversed-trigger
+    pass rate come from images it was not fitted on.
     """
     s = settings or CalibrationSettings()
+    if s.filter_score not in FILTER_SCORES:
+        raise ForensicsError(f"unknown filter score '{s.filter_score}' (one of {', '.join(FILTER_SCORES)})")
     classes = sorted(int(k) for k in strip_classes)
     stamped = stamp(x_calib[y_calib != target], mask[None], pattern).astype(np.float32)
     candidates = [s.strip_n] if s.strip_n else [n for n in s.strip_candidates if n <= len(pool)]
@@ -108,18 +131,35 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
     thresholds = {"quantile": quantile_threshold(clean, rate, True),
                   "normal": normal_threshold(clean, rate, True)}
     clean_features, stamped_features = backend.infer(x_calib)[1], backend.infer(stamped)[1]
+    candidates_af: list[tuple[str, float | None]] = []
+    if s.filter_score in ("auto", "mean"):
+        candidates_af += [("mean", share) for share in ([s.filter_top_share] if s.filter_top_share
+                                                          else s.filter_candidates)]
+    if s.filter_score in ("auto", "lda"):
+        candidates_af.append(("lda", None))
     filters = []
-    for share in [s.filter_top_share] if s.filter_top_share else s.filter_candidates:
-        neurons = choose_activation_neurons(clean_features, stamped_features, share)
-        af = ActivationFilter(neurons, threshold=0.0)
+    for score, share in candidates_af:
+        if score == "mean":
+            neurons, weights = choose_activation_neurons(clean_features, stamped_features, share), None
+        else:
+            xf, yf = (x_calib, y_calib) if x_fit is None or y_fit is None else (x_fit, y_fit)
+            fit_stamped = stamp(xf[yf != target], mask[None], pattern).astype(np.float32)
+            if min(len(xf), len(fit_stamped)) < 2:
+                if s.filter_score == "lda":
+                    raise ForensicsError("the filter's discriminant needs at least 2 clean images and 2 of other "
+                                         "classes than the target to fit on")
+                continue
+            weights = discriminant(backend.infer(xf)[1], backend.infer(fit_stamped)[1])
+            neurons = np.arange(len(weights))
+        af = ActivationFilter(neurons, threshold=0.0, weights=weights)
         af_clean = af.scores(clean_features)
         af_thr = quantile_threshold(af_clean, s.filter_fpr, low_is_suspicious=False)
-        filters.append({"top_share": share, "neurons": len(neurons), "threshold": af_thr,
+        filters.append({"score": score, "top_share": share, "neurons": len(neurons), "threshold": af_thr,
                         "reversed_trigger_pass_rate": float((af.scores(stamped_features) <= af_thr).mean()),
-                        "chosen": (neurons, af_clean)})
+                        "chosen": (neurons, weights, af_clean)})
     best_af = min(f["reversed_trigger_pass_rate"] for f in filters)
     pick = next(f for f in filters if f["reversed_trigger_pass_rate"] <= best_af + 0.01)
-    (neurons, af_clean), af_thr = pick["chosen"], pick["threshold"]
+    (neurons, weights, af_clean), af_thr = pick["chosen"], pick["threshold"]
     return {
         "strip": {
             "n": chosen["n"], "blend_rule": s.blend_rule, "threshold": thresholds[s.threshold_rule],
@@ -131,10 +171,12 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
                         "rate_among_judged": rate},
         "activation_filter": {
             "neurons": [int(v) for v in neurons], "threshold": af_thr, "target_fpr": s.filter_fpr,
+            "weights": [] if weights is None else [float(v) for v in weights],
             "clean_score": _stats(af_clean), "calibration_scores": [round(float(v), 6) for v in af_clean],
         },
         "n_selection": [{k: v for k, v in t.items() if k not in ("clean", "rate")} for t in trials],
         "filter_selection": [{k: v for k, v in f.items() if k != "chosen"} for f in filters],
+        "filter_score": pick["score"],
         "settings": asdict(s),
     }
 

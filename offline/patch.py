@@ -214,14 +214,16 @@ def run_patch(
         if s.calibration.strip_scope == "suspect" and not flagged:
             say("      --strip-scope suspect: no class flagged, so STRIP judges every input")
         calibration = calibrate(backend, pool, calib.x, calib.y, suspect, mask, pattern, s.calibration,
-                                strip_classes=scope)
+                                strip_classes=scope, x_fit=fit.x, y_fit=fit.y)
         calib_result = phases.finish("calibrate", fp_calibrate, calibration)
     pool = np.load(pool_file)
     strip_c, af_c = calib_result["strip"], calib_result["activation_filter"]
     scoped = (f" on inputs answered as class(es) {strip_c['classes']} (flags "
               f"{calib_result['strip_scope']['rate_among_judged']:.0%} of those)" if strip_c.get("classes") else "")
+    af_kind = (f"linear discriminant over {len(af_c['neurons'])} units" if af_c.get("weights")
+               else f"mean of {len(af_c['neurons'])} neuron(s)")
     say(f"      STRIP: n={strip_c['n']}, entropy threshold {strip_c['threshold']:.4f} at FRR "
-        f"{strip_c['target_frr']:.0%}{scoped}; activation filter: {len(af_c['neurons'])} neuron(s), threshold "
+        f"{strip_c['target_frr']:.0%}{scoped}; activation filter: {af_kind}, threshold "
         f"{af_c['threshold']:.3f} at FPR {af_c['target_fpr']:.0%}")
 
     # 5. evaluate on the test split, which neither calibration nor repair saw
@@ -230,7 +232,7 @@ def run_patch(
     if eval_result is None:
         strip = StripScreen(pool, strip_c["n"], strip_c["threshold"], strip_c["blend_rule"], seed=7,
                             classes=tuple(strip_c.get("classes", ())))
-        af = ActivationFilter(np.array(af_c["neurons"]), af_c["threshold"])
+        af = ActivationFilter(np.array(af_c["neurons"]), af_c["threshold"], weights=af_c.get("weights") or None)
         keep = test.y != suspect
         triggered = {"reversed_trigger": (stamp(test.x[keep], mask[None], pattern).astype(np.float32), suspect)}
         if true_trigger is not None:

@@ -154,6 +154,9 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                              "strip_target_frr": strip.get("target_frr"),
                              "strip_classes": strip.get("classes", []),
                              "test_strip_frr_by_class": evaluation.get("strip_frr_by_class"),
+                             "activation_score": (f"linear discriminant over {len(af.get('neurons', []))} units"
+                                                  if af.get("weights") else
+                                                  f"mean of {len(af.get('neurons', []))} neuron(s)"),
                              "activation_threshold": af.get("threshold"), "activation_target_fpr": af.get("target_fpr"),
                              "test_strip_frr": evaluation.get("strip_frr"),
                              "test_activation_frr": evaluation.get("activation_frr"),
@@ -279,7 +282,7 @@ SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 <table><tr><th></th><th>before</th><th>after</th></tr>{repair_rows}</table>
 <p>Guard thresholds: STRIP entropy {g['strip_threshold']} (n={g['strip_n']}, target FRR
 {_pct(g['strip_target_frr'])}, measured on held-out clean data {_pct(g['test_strip_frr'])}{strip_scope});
-activation filter {g['activation_threshold']} (target FPR {_pct(g['activation_target_fpr'])}, measured
+activation filter ({e(g['activation_score'])}) {g['activation_threshold']} (target FPR {_pct(g['activation_target_fpr'])}, measured
 {_pct(g['test_activation_frr'])}).</p>
 <h2>6. Attribution</h2><ul>{atlas or '<li>no backdoor: nothing to attribute</li>'}</ul>
 <p>Trigger character: {e('; '.join(r['attribution']['trigger_character']) or 'n/a')}</p>

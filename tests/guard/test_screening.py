@@ -90,6 +90,16 @@ def test_screen_flags_triggered_inputs_and_passes_clean_ones() -> None:
     assert bad.logits.shape == (20, 3) and np.all(bad.logits.argmax(1) == 0)
 
 
+def test_a_weighted_activation_filter_scores_the_weighted_sum() -> None:
+    features = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]], dtype=np.float32)
+    mean = ActivationFilter(np.array([0, 2]), threshold=0.0)
+    assert np.allclose(mean.scores(features), [2.0, 2.0])
+    weighted = ActivationFilter(np.array([0, 1, 2]), threshold=0.0, weights=np.array([0.5, -1.0, 0.25]))
+    assert np.allclose(weighted.scores(features), [-0.75, 2.0])
+    with pytest.raises(ValueError, match="2 filter weights for 3 neurons"):
+        ActivationFilter(np.array([0, 1, 2]), threshold=0.0, weights=np.array([1.0, 2.0]))
+
+
 def test_strip_refuses_impossible_settings() -> None:
     pool = np.zeros((3, 1, 2, 2), np.float32)
     with pytest.raises(ValueError, match="pool size"):

@@ -43,11 +43,11 @@ def test_guard_only_bundle_screens_out_triggered_inputs(guard_only_bundle: Path)
     assert true["strip_unflagged"] <= 0.05, true
     assert true["guard_attack_passes"] <= 0.02, true
     assert evaluation["strip_frr"] <= 0.05
-    # the filter's share of the features layer is chosen on the reversed trigger: here more than the paper's
-    # single neuron (1 % of 64), which let about 28 % of this trigger through (measured on this model)
+    # the filter's score is chosen on the reversed trigger: here not the paper's single neuron (1 % of 64),
+    # which let about 28 % of this trigger through (measured on this model)
     manifest = GuardBundle.load(guard_only_bundle).manifest
     assert len(manifest.activation_filter.neurons) > 1
-    assert true["activation_unflagged"] <= 0.2, true
+    assert true["activation_unflagged"] <= 0.05, true
     assert evaluation["activation_frr"] <= 0.1
 
 
@@ -78,6 +78,15 @@ def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_
     (extra / "guard.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"guard\.json: field 'strip\.treshold'"):
         GuardBundle.load(extra)
+
+    for name, weights, message in (("weights", [0.1, 0.2], "weights for"), ("nan", None, "finite")):
+        bad = copy(name)
+        manifest = json.loads((bad / "guard.json").read_text())
+        af = manifest["activation_filter"]
+        af["weights"] = weights or [float("nan")] * len(af["neurons"])
+        (bad / "guard.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=message):
+            GuardBundle.load(bad)
 
     version = copy("version")
     manifest = json.loads((version / "guard.json").read_text())
@@ -179,3 +188,11 @@ def test_strip_scope_suspect_spends_the_rejections_on_the_flagged_class(guard_on
     strip_flagged = np.array(["strip" in d.detectors for d in decisions])
     assert not strip_flagged[answers != target].any()  # nothing answered with another class is judged
     assert strip_flagged[len(traffic["clean_x"]):].mean() >= 0.9  # the triggered inputs, answered as 3
+    # the guard scores the filter exactly as the bundle says (a discriminant's weights, or a mean)
+    af = manifest.activation_filter
+    features = np.concatenate([d.features for d in decisions]).reshape(len(decisions), -1)[:, af.neurons]
+    expected = features @ np.asarray(af.weights, dtype=np.float32) if af.weights else features.mean(axis=1)
+    served = np.array([d.inputs[0].activation_score for d in decisions])
+    assert np.allclose(served, expected, rtol=1e-4, atol=1e-4)
+    filter_flagged = np.array(["activation" in d.detectors for d in decisions])
+    assert filter_flagged[len(traffic["clean_x"]):].mean() >= 0.9
