@@ -76,6 +76,13 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -145,12 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of it stamped with the reversed trigger, true label kept (%(default)s)")
     r.add_argument("--unlearn-epochs", type=_positive(int), default=10,
                    help="most unlearning epochs; stops once the reversed trigger's ASR on the calibration "
-                        "split is below --asr-bound (%(default)s)")
+                        "split is below --asr-bound with accuracy there back within "
+                        "--unlearn-accuracy-tolerance of the start, else keeps the best epoch (%(default)s)")
+    r.add_argument("--unlearn-accuracy-tolerance", type=_fraction, default=0.005,
+                   help="clean accuracy an unlearning epoch may still be short of the start and stop (%(default)s)")
+    r.add_argument("--unlearn-grow", type=_nonnegative_int, default=1,
+                   help="half the stamped images get the reversed mask grown by this many pixels, to unlearn "
+                        "the parts of the true trigger the smallest reversed mask leaves out (%(default)s; 0: never)")
     r.add_argument("--repair-lr", type=_positive(float), default=1e-3, help="fine-tuning learning rate (%(default)s)")
     r.add_argument("--asr-bound", type=_fraction, default=0.02,
                    help="pruning and unlearning stop once the reversed trigger's ASR is below this (%(default)s)")
     r.add_argument("--accuracy-budget", type=_fraction, default=0.015,
-                   help="pruning never costs more clean accuracy than this (%(default)s)")
+                   help="pruning never costs more clean accuracy than this; unlearning that never reaches "
+                        "--asr-bound keeps its best epoch within it (%(default)s)")
     r.add_argument("--fine-tune-epochs", type=_positive(int), default=1,
                    help="fine-pruning's clean epochs (%(default)s)")
     c = pa.add_argument_group("guard calibration")
@@ -168,9 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="empirical quantile or the paper's normal fit; both are recorded (%(default)s)")
     c.add_argument("--pool-size", type=_positive(int), default=200, help="clean images STRIP blends with (%(default)s)")
     c.add_argument("--filter-fpr", type=_fraction, default=0.05, help="activation filter target FPR (%(default)s)")
+    c.add_argument("--filter-score", choices=("auto", "mean", "lda"), default="auto",
+                   help="the activation filter's score: 'mean' activation of the neurons the reversed trigger "
+                        "excites most (Neural Cleanse), 'lda' (a linear discriminant between clean and stamped "
+                        "features, fitted on the fit split), or 'auto' (default): the first of the mean "
+                        "candidates, then lda, that stops the reversed trigger within a point of the best")
     c.add_argument("--filter-top-share", type=_fraction, default=None,
-                   help="share of features neurons the filter watches, at least one (default: the smallest of "
-                        "1/2/5/10/20 %% that stops the reversed trigger as well as the best)")
+                   help="share of features neurons the mean score watches, at least one (default: tries "
+                        "1/2/5/10/20 %%)")
     g = pa.add_argument_group("guard bundle")
     g.add_argument("--model-name", default="model",
                    help="name clients address the model by through the guard (%(default)s)")
@@ -428,13 +447,15 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
         scan=_config_from(args), anomaly_threshold=args.threshold, repeats=args.repeats,
         repair=RepairSettings(method=args.repair, unlearn_fraction=args.unlearn_fraction,
                               unlearn_stamp_share=args.unlearn_stamp_share, unlearn_epochs=args.unlearn_epochs,
+                              unlearn_accuracy_tolerance=args.unlearn_accuracy_tolerance,
+                              unlearn_grow=args.unlearn_grow,
                               lr=args.repair_lr, asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
                               fine_tune_epochs=args.fine_tune_epochs),
         calibration=CalibrationSettings(strip_frr=args.strip_frr, strip_n=args.strip_n,
                                         blend_rule=args.blend_rule, strip_scope=args.strip_scope,
                                         threshold_rule=args.threshold_rule,
                                         pool_size=args.pool_size, filter_fpr=args.filter_fpr,
-                                        filter_top_share=args.filter_top_share),
+                                        filter_score=args.filter_score, filter_top_share=args.filter_top_share),
         model_name=args.model_name, policy=args.policy,
     )
     return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
