@@ -18,7 +18,8 @@ filter at 5 % FPR) and measured on the test split: clean FRR, and for the true
 trigger (non-target test images) the share each screen lets through
 ("unflagged") and the share of attacks that succeed through the whole guard.
 The settings were chosen on one model (patch 4x4, seed 0, target 3), which is
-not in this zoo.
+not in this zoo, except the unlearning's grown mask and accuracy-aware stop and
+the filter's discriminant, tried on these models as well (see the README).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main() -> None:
             row[label] = {"strip_frr": ev["strip_frr"], "filter_frr": ev["activation_frr"],
                           "strip_unflagged": true.get("strip_unflagged"),
                           "filter_unflagged": true.get("activation_unflagged"),
+                          "strip_attacks": true.get("strip_attack_passes"),
+                          "filter_attacks": true.get("activation_attack_passes"),
                           "attacks_through_guard": true.get("guard_attack_passes"),
                           "strip_frr_by_class": ev.get("strip_frr_by_class")}
         rows.append(row)
@@ -103,16 +106,19 @@ def main() -> None:
         asr_b = r["true_asr_before"] if r["true_asr_before"] is not None else None
         print(f"{r['model']:30} {str(r['flagged']):>8} {pct(r['acc_before']):>10} {pct(r['acc_after']):>9} "
               f"{pct(asr_b):>10} {pct(r['true_asr_after']):>9}")
-    print("\nscreens on the test split (STRIP at 1 % target FRR, filter at 5 % target FPR); 'unflagged' = "
-          "true-trigger inputs the screen lets through")
-    print(f"{'model':30} {'bundle':>17} {'STRIP FRR':>9} {'STRIP pass':>10} {'filter FRR':>10} "
-          f"{'filter pass':>11} {'attacks through':>15}")
+    print("\nscreens on the test split (STRIP at 1 % target FRR, filter at 5 % target FPR), true-trigger inputs "
+          "of other classes: 'pass' = the screen lets them through, 'attack' = it lets them through and the model "
+          "answers the attacker's class (on a repaired model most pass harmlessly); targets: STRIP <= 2 %, "
+          "filter <= 5 %")
+    print(f"{'model':30} {'bundle':>17} {'STRIP FRR':>9} {'pass':>6} {'attack':>6} {'filter FRR':>10} "
+          f"{'pass':>6} {'attack':>6} {'attacks through both':>20}")
     for r in rows:
         for label in ("guard_only", "guard_only_scoped", "patched"):
             g = r[label]
             by_class = ", ".join(f"class {k}: {v:.1%}" for k, v in (g["strip_frr_by_class"] or {}).items())
-            print(f"{r['model']:30} {label:>17} {pct(g['strip_frr']):>9} {pct(g['strip_unflagged']):>10} "
-                  f"{pct(g['filter_frr']):>10} {pct(g['filter_unflagged']):>11} {pct(g['attacks_through_guard']):>15}"
+            print(f"{r['model']:30} {label:>17} {pct(g['strip_frr']):>9} {pct(g['strip_unflagged']):>6} "
+                  f"{pct(g['strip_attacks']):>6} {pct(g['filter_frr']):>10} {pct(g['filter_unflagged']):>6} "
+                  f"{pct(g['filter_attacks']):>6} {pct(g['attacks_through_guard']):>20}"
                   + (f"  (STRIP FRR on {by_class})" if by_class else ""))
     print("guard_only_scoped: --repair none --strip-scope suspect (STRIP judges only inputs answered with the "
           "flagged class)")
