@@ -25,7 +25,6 @@ from guard.screening import (
 from offline.attacks import stamp
 from offline.errors import ForensicsError
 
-
 FILTER_SCORES = ("auto", "mean", "lda")
 
 

@@ -22,11 +22,10 @@ reversed trigger (and of the true trigger, in evaluation mode) before and after.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import copy
 
 import numpy as np
 import torch

@@ -282,8 +282,8 @@ SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 <table><tr><th></th><th>before</th><th>after</th></tr>{repair_rows}</table>
 <p>Guard thresholds: STRIP entropy {g['strip_threshold']} (n={g['strip_n']}, target FRR
 {_pct(g['strip_target_frr'])}, measured on held-out clean data {_pct(g['test_strip_frr'])}{strip_scope});
-activation filter ({e(g['activation_score'])}) {g['activation_threshold']} (target FPR {_pct(g['activation_target_fpr'])}, measured
-{_pct(g['test_activation_frr'])}).</p>
+activation filter ({e(g['activation_score'])}) {g['activation_threshold']}
+(target FPR {_pct(g['activation_target_fpr'])}, measured {_pct(g['test_activation_frr'])}).</p>
 <h2>6. Attribution</h2><ul>{atlas or '<li>no backdoor: nothing to attribute</li>'}</ul>
 <p>Trigger character: {e('; '.join(r['attribution']['trigger_character']) or 'n/a')}</p>
 <footer><p>{e(r['tool'])}, {e(r['created'])}</p></footer>
