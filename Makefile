@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt adversarial-robustness-toolbox
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_patch.py
+	$(PY) bench/bench_patch.py --models holdout
 	$(PY) bench/bench_audit.py
 	$(PY) bench/bench_guard.py
 
