@@ -99,6 +99,13 @@ class ActivationFilterSpec(_Strict):
         return self
 
 
+def filter_kind(neurons: list[int], weights: list[float]) -> str:
+    """What an activation filter scores, in words: a discriminant over the layer, or a mean of neurons."""
+    if weights:
+        return f"linear discriminant over {len(neurons)} units"
+    return f"mean of {len(neurons)} neuron(s) {list(neurons[:8])}{' ...' if len(neurons) > 8 else ''}"
+
+
 class ScanSpec(_Strict):
     method: str
     anomaly_index: list[float]
@@ -233,10 +240,8 @@ class GuardBundle:
             f"{m.strip.threshold:.4f} ({m.strip.threshold_rule}) at target FRR {m.strip.target_frr:.1%}; "
             + (f"judges inputs answered as {[m.class_names[k] for k in m.strip.classes]}; " if m.strip.classes
                else "") + f"pool {len(self.pool)} images (sha256 verified)",
-            f"act-filter  layer '{af.layer}', "
-            + (f"linear discriminant over {len(af.neurons)} units" if af.weights else
-               f"mean of {len(af.neurons)} neurons {af.neurons[:8]}{' ...' if len(af.neurons) > 8 else ''}")
-            + f", threshold {af.threshold:.4f} at target FPR {af.target_fpr:.1%}",
+            f"act-filter  layer '{af.layer}', {filter_kind(af.neurons, af.weights)}, threshold "
+            f"{af.threshold:.4f} at target FPR {af.target_fpr:.1%}",
             f"policy      {m.policy}",
             f"provenance  source {m.provenance.source_model} (sha256 {m.provenance.source_model_sha256[:16]}...), "
             f"{m.provenance.tool_version}, {m.provenance.created}",

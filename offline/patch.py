@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from guard.backends import EmbeddedBackend
-from guard.bundle import GuardManifest, sha256_file, write_bundle
+from guard.bundle import GuardManifest, filter_kind, sha256_file, write_bundle
 from guard.screening import ActivationFilter, StripScreen
 from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, stamp, trigger_from_description
 from offline.calibrate import CalibrationSettings, calibrate, evaluate_screens
@@ -220,11 +220,10 @@ def run_patch(
     strip_c, af_c = calib_result["strip"], calib_result["activation_filter"]
     scoped = (f" on inputs answered as class(es) {strip_c['classes']} (flags "
               f"{calib_result['strip_scope']['rate_among_judged']:.0%} of those)" if strip_c.get("classes") else "")
-    af_kind = (f"linear discriminant over {len(af_c['neurons'])} units" if af_c.get("weights")
-               else f"mean of {len(af_c['neurons'])} neuron(s)")
     say(f"      STRIP: n={strip_c['n']}, entropy threshold {strip_c['threshold']:.4f} at FRR "
-        f"{strip_c['target_frr']:.0%}{scoped}; activation filter: {af_kind}, threshold "
-        f"{af_c['threshold']:.3f} at FPR {af_c['target_fpr']:.0%}")
+        f"{strip_c['target_frr']:.0%}{scoped}; activation filter: "
+        f"{filter_kind(af_c['neurons'], af_c.get('weights'))}, threshold {af_c['threshold']:.3f} at FPR "
+        f"{af_c['target_fpr']:.0%}")
 
     # 5. evaluate on the test split, which neither calibration nor repair saw
     eval_result = phases.result("evaluate", fp_evaluate)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from guard.bundle import filter_kind
 from offline.jobs import TOOL_VERSION, write_json_atomic
 from offline.plots import anomaly_chart_png
 
@@ -154,9 +155,7 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                              "strip_target_frr": strip.get("target_frr"),
                              "strip_classes": strip.get("classes", []),
                              "test_strip_frr_by_class": evaluation.get("strip_frr_by_class"),
-                             "activation_score": (f"linear discriminant over {len(af.get('neurons', []))} units"
-                                                  if af.get("weights") else
-                                                  f"mean of {len(af.get('neurons', []))} neuron(s)"),
+                             "activation_score": filter_kind(af.get("neurons", []), af.get("weights")),
                              "activation_threshold": af.get("threshold"), "activation_target_fpr": af.get("target_fpr"),
                              "test_strip_frr": evaluation.get("strip_frr"),
                              "test_activation_frr": evaluation.get("activation_frr"),
