@@ -186,7 +186,7 @@ def unlearn(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluato
     grown = grow_mask(m, s.unlearn_grow)
     curve: list[dict[str, float]] = []
     best: dict[str, Any] = {}  # the epoch to keep if none reaches the bound
-    reached = [False]
+    reached = False
 
     def stamp_share(xb: torch.Tensor, r: np.random.Generator) -> torch.Tensor:
         draw = torch.from_numpy(r.random(len(xb)))[:, None, None, None]
@@ -197,6 +197,7 @@ def unlearn(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluato
         return baseline.accuracy - measure.accuracy <= tolerance
 
     def done() -> bool:
+        nonlocal reached
         measure = select(model)
         curve.append({"epoch": len(curve) + 1, "accuracy": measure.accuracy, "reversed_asr": measure.reversed_asr})
         # best so far: within the accuracy budget and lowest reversed ASR, else most accurate
@@ -204,15 +205,15 @@ def unlearn(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluato
         rank = (not ok, measure.reversed_asr if ok else -measure.accuracy)
         if not best or rank < best["rank"]:
             best.update(rank=rank, epoch=len(curve), state=copy.deepcopy(model.state_dict()))
-        reached[0] = measure.reversed_asr < s.asr_bound and within(measure, s.unlearn_accuracy_tolerance)
-        return reached[0]
+        reached = measure.reversed_asr < s.asr_bound and within(measure, s.unlearn_accuracy_tolerance)
+        return reached
 
     epochs = _fine_tune(model, x[idx], y[idx], s.unlearn_epochs, s, stamp_share, done)
-    kept = epochs if reached[0] else best["epoch"]
+    kept = epochs if reached else best["epoch"]
     if kept != epochs:
         model.load_state_dict(best["state"])
     return {"images": int(len(idx)), "stamped_share": s.unlearn_stamp_share, "grown_by": s.unlearn_grow,
-            "epochs": epochs, "kept_epoch": kept, "reached_bound": reached[0], "curve": curve}
+            "epochs": epochs, "kept_epoch": kept, "reached_bound": reached, "curve": curve}
 
 
 def _prune_in_order(model: ForensicModel, layer: str, order: np.ndarray, evaluate: Evaluator,
