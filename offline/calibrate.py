@@ -130,26 +130,26 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
     thresholds = {"quantile": quantile_threshold(clean, rate, True),
                   "normal": normal_threshold(clean, rate, True)}
     clean_features, stamped_features = backend.infer(x_calib)[1], backend.infer(stamped)[1]
-    candidates_af: list[tuple[str, float | None]] = []
+    # (score, share, neurons, weights) for every candidate filter
+    candidates_af: list[tuple[str, float | None, np.ndarray, np.ndarray | None]] = []
     if s.filter_score in ("auto", "mean"):
-        candidates_af += [("mean", share) for share in ([s.filter_top_share] if s.filter_top_share
-                                                          else s.filter_candidates)]
+        for share in [s.filter_top_share] if s.filter_top_share else s.filter_candidates:
+            candidates_af.append(("mean", share, choose_activation_neurons(clean_features, stamped_features, share),
+                                  None))
     if s.filter_score in ("auto", "lda"):
-        candidates_af.append(("lda", None))
-    filters = []
-    for score, share in candidates_af:
-        if score == "mean":
-            neurons, weights = choose_activation_neurons(clean_features, stamped_features, share), None
+        if x_fit is None or y_fit is None:
+            fit_clean, fit_stamped = clean_features, stamped_features
         else:
-            xf, yf = (x_calib, y_calib) if x_fit is None or y_fit is None else (x_fit, y_fit)
-            fit_stamped = stamp(xf[yf != target], mask[None], pattern).astype(np.float32)
-            if min(len(xf), len(fit_stamped)) < 2:
-                if s.filter_score == "lda":
-                    raise ForensicsError("the filter's discriminant needs at least 2 clean images and 2 of other "
-                                         "classes than the target to fit on")
-                continue
-            weights = discriminant(backend.infer(xf)[1], backend.infer(fit_stamped)[1])
-            neurons = np.arange(len(weights))
+            fit_clean = backend.infer(x_fit)[1]
+            fit_stamped = backend.infer(stamp(x_fit[y_fit != target], mask[None], pattern).astype(np.float32))[1]
+        if min(len(fit_clean), len(fit_stamped)) >= 2:
+            weights = discriminant(fit_clean, fit_stamped)
+            candidates_af.append(("lda", None, np.arange(len(weights)), weights))
+        elif s.filter_score == "lda":
+            raise ForensicsError("the filter's discriminant needs at least 2 clean images and 2 of other "
+                                 "classes than the target to fit on")
+    filters = []
+    for score, share, neurons, weights in candidates_af:
         af = ActivationFilter(neurons, threshold=0.0, weights=weights)
         af_clean = af.scores(clean_features)
         af_thr = quantile_threshold(af_clean, s.filter_fpr, low_is_suspicious=False)
