@@ -219,7 +219,9 @@ def test_startup_errors_are_one_clear_line(guard_only_bundle: Path, tmp_path: Pa
 
 def test_soak_without_errors_or_memory_growth_and_evidence_survives_a_kill(
         guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
-    server = GuardProcess(guard_only_bundle, tmp_path, "--evidence-dir", str(tmp_path / "ev"))
+    # a batch waits up to 3 ms to fill: with no wait, how many requests happen to queue while the
+    # model runs depends on the machine's load (1.19 per batch on a busy CI run), not on the guard
+    server = GuardProcess(guard_only_bundle, tmp_path, "--evidence-dir", str(tmp_path / "ev"), "--max-delay-ms", "3")
     errors: list[str] = []
     counts = {"answered": 0, "refused": 0}
     lock = threading.Lock()
@@ -258,7 +260,7 @@ def test_soak_without_errors_or_memory_growth_and_evidence_survives_a_kill(
     assert len(kept) == counts["refused"], (len(kept), counts)
     assert counts["answered"] > 100 and counts["refused"] > 100, counts
     assert rss_end - rss_start < 40 * 2**20, (rss_start, rss_end)
-    assert per_batch > 1.2, f"concurrent requests were not batched together ({per_batch:.2f} requests per batch)"
+    assert per_batch > 2, f"concurrent requests were not batched together ({per_batch:.2f} requests per batch)"
 
 
 def test_bundle_watch_picks_up_a_bundle_swapped_in_by_a_patch_job(guard_only_bundle: Path, patched: tuple[Path, dict],
