@@ -83,7 +83,8 @@ def _zoo(out: Path) -> list[dict]:
         row["miss"] = target is not None and target not in result.flagged
         if target is not None:
             start = result.best_run.triggers.for_class(target)
-            rev, rec_asr = recover_trigger(bd.model, fit.x, held_out.x, held_out.y, target, start)
+            # the scan's own trigger, refined (the patch job also tries fresh starts: --recover-restarts)
+            rev, rec_asr, _ = recover_trigger(bd.model, fit.x, held_out.x, held_out.y, target, start)
             row["recovered_asr"] = round(rec_asr, 4)
             if isinstance(trigger, PatchTrigger):
                 mask = rev.masks[0]

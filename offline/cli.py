@@ -83,6 +83,13 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _restarts_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recover-restarts", type=_nonnegative_int, default=3,
+                        help="trigger recovery also reverse-engineers each flagged class alone from this many "
+                             "random starts and keeps the smallest trigger found (the scan's single random "
+                             "start can settle on a looser one; %(default)s)")
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -128,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the clean data held out to measure reversed-trigger ASR (%(default)s)")
     p.add_argument("--no-recover", dest="recover", action="store_false",
                    help="skip refining the flagged class's trigger on all the data")
+    _restarts_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_args(p)
 
@@ -143,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--features-layer", default=None, help="as for scan")
     pa.add_argument("--threshold", type=_positive(float), default=2.0, help="anomaly index threshold (%(default)s)")
     pa.add_argument("--repeats", type=_positive(int), default=1, help="scan runs with different seeds (%(default)s)")
+    _restarts_arg(pa)
     r = pa.add_argument_group("repair")
     r.add_argument("--repair", choices=("unlearn", "prune", "fine-prune", "none"), default="unlearn",
                    help="repair method (default: %(default)s)")
@@ -418,8 +427,11 @@ def _print_scan(report: dict[str, Any], out: Path) -> None:
         print(f"{row['class']:>5} {row['mask_l1_norm']:>8.1f} {row['anomaly_index']:>8.2f} "
               f"{row['reversed_trigger_asr']:>6.1%}{mark}")
     for rec in report["recovered_triggers"]:
+        kept = next(c["start"] for c in rec["candidates"] if c.get("kept"))
+        norms = ", ".join(f"{c['mask_l1_norm']:.1f}" for c in rec["candidates"])
         print(f"recovered trigger for class {rec['class']}: mask L1 {rec['mask_l1_norm']:.1f}, "
-              f"held-out ASR {rec['held_out_asr']:.1%}")
+              f"held-out ASR {rec['held_out_asr']:.1%} (kept {kept}, the smallest of {len(rec['candidates'])} "
+              f"starts: mask L1 {norms})")
     spread = report["max_anomaly_index"]
     if report["runs"] > 1:
         print(f"max anomaly index over {report['runs']} runs: median {spread['median']:.2f}, "
@@ -433,7 +445,8 @@ def _cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
 
     report = run_scan(args.model, args.data, args.out, features_layer=args.features_layer,
                       config=_config_from(args), threshold=args.threshold, repeats=args.repeats,
-                      eval_fraction=args.eval_fraction, recover=args.recover, progress=not args.quiet)
+                      eval_fraction=args.eval_fraction, recover=args.recover, restarts=args.recover_restarts,
+                      progress=not args.quiet)
     _print_scan(report, Path(args.out))
     return report
 
@@ -445,6 +458,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = PatchSettings(
         scan=_config_from(args), anomaly_threshold=args.threshold, repeats=args.repeats,
+        recover_restarts=args.recover_restarts,
         repair=RepairSettings(method=args.repair, unlearn_fraction=args.unlearn_fraction,
                               unlearn_stamp_share=args.unlearn_stamp_share, unlearn_epochs=args.unlearn_epochs,
                               unlearn_accuracy_tolerance=args.unlearn_accuracy_tolerance,

@@ -88,6 +88,7 @@ def run_scan(
     repeats: int = 1,
     eval_fraction: float = 0.2,
     recover: bool = True,
+    restarts: int = 3,
     examples: int = 6,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -102,13 +103,13 @@ def run_scan(
     case = load_case(model_path, data_spec, features_layer)
     fit, held_out = case.data.split(eval_fraction, seed=config.seed)
     return scan_case(case, model_path, fit, held_out, Path(out), config=config, threshold=threshold,
-                     repeats=repeats, recover=recover, examples=examples, progress=progress,
+                     repeats=repeats, recover=recover, restarts=restarts, examples=examples, progress=progress,
                      load_seconds=time.perf_counter() - started)
 
 
 def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: Dataset, out: Path, *,
               config: NeuralCleanseConfig, threshold: float = 2.0, repeats: int = 1, recover: bool = True,
-              examples: int = 6, progress: bool = True, load_seconds: float = 0.0) -> dict[str, Any]:
+              restarts: int = 3, examples: int = 6, progress: bool = True, load_seconds: float = 0.0) -> dict[str, Any]:
     """Scan a loaded model: optimise on ``fit``, measure ASR on ``held_out``, write to ``out``."""
     started = time.perf_counter()
     if len(fit) < config.batch_size or len(held_out) == 0:
@@ -141,11 +142,15 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
     np.save(out / "triggers" / "patterns.npy", best.triggers.patterns)
     recovered = []
     for target in result.flagged if recover else []:
-        with step_progress(progress, config.max_steps, f"recovering class {target}") as bar:
-            rev, asr = recover_trigger(
+        with step_progress(progress, config.max_steps * (1 + 2 * restarts),
+                           f"recovering class {target} ({1 + restarts} starts)") as bar:
+            rev, asr, candidates = recover_trigger(
                 case.model, fit.x, held_out.x, held_out.y, target, best.triggers.for_class(target), config,
-                progress=None if bar is None else (lambda s, a, t: bar.update(1)),
+                restarts=restarts, progress=None if bar is None else (lambda s, a, t: bar.update(1)),
             )
+            if bar is not None:
+                bar.total = bar.n
+                bar.refresh()
         mask, pattern = rev.masks[0], rev.patterns[0]
         np.save(out / f"recovered_class_{target}_mask.npy", mask)
         np.save(out / f"recovered_class_{target}_pattern.npy", pattern)
@@ -160,6 +165,7 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
             "mask_l1_norm": float(mask.sum()),
             "held_out_asr": asr,
             "steps": int(rev.steps[0]),
+            "candidates": candidates,
             "mask_file": f"recovered_class_{target}_mask.npy",
             "pattern_file": f"recovered_class_{target}_pattern.npy",
             "examples_image": f"recovered_class_{target}_examples.png",

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -493,16 +494,38 @@ def recover_trigger(
     target: int,
     start: tuple[np.ndarray, np.ndarray],
     config: NeuralCleanseConfig | None = None,
+    *,
+    restarts: int = 0,
     progress: Callable[[int, int, int], None] | None = None,
-) -> tuple[ReversedTriggers, float]:
-    """Refine one class's reversed trigger on more data; return it and its held-out ASR.
+) -> tuple[ReversedTriggers, float, list[dict[str, Any]]]:
+    """Refine one class's reversed trigger on more data; return the smallest that works, its held-out ASR
+    and every candidate tried.
 
     Starts from the scan's best mask and pattern and runs the same schedule with
-    every step covering all of ``x_fit`` (at least the scan's step size).
+    every step covering all of ``x_fit`` (at least the scan's step size). With
+    ``restarts``, the class is also reverse-engineered alone from that many
+    fresh random starts (seeds ``seed + 1``, ...), each refined the same way,
+    and the smallest mask among the candidates that reached the success
+    threshold is kept: one random start can settle on a looser trigger (twice
+    the mask of the best start on the demo model, 39 % of it on the true patch),
+    and Neural Cleanse's premise is that the backdoor is the smallest trigger
+    there is.
     """
     base = config or NeuralCleanseConfig()
     cfg = NeuralCleanseConfig(**{**asdict(base), "samples_per_step": max(base.samples_per_step, len(x_fit))})
-    rev = reverse_engineer_triggers(model, x_fit, [target], cfg,
-                                    init=(start[0][None], start[1][None]), progress=progress)
-    asr = trigger_success_rate(model, x_eval, y_eval, rev.masks[0], rev.patterns[0], target)
-    return rev, asr
+
+    def refine(mask: np.ndarray, pattern: np.ndarray) -> ReversedTriggers:
+        return reverse_engineer_triggers(model, x_fit, [target], cfg, init=(mask[None], pattern[None]),
+                                         progress=progress)
+
+    found = [("scan", refine(*start))]
+    for r in range(1, restarts + 1):
+        fresh = reverse_engineer_triggers(model, x_fit, [target], replace(base, seed=base.seed + r), progress=progress)
+        found.append((f"restart {r}", refine(fresh.masks[0], fresh.patterns[0])))
+    candidates = [{"start": name, "mask_l1_norm": float(rev.norms[0]), "reached": bool(rev.reached[0]),
+                   "held_out_asr": trigger_success_rate(model, x_eval, y_eval, rev.masks[0], rev.patterns[0], target)}
+                  for name, rev in found]
+    ok = [i for i, c in enumerate(candidates) if c["reached"]] or [0]
+    best = min(ok, key=lambda i: candidates[i]["mask_l1_norm"])
+    candidates[best]["kept"] = True
+    return found[best][1], candidates[best]["held_out_asr"], candidates

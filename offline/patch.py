@@ -43,6 +43,7 @@ class PatchSettings:
     scan: NeuralCleanseConfig = field(default_factory=NeuralCleanseConfig)
     anomaly_threshold: float = 2.0
     repeats: int = 1
+    recover_restarts: int = 3
     repair: RepairSettings = field(default_factory=RepairSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     calibration_fraction: float = 0.2
@@ -133,7 +134,7 @@ def run_patch(
     phases = _Phases(work)
     model = case.model
     fp_scan = _digest(case.model_sha256, case.data.x.tobytes(), case.data.y.tobytes(), features_layer,
-                      asdict(s.scan), s.anomaly_threshold, s.repeats, s.test_fraction,
+                      asdict(s.scan), s.anomaly_threshold, s.repeats, s.recover_restarts, s.test_fraction,
                       s.calibration_fraction, s.split_seed)
     fp_repair = _digest(fp_scan, asdict(s.repair), str(true_trigger_file))
     fp_export = _digest(fp_repair, OPSET)
@@ -148,7 +149,8 @@ def run_patch(
     header(1, "scan", scan_result is not None)
     if scan_result is None:
         report = scan_case(case, model_path, fit, calib, phases.dir("scan"), config=s.scan,
-                           threshold=s.anomaly_threshold, repeats=s.repeats, progress=progress)
+                           threshold=s.anomaly_threshold, repeats=s.repeats, restarts=s.recover_restarts,
+                           progress=progress)
         scan_result = phases.finish("scan", fp_scan, {"report": "scan.json", "flagged": report["flagged_classes"],
                                              "anomaly_index": [r["anomaly_index"] for r in report["per_class"]]})
     scan_dir = work / "scan"

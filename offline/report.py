@@ -104,7 +104,8 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         mask = np.load(report_dir / rec["mask_file"])
         entry = {"class": rec["class"], "class_name": class_names[rec["class"]] if class_names else str(rec["class"]),
                  "mask_l1_norm": rec["mask_l1_norm"], "held_out_asr": rec["held_out_asr"],
-                 "character": trigger_character(mask), "examples_image": rec.get("examples_image")}
+                 "character": trigger_character(mask), "examples_image": rec.get("examples_image"),
+                 "candidates": rec.get("candidates", [])}
         desc = truth.get("trigger") or {}
         if desc.get("kind") == "patch":
             from offline.attacks import trigger_from_description
@@ -234,8 +235,11 @@ def _html(r: dict[str, Any], images: dict[str, str | None]) -> str:
                        for k, uri in found if uri)
         overlap = (f"<li>overlap with the true trigger: {t['true_trigger_overlap']:.0%} of the recovered mask lies on "
                    f"it</li>" if "true_trigger_overlap" in t else "")
+        starts = (f" (the smallest of {len(t['candidates'])} starts, mask L1 "
+                  f"{', '.join(format(c['mask_l1_norm'], '.1f') for c in t['candidates'])})"
+                  if len(t.get("candidates", [])) > 1 else "")
         trig += (f"<h3>Class {e(t['class_name'])}</h3><ul><li>recovered trigger's attack success rate on held-out "
-                 f"images: {_pct(t['held_out_asr'])}</li><li>mask L1 norm {t['mask_l1_norm']:.1f}</li>"
+                 f"images: {_pct(t['held_out_asr'])}</li><li>mask L1 norm {t['mask_l1_norm']:.1f}{starts}</li>"
                  f"<li>character: {e(t['character'])}</li>{overlap}</ul><div class='imgs'>{imgs}</div>")
     rep, g = r["repair"], r["repair"]["guard"]
     before, after = rep["before"], rep["after"]

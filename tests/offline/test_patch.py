@@ -112,7 +112,7 @@ def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_
         GuardBundle.load(missing)
 
 
-FAST = ["--samples-per-step", "320", "--quiet"]
+FAST = ["--samples-per-step", "320", "--recover-restarts", "1", "--quiet"]
 
 
 def _patch_cmd(case_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -50,6 +50,13 @@ def test_scan_cli_flags_exactly_the_badnets_target(tmp_path: Path, badnets_model
     # the recovered trigger sits on the true patch and still works on held-out data
     (recovered,) = report["recovered_triggers"]
     assert recovered["class"] == target and recovered["held_out_asr"] > 0.9
+    # the scan's start and three fresh ones were refined; the smallest trigger that works is kept
+    candidates = recovered["candidates"]
+    assert [c["start"] for c in candidates] == ["scan", "restart 1", "restart 2", "restart 3"]
+    (kept,) = [c for c in candidates if c.get("kept")]
+    assert kept["mask_l1_norm"] == recovered["mask_l1_norm"] == min(c["mask_l1_norm"] for c in candidates
+                                                                      if c["reached"])
+    assert "the smallest of 4 starts" in proc.stdout
     mask = np.load(tmp_path / "out" / recovered["mask_file"])
     overlap = mask[PatchTrigger(4).region(28, 28)].sum() / mask.sum()
     assert overlap > 0.5, f"only {overlap:.0%} of the mask mass lies on the true patch"
