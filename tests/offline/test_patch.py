@@ -161,7 +161,7 @@ def test_strip_scope_suspect_spends_the_rejections_on_the_flagged_class(guard_on
     out = case_dir / "guard-only-scoped"
     lines: list[str] = []
     run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), out,
-              settings=PatchSettings(repair=RepairSettings(method="none"),
+              settings=PatchSettings(recover_restarts=1, repair=RepairSettings(method="none"),
                                      calibration=CalibrationSettings(strip_scope="suspect")),
               true_trigger_file=case_dir / "attack.json", work_dir=case_dir / "bundle.work",
               progress=False, say=lines.append)
