@@ -8,14 +8,13 @@ measures the zoo, which they were not chosen on, misses included.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from offline.attacks import BlendTrigger, apply_poison, train_backdoored_model
+from offline.attacks import BlendTrigger, PatchTrigger, apply_poison, train_backdoored_model
 from offline.audit import (
     AuditSettings,
     audit,
@@ -69,15 +68,19 @@ def test_blended_poison_is_found(mnist_splits) -> None:
     assert ac["recall"] >= 0.9 and ac["precision"] >= 0.8, ac
 
 
-def test_poison_as_large_as_the_clean_part_is_marked_ambiguous(mnist_splits, badnets_model) -> None:
-    """The shared BadNets model (a copy: the audit hooks its layers): 10 % of the set poisoned, half of
-    label 3. The label is flagged, and marked: both of its clusters leave it."""
-    train, _ = mnist_splits
-    x, y = apply_poison(train.x, train.y, badnets_model.trigger, 3, badnets_model.poison_idx)
-    report = audit(ForensicModel(copy.deepcopy(badnets_model.model), "body.8"), x, y)
+def test_poison_larger_than_the_clean_part_is_marked_ambiguous(mnist_splits) -> None:
+    """15 % of the set poisoned: label 3 is 60 % poison, so its smaller cluster is the clean part. That
+    cluster leaves the label (the probe learned the label from the poison), the label is flagged, and it
+    is marked ambiguous because the suspects it lists are the clean rows. (At 10 %, half the label, the
+    clusters are too close to call; whether the label is flagged there depends on the machine's
+    floating point: see the README's figures.)"""
+    bd, x, y = _poisoned(mnist_splits, PatchTrigger(4), 3, 0.15, seed=0)
+    report = audit(ForensicModel(bd.model, "body.8"), x, y)
     target = next(c for c in report["classes"] if c["label"] == 3)
     assert target["flagged"] and target["ambiguous"]
-    assert not any(c["ambiguous"] for c in report["classes"] if c["label"] != 3)
+    suspects = set(target["ac_flagged_indices"])
+    assert len(suspects & set(bd.poison_idx.tolist())) < 0.1 * len(suspects)  # the clean part
+    assert not any(c["ambiguous"] or c["flagged"] for c in report["classes"] if c["label"] != 3)
 
 
 def test_clean_training_set_flags_little(mnist_splits) -> None:
