@@ -16,7 +16,7 @@ ATTACKS = ("badnets", "blend", "invisible", "none")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    from offline.neural_cleanse import METHODS, TABOR_TERMS, NeuralCleanseConfig
+    from offline.neural_cleanse import ANOMALY_SCALES, METHODS, TABOR_TERMS, NeuralCleanseConfig
 
     defaults = NeuralCleanseConfig()
     g = parser.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)")
@@ -48,6 +48,9 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tabor-weights", type=_weights, default=defaults.tabor_weights, metavar="W,W,W,W,W,W",
                    help="weights of TABOR's terms " + ", ".join(TABOR_TERMS) + " (pixels in [0, 1]; default: "
                         + ",".join(f"{w:g}" for w in defaults.tabor_weights) + ")")
+    g.add_argument("--anomaly-scale", choices=ANOMALY_SCALES, default=defaults.anomaly_scale,
+                   help="the verdict's MAD anomaly index over the logarithms of the mask norms, or over the "
+                        "norms themselves (linear: the original Neural Cleanse index) (%(default)s)")
 
 
 def _config_from(args: argparse.Namespace) -> Any:

@@ -174,7 +174,7 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
     report = {
         "tool": "trojan-forensics scan",
         "version": TOOL_VERSION,
-        "method": "neural-cleanse",
+        "method": config.method,
         "verdict": "backdoored" if result.flagged else "clean",
         **summary,
         "recovered_triggers": recovered,

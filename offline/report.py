@@ -141,7 +141,9 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "verdict": verdict,
         "triage": {"model": _model_triage(scan), "data": scan.get("data", {})},
+        # scans written before the log scale existed used the linear index
         "detection": {"method": scan.get("method"), "threshold": scan.get("threshold"), "runs": scan.get("runs"),
+                      "anomaly_scale": scan.get("settings", {}).get("anomaly_scale", "linear"),
                       "per_class": [{k: c[k] for k in ("class", "mask_l1_norm", "anomaly_index",
                                                        "reversed_trigger_asr", "flagged")} for c in per_class],
                       "training_data_audit": audit_summary},
@@ -273,7 +275,8 @@ SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 {'opset ' + str(tri['opset']) + '; ' if 'opset' in tri else ''}torch {e(str(tri.get('torch_version')))}</li>
 <li>classes: {tri.get('classes')}; features layer: {e(str(tri.get('features_layer')))}</li>
 <li>clean data: {e(str(data.get('source')))} ({data.get('images')} images)</li></ul>
-<h2>2. Detection</h2><p>{e(str(r['detection']['method']))}: a class is flagged when its anomaly index exceeds
+<h2>2. Detection</h2><p>{e(str(r['detection']['method']))}: a class is flagged when its anomaly index (MAD over the
+{'logarithms of the ' if r['detection']['anomaly_scale'] == 'log' else ''}mask norms) exceeds
 {r['detection']['threshold']} ({r['detection']['runs']} run(s)).</p>{anomaly}
 <table><tr><th>class</th><th>mask L1</th><th>anomaly index</th><th>reversed ASR</th><th></th></tr>{rows}</table>
 {_audit_html(r['detection']['training_data_audit'])}

@@ -16,7 +16,7 @@ from offline.neural_cleanse import (
 
 def test_anomaly_index_uses_mad_with_consistency_constant() -> None:
     norms = np.array([10.0, 50, 52, 48, 51, 49, 53, 47, 50, 50])
-    ai = anomaly_index(norms)
+    ai = anomaly_index(norms, "linear")
     median = 50.0
     mad = 1.4826 * np.median(np.abs(norms - median))
     assert ai[0] == pytest.approx((median - 10) / mad)
@@ -27,6 +27,21 @@ def test_anomaly_index_uses_mad_with_consistency_constant() -> None:
 
 def test_anomaly_index_of_identical_norms_is_zero() -> None:
     assert np.all(anomaly_index(np.full(5, 3.0)) == 0)
+    assert np.all(anomaly_index(np.full(5, 3.0), "linear") == 0)
+
+
+def test_log_scale_index_separates_a_small_patch_that_the_linear_index_misses() -> None:
+    """Mask norms of a zoo model (BadNets 4x4 on class 3, one scan seed): large honest masks spread the
+    linear MAD, so the 4x4 patch's mask sits under the threshold there and well above it on the log scale,
+    which is the same median/MAD rule applied to log norms."""
+    norms = np.array([84.89, 123.66, 79.85, 25.99, 104.72, 75.79, 88.5, 113.39, 59.81, 119.19])
+    linear, log = anomaly_index(norms, "linear"), anomaly_index(norms)
+    assert linear[3] < 2 < log[3]
+    assert np.argmax(log) == 3 and np.delete(log, 3).max() < 1.5
+    logs = np.log(norms)
+    assert log[3] == pytest.approx((np.median(logs) - logs[3]) / (1.4826 * np.median(np.abs(logs - np.median(logs)))))
+    with pytest.raises(ValueError, match="anomaly scale"):
+        anomaly_index(norms, "sqrt")
 
 
 def test_cost_schedule_follows_the_original() -> None:

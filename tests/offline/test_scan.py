@@ -47,6 +47,7 @@ def test_scan_cli_flags_exactly_the_badnets_target(tmp_path: Path, badnets_model
     assert max(others) < 2
     assert len(report["model"]["sha256"]) == 64
     assert report["settings"]["lr"] == 0.1 and report["settings"]["samples_per_step"] == 1000
+    assert report["method"] == "neural-cleanse" and report["settings"]["anomaly_scale"] == "log"
     # the recovered trigger sits on the true patch and still works on held-out data
     (recovered,) = report["recovered_triggers"]
     assert recovered["class"] == target and recovered["held_out_asr"] > 0.9
@@ -82,7 +83,8 @@ def test_tabor_scan_cli_flags_the_badnets_target(tmp_path: Path, case_dir: Path)
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "scan.json").read_text())
-    assert report["settings"]["method"] == "tabor" and len(report["settings"]["tabor_weights"]) == 6
+    assert report["method"] == report["settings"]["method"] == "tabor"
+    assert len(report["settings"]["tabor_weights"]) == 6
     assert report["flagged_classes"] == [3]
     quality = report["per_class"][3]["trigger_quality"]
     assert set(quality) == {"mask_l2", "pattern_outside_mask", "mask_smoothness", "trigger_smoothness",
