@@ -108,6 +108,8 @@ def filter_kind(neurons: list[int], weights: list[float]) -> str:
 
 class ScanSpec(_Strict):
     method: str
+    # the scale the anomaly index was taken on; bundles written before the field existed used the linear one
+    anomaly_scale: Literal["log", "linear"] = "linear"
     anomaly_index: list[float]
     flagged_classes: list[int]
     threshold: float
@@ -235,7 +237,8 @@ class GuardBundle:
             f"classes     {len(m.class_names)}: {', '.join(m.class_names[:12])}"
             + (" ..." if len(m.class_names) > 12 else ""),
             f"scan        {m.scan.method}: flagged {m.scan.flagged_classes or 'none'} "
-            f"(max anomaly index {max(m.scan.anomaly_index):.2f}, threshold {m.scan.threshold:g})",
+            f"(max anomaly index {max(m.scan.anomaly_index):.2f} on the {m.scan.anomaly_scale} scale, "
+            f"threshold {m.scan.threshold:g})",
             f"STRIP       n={m.strip.n}, blend '{m.strip.blend_rule}', entropy threshold "
             f"{m.strip.threshold:.4f} ({m.strip.threshold_rule}) at target FRR {m.strip.target_frr:.1%}; "
             + (f"judges inputs answered as {[m.class_names[k] for k in m.strip.classes]}; " if m.strip.classes
