@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="reverse-engineer triggers for every class and flag outliers",
                        description="Neural Cleanse: reverse-engineer the smallest trigger for every class "
                                    "(all classes optimised together), flag classes whose trigger is an "
-                                   "outlier by the MAD anomaly index, recover the flagged trigger.")
+                                   "outlier by the MAD anomaly index (over the log mask norms by default), recover "
+                                   "the flagged trigger.")
     p.add_argument("--model", required=True, help="TorchScript (.pt) or ONNX (.onnx) classifier")
     p.add_argument("--data", default="mnist",
                    help="clean data: 'mnist' (embedded), 'digits', an .npz with x (N,C,H,W in [0,1]) "
