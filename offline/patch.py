@@ -164,6 +164,11 @@ def run_patch(
         mask, pattern = np.load(scan_dir / rec["mask_file"]), np.load(scan_dir / rec["pattern_file"])
         say(f"      backdoor found: class {suspect} (anomaly index {anomaly[suspect]:.2f}); "
             f"recovered trigger held-out ASR {rec['held_out_asr']:.1%}")
+        others = [k for k in flagged if k != suspect]
+        if others:
+            say(f"      also flagged: class(es) {others} (anomaly index "
+                f"{', '.join(f'{anomaly[k]:.2f}' for k in others)}); repair and the filter use class {suspect}, "
+                f"the most anomalous; their recovered triggers are in the scan report")
     else:
         mask = np.load(scan_dir / "triggers" / "masks.npy")[suspect]
         pattern = np.load(scan_dir / "triggers" / "patterns.npy")[suspect]
