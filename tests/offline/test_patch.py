@@ -55,7 +55,8 @@ def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_
                                                capsys: pytest.CaptureFixture[str]) -> None:
     good, _ = patched
     assert guard_main(["inspect", str(good)]) == 0
-    assert "verified" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verified" in out and "on the log scale" in out
 
     def copy(name: str) -> Path:
         return Path(shutil.copytree(good, tmp_path / name))
@@ -94,6 +95,17 @@ def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_
     (version / "guard.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="schema version 2"):
         GuardBundle.load(version)
+
+    # bundles written before the scan recorded its scale load as linear; an unknown scale is refused
+    older = copy("older")
+    manifest = json.loads((older / "guard.json").read_text())
+    del manifest["scan"]["anomaly_scale"]
+    (older / "guard.json").write_text(json.dumps(manifest))
+    assert GuardBundle.load(older).manifest.scan.anomaly_scale == "linear"
+    manifest["scan"]["anomaly_scale"] = "sqrt"
+    (older / "guard.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="anomaly_scale"):
+        GuardBundle.load(older)
 
     escape = copy("escape")
     manifest = json.loads((escape / "guard.json").read_text())
