@@ -297,4 +297,8 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
             metrics_server[0].shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        # the exit is under way: a repeated SIGTERM (an impatient supervisor) must not turn it into a kill
+        # with a non-zero status; SIGINT keeps its default, SIGKILL still ends a stuck teardown
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         log.info("stopped")
