@@ -64,6 +64,11 @@ TANH_EPS = 1e-7  # the epsilon of the original's tanh parametrisation (Keras' K.
 MAD_CONSISTENCY = 1.4826
 
 
+def _check_scale(scale: str) -> None:
+    if scale not in ANOMALY_SCALES:
+        raise ValueError(f"unknown anomaly scale {scale!r}; choose one of {', '.join(ANOMALY_SCALES)}")
+
+
 @dataclass
 class NeuralCleanseConfig:
     """Knobs of the reverse-engineering; defaults are the original implementation's."""
@@ -91,8 +96,7 @@ class NeuralCleanseConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.anomaly_scale not in ANOMALY_SCALES:
-            raise ValueError(f"unknown anomaly scale {self.anomaly_scale!r}; choose one of {', '.join(ANOMALY_SCALES)}")
+        _check_scale(self.anomaly_scale)
         if len(self.tabor_weights) != len(TABOR_TERMS) or any(w < 0 for w in self.tabor_weights):
             raise ValueError(f"TABOR needs {len(TABOR_TERMS)} weights >= 0 ({', '.join(TABOR_TERMS)}), "
                              f"got {list(self.tabor_weights)}")
@@ -355,8 +359,7 @@ def anomaly_index(norms: np.ndarray, scale: str = "log") -> np.ndarray:
     the log scale its index is 3.6-5.1 while clean models stay below 1.8.
     ``scale="linear"`` is the original Neural Cleanse index.
     """
-    if scale not in ANOMALY_SCALES:
-        raise ValueError(f"unknown anomaly scale {scale!r}; choose one of {', '.join(ANOMALY_SCALES)}")
+    _check_scale(scale)
     norms = np.asarray(norms, dtype=np.float64)
     if scale == "log":
         norms = np.log(np.maximum(norms, 1e-12))
