@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_scan.py
 	$(PY) bench/bench_patch.py
 	$(PY) bench/bench_patch.py --models holdout
+	$(PY) bench/bench_patch.py --models fresh
 	$(PY) bench/bench_audit.py
 	$(PY) bench/bench_guard.py
 

@@ -172,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--unlearn-grow", type=_nonnegative_int, default=1,
                    help="half the stamped images get the reversed mask grown by this many pixels, to unlearn "
                         "the parts of the true trigger the smallest reversed mask leaves out (%(default)s; 0: never)")
-    r.add_argument("--repair-lr", type=_positive(float), default=1e-3, help="fine-tuning learning rate (%(default)s)")
+    r.add_argument("--repair-optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="fine-tuning optimiser for unlearning and fine-pruning: SGD with momentum 0.9, or Adam "
+                        "(%(default)s)")
+    r.add_argument("--repair-lr", type=_positive(float), default=3e-3,
+                   help="fine-tuning learning rate (%(default)s; 1e-3 suits adam)")
     r.add_argument("--asr-bound", type=_fraction, default=0.02,
                    help="pruning and unlearning stop once the reversed trigger's ASR is below this (%(default)s)")
     r.add_argument("--accuracy-budget", type=_fraction, default=0.015,
@@ -466,8 +470,8 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
         repair=RepairSettings(method=args.repair, unlearn_fraction=args.unlearn_fraction,
                               unlearn_stamp_share=args.unlearn_stamp_share, unlearn_epochs=args.unlearn_epochs,
                               unlearn_accuracy_tolerance=args.unlearn_accuracy_tolerance,
-                              unlearn_grow=args.unlearn_grow,
-                              lr=args.repair_lr, asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
+                              unlearn_grow=args.unlearn_grow, optimizer=args.repair_optimizer, lr=args.repair_lr,
+                              asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
                               fine_tune_epochs=args.fine_tune_epochs),
         calibration=CalibrationSettings(strip_frr=args.strip_frr, strip_n=args.strip_n,
                                         blend_rule=args.blend_rule, strip_scope=args.strip_scope,

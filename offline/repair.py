@@ -36,6 +36,7 @@ from offline.errors import ForensicsError
 from offline.models import ForensicModel, module_kind
 
 METHODS = ("unlearn", "prune", "fine-prune", "none")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass
@@ -52,7 +53,9 @@ class RepairSettings:
     unlearn_accuracy_tolerance: float = 0.005
     # half the stamped images get the reversed mask grown by this many pixels (0: never)
     unlearn_grow: int = 1
-    lr: float = 1e-3
+    # fine-tuning (unlearning, fine-pruning): SGD with momentum 0.9, or Adam
+    optimizer: str = "sgd"
+    lr: float = 3e-3
     batch_size: int = 32
     # pruning: stop when the reversed trigger's ASR is below this, or accuracy would drop past the budget
     asr_bound: float = 0.02
@@ -130,11 +133,20 @@ def trigger_neuron_ranking(model: ForensicModel, x: np.ndarray, mask: np.ndarray
 def _fine_tune(model: ForensicModel, x: np.ndarray, y: np.ndarray, epochs: int, s: RepairSettings,
                transform: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
                stop: Callable[[], bool] | None = None) -> int:
-    """Adam fine-tuning of the whole network; ``stop()`` is asked after every epoch. Returns epochs run."""
+    """Fine-tuning of the whole network; ``stop()`` is asked after every epoch. Returns epochs run.
+
+    SGD with momentum by default: its steps scale with the gradient, so they
+    are large on the stamped images the model still gets wrong and small on
+    clean images it already fits, where Adam's normalised steps move every
+    weight by about the learning rate from the first step (measured: the true
+    trigger's ASR after unlearning above 2 % in 9 of 28 runs with Adam, 0 with
+    SGD, and fewer runs losing more than 1.5 points of accuracy).
+    """
     rng = np.random.default_rng(s.seed)
     torch.manual_seed(s.seed)
     model.unfreeze()
-    opt = torch.optim.Adam([p for p in model.net.parameters() if p.requires_grad], lr=s.lr)
+    params = [p for p in model.net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=s.lr, momentum=0.9) if s.optimizer == "sgd" else torch.optim.Adam(params, lr=s.lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     done = 0
     try:
@@ -280,6 +292,8 @@ def repair(model: ForensicModel, x_train: np.ndarray, y_train: np.ndarray, selec
     so the reported figures can come from data no decision was made on.
     """
     s = settings or RepairSettings()
+    if s.optimizer not in OPTIMIZERS:
+        raise ForensicsError(f"unknown optimizer '{s.optimizer}' (one of {', '.join(OPTIMIZERS)})")
     if s.method not in METHODS:
         raise ForensicsError(f"unknown repair method '{s.method}' (one of {', '.join(METHODS)})")
     report = report or select

@@ -24,9 +24,10 @@ def setup(badnets_model: BackdoorResult, mnist_splits):
             Evaluator(test.x, test.y, target, mask[0], pattern, PatchTrigger(4)))
 
 
-def test_unlearning_removes_the_backdoor(setup) -> None:
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 3e-3), ("adam", 1e-3)])
+def test_unlearning_removes_the_backdoor(setup, optimizer: str, lr: float) -> None:
     model, fit, select, measure = setup
-    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="unlearn"))
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="unlearn", optimizer=optimizer, lr=lr))
     assert report.before.true_asr > 0.95
     assert report.after.true_asr < 0.05
     assert report.before.accuracy - report.after.accuracy < 0.03
@@ -37,7 +38,8 @@ def test_unlearning_removes_the_backdoor(setup) -> None:
 def test_unlearning_stops_only_once_accuracy_is_back(setup) -> None:
     model, fit, select, measure = setup
     baseline = select(model).accuracy
-    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="unlearn", lr=3e-3))
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="unlearn", optimizer="adam",
+                                                                          lr=3e-3))
     curve = report.details["curve"]
     # every epoch before the last either still obeyed the reversed trigger or had not won back its accuracy
     for c in curve[:-1]:
@@ -99,3 +101,11 @@ def test_unknown_method_is_refused(setup) -> None:
     model, fit, select, measure = setup
     with pytest.raises(ForensicsError, match="unknown repair method"):
         repair(model, fit.x, fit.y, select, measure, RepairSettings(method="magic"))
+
+
+def test_unknown_optimizer_is_refused(setup) -> None:
+    from offline.errors import ForensicsError
+
+    model, fit, select, measure = setup
+    with pytest.raises(ForensicsError, match="unknown optimizer 'rmsprop'"):
+        repair(model, fit.x, fit.y, select, measure, RepairSettings(optimizer="rmsprop"))
