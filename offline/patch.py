@@ -27,6 +27,7 @@ from guard.bundle import GuardManifest, filter_kind, sha256_file, write_bundle
 from guard.screening import ActivationFilter, StripScreen
 from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, stamp, trigger_from_description
 from offline.calibrate import CalibrationSettings, calibrate, evaluate_screens
+from offline.data import Dataset
 from offline.errors import DataError, ForensicsError
 from offline.export import INPUT_NAME, OPSET, export_onnx
 from offline.jobs import TOOL_VERSION, load_case, scan_case, write_json_atomic
@@ -62,6 +63,13 @@ def load_true_trigger(path: str | Path) -> tuple[Trigger, int]:
         return trigger_from_description(desc["trigger"], delta), int(desc["target"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ForensicsError(f"{path}: not a usable attack.json from 'trojan-forensics train' ({exc})") from exc
+
+
+def split_clean(data: Dataset, s: PatchSettings) -> tuple[Dataset, Dataset, Dataset]:
+    """The job's stratified fit / calibration / test split of the clean data."""
+    rest, test = data.split(s.test_fraction, seed=s.split_seed)
+    fit, calib = rest.split(s.calibration_fraction / (1 - s.test_fraction), seed=s.split_seed + 1)
+    return fit, calib, test
 
 
 def _digest(*parts: Any) -> str:
@@ -126,8 +134,7 @@ def run_patch(
     started = time.perf_counter()
     case = load_case(model_path, data_spec, features_layer)
     true_trigger, true_target = (load_true_trigger(true_trigger_file) if true_trigger_file else (None, None))
-    rest, test = case.data.split(s.test_fraction, seed=s.split_seed)
-    fit, calib = rest.split(s.calibration_fraction / (1 - s.test_fraction), seed=s.split_seed + 1)
+    fit, calib, test = split_clean(case.data, s)
     if min(len(fit), len(calib), len(test)) < s.scan.batch_size:
         raise DataError(f"{case.data.source}: {len(case.data)} clean images are too few for the patch job; "
                         f"give at least {int(s.scan.batch_size / min(s.test_fraction, s.calibration_fraction)) + 1}")
