@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_patch.py
 	$(PY) bench/bench_patch.py --models holdout
 	$(PY) bench/bench_patch.py --models fresh
+	$(PY) bench/bench_repair.py
 	$(PY) bench/bench_audit.py
 	$(PY) bench/bench_guard.py
 
