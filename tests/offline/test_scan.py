@@ -28,6 +28,7 @@ def _scan(result: BackdoorResult, clean: Dataset, tmp_path: Path):
 def test_scan_cli_flags_exactly_the_badnets_target(tmp_path: Path, badnets_model: BackdoorResult,
                                                    mnist_splits) -> None:
     _, clean = mnist_splits
+    _, clean = clean.split(0.5, seed=3)  # 750 images, stratified: half the time of the whole split
     target = badnets_model.target
     save_torchscript(badnets_model.model, tmp_path / "model.pt")
     clean.save_npz(tmp_path / "clean.npz")
