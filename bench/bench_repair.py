@@ -35,10 +35,10 @@ from bench_patch import SETS, _case  # noqa: E402
 
 from offline.jobs import load_case, scan_case  # noqa: E402
 from offline.patch import PatchSettings, load_true_trigger, split_clean  # noqa: E402
-from offline.repair import OPTIMIZERS, Evaluator, repair  # noqa: E402
+from offline.repair import OPTIMIZERS, Evaluator, RepairSettings, repair  # noqa: E402
 
-# each optimiser at its own learning rate (the defaults before and after 2026-12-02)
-LEARNING_RATES = {"sgd": 3e-3, "adam": 1e-3}
+# each optimiser at its own learning rate: SGD at the default, Adam at its default before 2026-12-02
+LEARNING_RATES = {"sgd": RepairSettings().lr, "adam": 1e-3}
 
 
 def _scanned_case(name: str, trigger, target: int, seed: int, out: Path, settings: PatchSettings) -> Path:
@@ -117,6 +117,7 @@ def main() -> None:
         acc = [100 * r["accuracy_change"] for r in rs]
         print(f"{model:34} {optimizer:>9} {np.mean(asr):8.2f} {max(asr):6.2f} {sum(a > 2 for a in asr):3}/{len(rs):<2} "
               f"{np.mean(acc):+15.2f} {min(acc):+6.2f} {sum(a < -1.5 for a in acc):3}/{len(rs):<2}")
+
 
 if __name__ == "__main__":
     main()
