@@ -19,7 +19,7 @@ trigger (non-target test images) the share each screen lets through
 ("unflagged") and the share of attacks that succeed through the whole guard.
 The settings were chosen on one model (patch 4x4, seed 0, target 3), which is
 not in this zoo, except the unlearning's grown mask and accuracy-aware stop and
-the filter's discriminant, tried on these models as well (see the README).
+the filter's discriminant, tried on these models as well (see docs/history.md).
 ``--models holdout`` runs four more backdoored models that no setting was
 tried on until the repair's optimiser (chosen on the zoo and the first two of
 them); ``--models fresh`` four built after that, untouched by any choice.
