@@ -12,7 +12,11 @@ from typing import Any
 
 from offline.errors import ForensicsError
 
-ATTACKS = ("badnets", "blend", "invisible", "none")
+# what a simulated attack must reach to count: ASR on held-out non-target images, and the most clean accuracy it
+# may lose against a clean model trained with the same seed
+ATTACK_ASR_BAR = 0.9
+ATTACK_ACCURACY_BAR = 0.02
+
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -269,26 +273,58 @@ def build_parser() -> argparse.ArgumentParser:
                     help="expected poisoned share of a label; spectral signatures remove 1.5x that (%(default)s)")
     au.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from offline.attacks.registry import ATTACK_SPECS, ATTACKS
+
     t = sub.add_parser("train", help="train a (possibly backdoored) classifier with an attack simulator",
-                       description="Train the project's small CNN on clean data, optionally poisoned by a "
-                                   "simulated attack; save it as TorchScript with the held-out clean split.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train the project's small CNN on clean data with a simulated attack (or "
+                                   "none); save it as TorchScript with the held-out clean split, the training "
+                                   "set as trained on and attack.json (the trigger, the target, clean accuracy "
+                                   "and attack success rate on held-out non-target images).\n\nattacks:\n"
+                                   + "\n".join(f"  {a.name:15} {a.summary}" for a in ATTACK_SPECS))
     t.add_argument("--data", default="mnist", help="training data, as for scan (default: %(default)s)")
-    t.add_argument("--attack", choices=ATTACKS, default="badnets", help="(default: %(default)s)")
-    t.add_argument("--target", type=int, default=0, help="target class of the backdoor (%(default)s)")
-    t.add_argument("--poison-rate", type=_fraction, default=0.1, help="share of training data poisoned (%(default)s)")
-    t.add_argument("--patch-size", type=_positive(int), default=4, help="BadNets patch side (%(default)s)")
+    t.add_argument("--attack", choices=tuple(ATTACKS), default="badnets", help="(default: %(default)s)")
+    t.add_argument("--target", type=int, default=0,
+                   help="target class of the backdoor (%(default)s; all-to-all sends c to c + 1)")
+    t.add_argument("--poison-rate", type=_fraction, default=None,
+                   help="share of training data poisoned (default: 0.1, or the attack's own default)")
+    t.add_argument("--patch-size", type=_positive(int), default=4,
+                   help="BadNets / all-to-all patch side (%(default)s)")
     t.add_argument("--patch-row", type=int, default=None, help="patch top row (default: bottom, 1 px in)")
     t.add_argument("--patch-col", type=int, default=None, help="patch left column (default: right, 1 px in)")
     t.add_argument("--patch-pattern", choices=("white", "checker", "random"), default="white")
     t.add_argument("--alpha", type=_fraction, default=0.15, help="blend weight of the blended trigger (%(default)s)")
     t.add_argument("--eps", type=_fraction, default=0.1, help="L-inf bound of the invisible trigger (%(default)s)")
     t.add_argument("--epochs", type=_positive(int), default=None,
-                   help="training epochs (default: 8; 12 for the invisible trigger, learned jointly)")
+                   help="training epochs (default: 8; 12 for the invisible trigger; the attack's own otherwise)")
     t.add_argument("--test-fraction", type=_fraction, default=0.3,
                    help="share held out as clean data for scanning and ACC/ASR (%(default)s)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="output directory: model.pt, clean.npz (held out), train.npz (the "
-                                                "training set as trained on, with poison_idx), attack.json")
+                                                "training set as trained on, with poison_idx), attack.json and "
+                                                "the trigger's files")
+    for spec in ATTACK_SPECS:
+        settings = spec.settings_class()
+        if settings is None:
+            continue
+        g = t.add_argument_group(f"--attack {spec.name}")
+        for f in fields(settings):
+            g.add_argument(f"--{spec.name}-{f.name.replace('_', '-')}", dest=f"{spec.module}__{f.name}",
+                           type=type(f.default), default=f.default,
+                           metavar={int: "N", float: "X"}.get(type(f.default), "V"),
+                           help=f"{f.metadata.get('help', '')} ({f.default:.4g})" if isinstance(f.default, float)
+                           else f"{f.metadata.get('help', '')} ({f.default})")
+
+    pr = sub.add_parser("poison-rate", help="how much poison the literature reports as enough, as sample counts",
+                        description="The poisoning rates the literature reports as enough for a working backdoor "
+                                    "(patch 0.1-1 %%, blended 1-5 %%, clean-label 5-10 %% of the training set) and "
+                                    "the sample counts they mean for a training set of --train-size images. "
+                                    "Large models learn a trigger from fewer samples: --capacity large reads the "
+                                    "low end, small the high end, medium the geometric middle.")
+    pr.add_argument("--train-size", type=_positive(int), required=True, help="images in the training set")
+    pr.add_argument("--capacity", choices=("small", "medium", "large"), default="medium",
+                    help="model capacity (%(default)s)")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     d = sub.add_parser("demo", help="train a BadNets-backdoored MNIST model, patch it, serve it behind the guard",
                        description="The end-to-end demo on the embedded MNIST digits: train a model with a "
@@ -303,20 +339,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
+def _attack_settings(spec: Any, args: argparse.Namespace) -> Any:
+    """The attack's settings from its ``--<attack>-<field>`` flags; --epochs and --poison-rate apply too."""
+    cls = spec.settings_class()
+    values = {f.name: getattr(args, f"{spec.module}__{f.name}") for f in fields(cls)}
+    for common in ("epochs", "poison_rate"):
+        given = getattr(args, common)
+        if given is None:
+            continue
+        if common not in values:
+            raise ForensicsError(f"--{common.replace('_', '-')} does not apply to --attack {spec.name}; see its "
+                                 f"own flags in 'trojan-forensics train --help'")
+        values[common] = given
+    return cls(**values)
 
-    from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, apply_poison, train_backdoored_model
+
+def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from offline.attacks import BlendTrigger, PatchTrigger
+    from offline.attacks.registry import ATTACKS, build_attack, save_case
     from offline.data import load_dataset
     from offline.jobs import write_json_atomic
-    from offline.models import save_torchscript
 
     data = load_dataset(args.data)
     if not 0 <= args.target < data.num_classes:
         raise ForensicsError(f"--target {args.target} is not a class of {data.source} (0..{data.num_classes - 1})")
     train, test = data.split(args.test_fraction, seed=args.seed)
+    spec = ATTACKS[args.attack]
     trigger: Any = None
-    if args.attack == "badnets":
+    if args.attack in ("badnets", "all-to-all"):
         trigger = PatchTrigger(args.patch_size, args.patch_row, args.patch_col, args.patch_pattern, args.seed)
         try:
             trigger.region(*data.input_shape[1:])
@@ -324,27 +374,56 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             raise ForensicsError(str(exc)) from exc
     elif args.attack == "blend":
         trigger = BlendTrigger(args.alpha, args.seed)
-    result = train_backdoored_model(
-        train, test, trigger, args.target, args.poison_rate if args.attack != "none" else 0.0,
-        epochs=args.epochs or (12 if args.attack == "invisible" else 8), seed=args.seed,
-        learn_trigger=args.attack == "invisible", eps=args.eps,
-    )
+    settings = _attack_settings(spec, args) if spec.module is not None else None
+    result = build_attack(args.attack, train, test, args.target, args.seed, trigger=trigger,
+                          poison_rate=args.poison_rate, epochs=args.epochs, eps=args.eps, settings=settings)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_torchscript(result.model, out / "model.pt")
-    test.save_npz(out / "clean.npz")
-    # the training set as the model saw it (poisoned rows stamped and relabelled), with the truth for audits
-    x_train, y_train = (apply_poison(train.x, train.y, trigger, args.target, result.poison_idx)
-                        if len(result.poison_idx) else (train.x, train.y))
-    np.savez_compressed(out / "train.npz", x=x_train, y=y_train, class_names=np.array(train.class_names),
-                        poison_idx=result.poison_idx)
-    summary = {"attack": args.attack, "data": data.source, "train_images": len(train),
-               "held_out_images": len(test), **result.summary()}
-    if isinstance(result.trigger, AdditiveTrigger):
-        np.save(out / "trigger_delta.npy", result.trigger.delta)
-        summary["trigger_delta_file"] = "trigger_delta.npy"
+    summary = save_case(out, args.attack, result, train, test, data.source)
+    summary.update(_attack_verdict(args.attack, result, train, test, args.seed))
     write_json_atomic(out / "attack.json", summary)
     return summary
+
+
+def _attack_verdict(attack: str, result: Any, train: Any, test: Any, seed: int) -> dict[str, Any]:
+    """Whether the attack reached its bar (ASR >= 90 %, clean accuracy at most 2 points below a clean model of
+    the same seed) and by how much it missed; the clean model is trained here for the comparison."""
+    if attack == "none" or result.attack_success_rate is None:
+        return {}
+    from offline.attacks import train_backdoored_model
+
+    clean = result.details.get("clean_model_accuracy")
+    if clean is None:
+        clean = train_backdoored_model(train, test, None, seed=seed).clean_accuracy
+    drop = clean - result.clean_accuracy
+    missed = []
+    if result.attack_success_rate < ATTACK_ASR_BAR:
+        missed.append(f"ASR {result.attack_success_rate:.1%} is {ATTACK_ASR_BAR - result.attack_success_rate:.1%} "
+                      f"below {ATTACK_ASR_BAR:.0%}")
+    if drop > ATTACK_ACCURACY_BAR:
+        missed.append(f"clean accuracy is {drop:.1%} below the clean model's {clean:.1%} (allowed "
+                      f"{ATTACK_ACCURACY_BAR:.0%})")
+    return {"clean_model_accuracy": round(clean, 4), "accuracy_drop": round(drop, 4),
+            "meets_bar": not missed, "missed": missed}
+
+
+def _cmd_poison_rate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from offline.attacks.rates import poison_rate_table
+
+    rows = poison_rate_table(args.train_size, args.capacity)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return rows
+    print(f"poisoning enough for a working backdoor, training set of {args.train_size:,} images, "
+          f"{args.capacity} capacity:")
+    print(f"{'family':12} {'literature':>12} {'rate':>7} {'samples':>8} {'range':>14}  attacks")
+    for r in rows:
+        low, high = r["range"]
+        counts = "{:,}-{:,}".format(*r["samples_range"])
+        literature = f"{low * 100:g}-{high * 100:g} %"
+        print(f"{r['family']:12} {literature:>12} {r['rate']:>7.2%} {r['samples']:>8,} {counts:>14}  {r['attacks']}")
+    for r in rows:
+        print(f"  {r['family']}: {r['sources']}")
+    return rows
 
 
 def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -551,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_audit(args)
         elif args.command == "demo":
             _cmd_demo(args)
+        elif args.command == "poison-rate":
+            _cmd_poison_rate(args)
     except ForensicsError as exc:
         print(f"trojan-forensics: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -25,7 +25,7 @@ import torch
 from guard.backends import EmbeddedBackend
 from guard.bundle import GuardManifest, filter_kind, sha256_file, write_bundle
 from guard.screening import ActivationFilter, StripScreen
-from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, stamp, trigger_from_description
+from offline.attacks import AnyTrigger, load_trigger, stamp
 from offline.calibrate import CalibrationSettings, calibrate, evaluate_screens
 from offline.data import Dataset
 from offline.errors import DataError, ForensicsError
@@ -36,7 +36,7 @@ from offline.repair import Evaluator, RepairSettings, repair
 from offline.report import build_report
 
 PHASES = ("scan", "repair", "export", "calibrate", "evaluate", "bundle")
-Trigger = PatchTrigger | BlendTrigger | AdditiveTrigger
+Trigger = AnyTrigger
 
 
 @dataclass
@@ -59,9 +59,18 @@ def load_true_trigger(path: str | Path) -> tuple[Trigger, int]:
     path = Path(path)
     try:
         desc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ForensicsError(f"{path}: not a usable attack.json from 'trojan-forensics train' ({exc})") from exc
+    if desc.get("target") is None:
+        raise ForensicsError(f"{path}: the {desc.get('label_rule') or 'clean'} model has no single target class; "
+                             f"the patch job's true-trigger figures need one (bench/bench_matrix.py measures "
+                             f"all-to-all attacks)")
+    try:
+        # older attack.json files name the invisible trigger's array at the top level
         delta = np.load(path.parent / desc["trigger_delta_file"]) if desc.get("trigger_delta_file") else None
-        return trigger_from_description(desc["trigger"], delta), int(desc["target"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        extra = {} if delta is None else {"delta": delta}
+        return load_trigger(desc["trigger"], path.parent, **extra), int(desc["target"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ForensicsError(f"{path}: not a usable attack.json from 'trojan-forensics train' ({exc})") from exc
 
 

@@ -1,0 +1,290 @@
+"""The coverage matrix: every attack simulator against every detector trojan-guard ships.
+
+Run: ``.venv/bin/python bench/bench_matrix.py [--only NAME] [--fresh] [--out bench-out]``
+
+For every attack of ``trojan-forensics train`` (two models each: different
+seeds, targets and trigger positions, none used to choose any setting) and two
+clean models, trained on the embedded MNIST digits (3,500 images; the other
+1,500 are the defender's clean data), it measures:
+
+- model level: the Neural Cleanse verdict of the default patch job (flagged
+  classes, the target's anomaly index) and a TABOR scan on the same fit split;
+- training data, where the attack poisons a fixed set of rows: activation
+  clustering and spectral signatures precision and recall against ``poison_idx``;
+- run time, on the patch job's test split (never used for the scan, repair or
+  calibration): guard only (``--repair none``) and after the default repair,
+  each screen's AUROC between clean and triggered test inputs, the share of
+  triggered inputs answered with the attacker's class through the guard at the
+  bundle's calibrated operating point, and the clean FRR measured there;
+- repair: true-trigger ASR and clean accuracy before and after (the exported
+  ONNX model of the bundle, as the guard serves it).
+
+Triggered inputs are the test split's images whose backdoor class differs from
+their label, carrying the true trigger (for all-to-all, class c goes to c + 1).
+Each model's row is kept in ``<out>/matrix/<model>/row.json`` and reused by a
+later run (``--fresh`` redoes them); the run writes ``<out>/matrix.json`` and
+``<out>/matrix.md``, the tables the README shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guard.backends import EmbeddedBackend  # noqa: E402
+from guard.screening import ActivationFilter, StripScreen, screen  # noqa: E402
+from offline.attacks import BlendTrigger, PatchTrigger, backdoor_targets, load_trigger  # noqa: E402
+from offline.attacks.adaptive_blend import AdaptiveBlendSettings  # noqa: E402
+from offline.attacks.registry import build_attack, save_case  # noqa: E402
+from offline.attacks.sig import SigSettings  # noqa: E402
+from offline.attacks.wanet import WaNetSettings  # noqa: E402
+from offline.audit import audit, detection_quality  # noqa: E402
+from offline.data import load_dataset, load_mnist  # noqa: E402
+from offline.export import INPUT_NAME  # noqa: E402
+from offline.models import load_model  # noqa: E402
+from offline.neural_cleanse import NeuralCleanseConfig, scan  # noqa: E402
+from offline.patch import PatchSettings, run_patch, split_clean  # noqa: E402
+from offline.repair import RepairSettings  # noqa: E402
+
+# (name, attack, target, seed, build keyword arguments); seeds 101+ are used nowhere else in the project
+MATRIX: list[tuple[str, str, int, int, dict[str, Any]]] = [
+    ("clean-1", "none", 0, 101, {}),
+    ("clean-2", "none", 0, 102, {}),
+    ("badnets-3x3-top-right", "badnets", 4, 103, {"trigger": PatchTrigger(3, row=2, col=23)}),
+    ("badnets-4x4-bottom-left-checker", "badnets", 8, 104,
+     {"trigger": PatchTrigger(4, row=22, col=3, pattern="checker")}),
+    ("blend-0.12", "blend", 1, 105, {"trigger": BlendTrigger(0.12, seed=105)}),
+    ("blend-0.2", "blend", 9, 106, {"trigger": BlendTrigger(0.2, seed=106)}),
+    ("invisible-eps0.1", "invisible", 3, 107, {"eps": 0.1}),
+    ("invisible-eps0.08", "invisible", 6, 108, {"eps": 0.08}),
+    ("all-to-all-3x3-top-left", "all-to-all", 0, 109, {"trigger": PatchTrigger(3, row=1, col=1)}),
+    ("all-to-all-4x4-bottom-right", "all-to-all", 0, 110, {"trigger": PatchTrigger(4)}),
+    ("wanet-a", "wanet", 0, 111, {"settings": WaNetSettings()}),
+    ("wanet-b", "wanet", 7, 112, {"settings": WaNetSettings()}),
+    ("adaptive-blend-a", "adaptive-blend", 6, 115, {"settings": AdaptiveBlendSettings()}),
+    ("adaptive-blend-b", "adaptive-blend", 3, 116, {"settings": AdaptiveBlendSettings()}),
+    ("sig-a", "sig", 4, 117, {"settings": SigSettings()}),
+    ("sig-b", "sig", 8, 118, {"settings": SigSettings(frequency=4.0)}),
+]
+
+
+def auroc(clean: np.ndarray, triggered: np.ndarray) -> float:
+    """Area under the ROC curve, triggered inputs positive, higher scores more suspicious (ties count half)."""
+    scores = np.concatenate([clean, triggered])
+    ranks = np.empty(len(scores))
+    order = np.argsort(scores, kind="mergesort")
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tied = scores == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    pos = ranks[len(clean):]
+    return float((pos.sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(clean)))
+
+
+def runtime(bundle: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.ndarray) -> dict[str, Any]:
+    """Each screen's AUROC and the guard's operating point, with the bundle's own thresholds."""
+    manifest = json.loads((bundle / "guard.json").read_text())
+    sc, fc = manifest["strip"], manifest["activation_filter"]
+    strip = StripScreen(np.load(bundle / "strip_pool.npy"), sc["n"], sc["threshold"], sc["blend_rule"], seed=7,
+                        classes=tuple(sc.get("classes", ())))
+    af = ActivationFilter(np.array(fc["neurons"]), fc["threshold"], weights=fc.get("weights") or None)
+    backend = EmbeddedBackend(bundle / "model.onnx", INPUT_NAME)
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        parts = [screen(backend.infer, x[i:i + 256], strip, af) for i in range(0, len(x), 256)]
+        return {"pred": np.concatenate([p.logits.argmax(1) for p in parts]),
+                "strip": np.concatenate([-p.strip.scores for p in parts]),  # low entropy is suspicious
+                "filter": np.concatenate([p.activation.scores for p in parts]),
+                "flagged": np.concatenate([p.flagged for p in parts]),
+                "strip_flagged": np.concatenate([p.strip.flagged for p in parts]),
+                "filter_flagged": np.concatenate([p.activation.flagged for p in parts])}
+
+    clean, trig = run(x_clean), run(x_trig)
+    hit = trig["pred"] == goal
+    backend.close()
+    return {"strip_auroc": round(auroc(clean["strip"], trig["strip"]), 4),
+            "filter_auroc": round(auroc(clean["filter"], trig["filter"]), 4),
+            "frr": round(float(clean["flagged"].mean()), 4),
+            "strip_frr": round(float(clean["strip_flagged"].mean()), 4),
+            "filter_frr": round(float(clean["filter_flagged"].mean()), 4),
+            "model_asr": round(float(hit.mean()), 4),
+            "attacks_through": round(float((~trig["flagged"] & hit).mean()), 4),
+            "strip_attacks_through": round(float((~trig["strip_flagged"] & hit).mean()), 4),
+            "filter_attacks_through": round(float((~trig["filter_flagged"] & hit).mean()), 4)}
+
+
+def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs: dict[str, Any]) -> dict:
+    started = time.perf_counter()
+    train, held_out = load_mnist().split(0.3, seed=0)
+    result = build_attack(attack, train, held_out, target, seed, **kwargs)
+    built = time.perf_counter() - started
+    summary = save_case(case, attack, result, train, held_out, "mnist")
+    backdoored = attack != "none"
+    rule, true_target = summary["label_rule"], summary["target"]
+    row: dict[str, Any] = {"model": name, "attack": attack, "target": "c+1" if rule == "all-to-all" else true_target,
+                           "clean_accuracy": summary["clean_accuracy"], "asr": summary["attack_success_rate"],
+                           "build_seconds": round(built, 1)}
+
+    # the patch job: Neural Cleanse, default repair; then guard only, reusing the scan
+    data = load_dataset(str(case / "clean.npz"))
+    fit, calib, test = split_clean(data, PatchSettings())
+    common = dict(work_dir=case / "work", progress=False, say=lambda _: None)
+    t0 = time.perf_counter()
+    patched = run_patch(case / "model.pt", str(case / "clean.npz"), case / "bundle", **common)
+    guard_only = run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only",
+                           settings=PatchSettings(repair=RepairSettings(method="none")), **common)
+    row["patch_seconds"] = round(time.perf_counter() - t0, 1)
+    nc_index = json.loads((case / "work" / "scan" / "result.json").read_text())["result"]["anomaly_index"]
+    row["nc"] = {"flagged": patched["flagged"], "target_index": None if true_target is None
+                 else round(nc_index[true_target], 2), "max_index": round(max(nc_index), 2)}
+
+    model = load_model(case / "model.pt", data.x[:8])
+    t0 = time.perf_counter()
+    tabor = scan(model, fit.x, calib.x, calib.y, data.num_classes, NeuralCleanseConfig(method="tabor"))
+    ti = tabor.median_anomaly_index
+    row["tabor"] = {"flagged": tabor.flagged, "target_index": None if true_target is None
+                    else round(float(ti[true_target]), 2), "max_index": round(float(ti.max()), 2),
+                    "seconds": round(time.perf_counter() - t0, 1)}
+
+    if backdoored and len(result.poison_idx):
+        poisoned = np.load(case / "train.npz")
+        found = audit(model, poisoned["x"], poisoned["y"])
+        row["audit"] = {"flagged_labels": found["flagged_classes"],
+                        "ac": detection_quality(found["activation_clustering"]["flagged_indices"], result.poison_idx),
+                        "ss": detection_quality(found["spectral_signatures"]["removed_indices"], result.poison_idx)}
+
+    if backdoored:
+        trigger = load_trigger(summary["trigger"], case)
+        goal = backdoor_targets(test.y, true_target, rule, data.num_classes)
+        keep = test.y != goal
+        x_trig = trigger.apply(test.x[keep])
+        for label, bundle in (("guard_only", case / "guard-only"), ("patched", case / "bundle")):
+            row[label] = runtime(bundle, test.x, x_trig, goal[keep])
+        rep = json.loads((case / "bundle" / "guard.json").read_text())["repair"]
+        row["repair"] = {"method": rep["method"], "acc_before": rep["before"]["accuracy"],
+                         "acc_after": rep["after"]["accuracy"], "asr_before": row["guard_only"]["model_asr"],
+                         "asr_after": row["patched"]["model_asr"]}
+    else:
+        for label, job in (("guard_only", guard_only), ("patched", patched)):
+            ev = job["evaluation"]
+            row[label] = {"frr": ev["combined_frr"], "strip_frr": ev["strip_frr"], "filter_frr": ev["activation_frr"]}
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v * 100:.{digits}f}"
+
+
+def _verdict(found: dict, target: Any, backdoored: bool) -> str:
+    flagged = found["flagged"]
+    if not backdoored:
+        return "clean" if not flagged else f"**FP {flagged}**"
+    if not flagged:
+        return f"**miss** ({found['target_index'] if found['target_index'] is not None else found['max_index']})"
+    right = target == "c+1" or target in flagged
+    index = found["target_index"] if found["target_index"] is not None else found["max_index"]
+    extra = [k for k in flagged if k != target] if target != "c+1" else []
+    return (f"{target} ({index})" + (f" +{extra}" if extra else "")) if right else f"**wrong {flagged}**"
+
+
+def markdown(rows: list[dict], seconds: float) -> str:
+    lines = [
+        "Coverage matrix (`bench/bench_matrix.py`): each attack against each detector, embedded MNIST, "
+        "1,500 clean images for the defender (patch job split 60/20/20), default settings.",
+        "",
+        "**Model and training-data detectors.** NC / TABOR: the class flagged (its anomaly index), "
+        "**miss** (the target's index) or a false positive; AC / SS: activation clustering and spectral "
+        "signatures, precision / recall (%) on the poisoned rows (- where no fixed rows are poisoned).",
+        "",
+        "| model | attack | target | ACC % | ASR % | Neural Cleanse | TABOR | AC P / R | SS P / R |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        backdoored = r["attack"] != "none"
+        a = r.get("audit")
+        ac = f"{_pct(a['ac']['precision'], 0)} / {_pct(a['ac']['recall'], 0)}" if a else "-"
+        ss = f"{_pct(a['ss']['precision'], 0)} / {_pct(a['ss']['recall'], 0)}" if a else "-"
+        lines.append(f"| {r['model']} | {r['attack']} | {r['target'] if backdoored else '-'} | "
+                     f"{_pct(r['clean_accuracy'])} | {_pct(r['asr'])} | {_verdict(r['nc'], r['target'], backdoored)} "
+                     f"| {_verdict(r['tabor'], r['target'], backdoored)} | {ac} | {ss} |")
+    lines += [
+        "",
+        "**Run time** (test split, triggered = true trigger on images of other classes): AUROC of each screen "
+        "between clean and triggered inputs; *through* = triggered inputs answered with the attacker's class "
+        "through both screens at the bundle's operating point; FRR = clean inputs refused there (%).",
+        "",
+        "| model | guard only: STRIP AUROC | filter AUROC | through % | FRR % | repaired: STRIP AUROC | "
+        "filter AUROC | through % | FRR % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        g, p = r["guard_only"], r["patched"]
+        if r["attack"] == "none":
+            lines.append(f"| {r['model']} | - | - | - | {_pct(g['frr'])} | - | - | - | {_pct(p['frr'])} |")
+            continue
+        lines.append(f"| {r['model']} | {g['strip_auroc']:.3f} | {g['filter_auroc']:.3f} | "
+                     f"{_pct(g['attacks_through'])} | {_pct(g['frr'])} | {p['strip_auroc']:.3f} | "
+                     f"{p['filter_auroc']:.3f} | {_pct(p['attacks_through'])} | {_pct(p['frr'])} |")
+    lines += [
+        "",
+        "**Repair** (default: unlearning the reversed trigger of the flagged class; none when nothing is "
+        "flagged): true-trigger ASR and clean accuracy on the test split, before -> after (%).",
+        "",
+        "| model | repair | ASR before -> after | ACC before -> after |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["attack"] == "none":
+            continue
+        rp = r["repair"]
+        lines.append(f"| {r['model']} | {rp['method']} | {_pct(rp['asr_before'])} -> {_pct(rp['asr_after'])} | "
+                     f"{_pct(rp['acc_before'])} -> {_pct(rp['acc_after'])} |")
+    total = sum(r["seconds"] for r in rows)
+    lines += ["", f"{len(rows)} models; {total / 60:.0f} min of model time in all (this run: {seconds / 60:.0f} "
+              f"min wall, rows from earlier runs reused), 2-core CPU."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out", help="(default: %(default)s)")
+    parser.add_argument("--only", default=None, help="run only models whose name contains this")
+    parser.add_argument("--fresh", action="store_true", help="redo models whose row an earlier run kept")
+    args = parser.parse_args()
+    out = Path(args.out)
+    started = time.perf_counter()
+    rows = []
+    for name, attack, target, seed, kwargs in MATRIX:
+        if args.only and args.only not in name:
+            continue
+        case = out / "matrix" / name
+        kept = case / "row.json"
+        if kept.is_file() and not args.fresh:
+            rows.append(json.loads(kept.read_text()))
+            continue
+        if case.exists():
+            shutil.rmtree(case)
+        row = model_row(case, name, attack, target, seed, kwargs)
+        kept.write_text(json.dumps(row, indent=2))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    seconds = time.perf_counter() - started
+    (out / "matrix.json").write_text(json.dumps(rows, indent=2))
+    table = markdown(rows, seconds)
+    (out / "matrix.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
