@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -78,17 +79,9 @@ MATRIX: list[tuple[str, str, int, int, dict[str, Any]]] = [
 
 
 def auroc(clean: np.ndarray, triggered: np.ndarray) -> float:
-    """Area under the ROC curve, triggered inputs positive, higher scores more suspicious (ties count half)."""
-    scores = np.concatenate([clean, triggered])
-    ranks = np.empty(len(scores))
-    order = np.argsort(scores, kind="mergesort")
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores):  # average ranks of ties
-        tied = scores == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    pos = ranks[len(clean):]
-    return float((pos.sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(clean)))
+    """Area under the ROC curve, triggered inputs positive, higher scores more suspicious."""
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(triggered))]
+    return float(roc_auc_score(labels, np.concatenate([clean, triggered])))
 
 
 def runtime(bundle: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.ndarray) -> dict[str, Any]:

@@ -358,7 +358,6 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from offline.attacks import BlendTrigger, PatchTrigger
     from offline.attacks.registry import ATTACKS, build_attack, save_case
     from offline.data import load_dataset
-    from offline.jobs import write_json_atomic
 
     data = load_dataset(args.data)
     if not 0 <= args.target < data.num_classes:
@@ -377,11 +376,8 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     settings = _attack_settings(spec, args) if spec.module is not None else None
     result = build_attack(args.attack, train, test, args.target, args.seed, trigger=trigger,
                           poison_rate=args.poison_rate, epochs=args.epochs, eps=args.eps, settings=settings)
-    out = Path(args.out)
-    summary = save_case(out, args.attack, result, train, test, data.source)
-    summary.update(_attack_verdict(args.attack, result, train, test, args.seed))
-    write_json_atomic(out / "attack.json", summary)
-    return summary
+    return save_case(Path(args.out), args.attack, result, train, test, data.source,
+                     extra=_attack_verdict(args.attack, result, train, test, args.seed))
 
 
 def _attack_verdict(attack: str, result: Any, train: Any, test: Any, seed: int) -> dict[str, Any]:

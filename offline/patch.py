@@ -36,8 +36,6 @@ from offline.repair import Evaluator, RepairSettings, repair
 from offline.report import build_report
 
 PHASES = ("scan", "repair", "export", "calibrate", "evaluate", "bundle")
-Trigger = AnyTrigger
-
 
 @dataclass
 class PatchSettings:
@@ -54,7 +52,7 @@ class PatchSettings:
     policy: str = "enforce"
 
 
-def load_true_trigger(path: str | Path) -> tuple[Trigger, int]:
+def load_true_trigger(path: str | Path) -> tuple[AnyTrigger, int]:
     """The true trigger and target from an ``attack.json`` written by ``trojan-forensics train``."""
     path = Path(path)
     try:

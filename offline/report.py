@@ -108,10 +108,10 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                  "candidates": rec.get("candidates", [])}
         desc = truth.get("trigger") or {}
         if desc.get("kind") == "patch":
-            from offline.attacks import trigger_from_description
+            from offline.attacks import load_trigger
 
             plane = mask.reshape(mask.shape[-2:])
-            region = trigger_from_description(desc).region(*plane.shape)
+            region = load_trigger(desc).region(*plane.shape)
             entry["true_trigger_overlap"] = round(float(plane[region].sum() / max(plane.sum(), 1e-12)), 4)
         triggers.append(entry)
 

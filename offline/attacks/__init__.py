@@ -39,12 +39,11 @@ from offline.attacks.triggers import (
     load_trigger,
     save_trigger,
     stamp,
-    trigger_from_description,
 )
 
 __all__ = [
     "LABEL_RULES", "AdditiveTrigger", "AnyTrigger", "BackdoorResult", "BlendTrigger", "GeneratorTrigger",
     "MaskTrigger", "PatchTrigger", "SignalTrigger", "Trigger", "WarpTrigger", "accuracy", "apply_poison",
     "attack_success_rate", "backdoor_targets", "load_trigger", "new_model", "poison_indices", "predict",
-    "save_trigger", "stamp", "train_backdoored_model", "train_classifier", "trigger_from_description",
+    "save_trigger", "stamp", "train_backdoored_model", "train_classifier",
 ]

@@ -26,7 +26,7 @@ from offline.attacks.training import (
     accuracy,
     attack_success_rate,
     new_model,
-    poison_indices,
+    poison_and_cover,
     train_classifier,
 )
 from offline.attacks.triggers import BlendTrigger, blend_pattern, stamp
@@ -65,9 +65,7 @@ def train_adaptive_blend(train: Dataset, test: Dataset, target: int, s: Adaptive
     net = new_model(train, seed)
     rng = np.random.default_rng(seed)
     pattern = blend_pattern(train.input_shape, seed)
-    idx = poison_indices(train.y, target, s.poison_rate, rng)
-    rest = np.setdiff1d(np.arange(len(train)), idx)
-    cover = np.sort(rng.choice(rest, size=min(len(rest), int(round(s.cover_rate * len(train)))), replace=False))
+    idx, cover = poison_and_cover(train.y, target, s.poison_rate, s.cover_rate, rng)
     x, y = train.x.copy(), train.y.copy()
     for rows in (idx, cover):
         masks = partial_masks(len(rows), train.input_shape[1:], s.pieces, s.keep, s.alpha, rng)

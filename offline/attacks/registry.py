@@ -72,9 +72,11 @@ def build_attack(name: str, train: Any, test: Any, target: int, seed: int = 0, *
                                   label_rule="all-to-all" if name == "all-to-all" else "all-to-one")
 
 
-def save_case(out: Any, name: str, result: Any, train: Any, test: Any, source: str) -> dict[str, Any]:
+def save_case(out: Any, name: str, result: Any, train: Any, test: Any, source: str,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``trojan-forensics train`` writes: model.pt, clean.npz (held out), train.npz (the training set as
-    trained on, with ``poison_idx``), the trigger's files and attack.json, whose content is returned."""
+    trained on, with ``poison_idx``), the trigger's files and attack.json (with ``extra`` in it), whose content
+    is returned."""
     from pathlib import Path
 
     import numpy as np
@@ -95,5 +97,6 @@ def save_case(out: Any, name: str, result: Any, train: Any, test: Any, source: s
                **result.summary()}
     if result.trigger is not None:
         summary["trigger"] = save_trigger(result.trigger, out)
+    summary.update(extra or {})
     write_json_atomic(out / "attack.json", summary)
     return summary

@@ -47,6 +47,16 @@ def poison_indices(y: np.ndarray, target: int | None, rate: float, rng: np.rando
     return np.sort(rng.choice(candidates, size=min(count, len(candidates)), replace=False))
 
 
+def poison_and_cover(y: np.ndarray, target: int, poison_rate: float, cover_rate: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Poisoned rows (non-target, ``poison_rate`` of the set) and, among the rest, cover rows (``cover_rate``):
+    cover samples carry a (partial or perturbed) trigger and keep their labels."""
+    idx = poison_indices(y, target, poison_rate, rng)
+    rest = np.setdiff1d(np.arange(len(y)), idx)
+    cover = np.sort(rng.choice(rest, size=min(len(rest), int(round(cover_rate * len(y)))), replace=False))
+    return idx, cover
+
+
 def apply_poison(x: np.ndarray, y: np.ndarray, trigger: Trigger, target: int | None,
                  idx: np.ndarray, rule: str = "all-to-one") -> tuple[np.ndarray, np.ndarray]:
     """The poisoned training set: rows ``idx`` stamped with the trigger and relabelled by the backdoor."""

@@ -314,8 +314,3 @@ def load_trigger(desc: dict, directory: str | Path | None = None, **arrays: np.n
             raise ValueError("the dynamic trigger needs its generator (trigger_generator.pt beside attack.json)")
         return GeneratorTrigger(torch.jit.load(str(Path(directory) / files["generator"])))
     raise ValueError(f"unknown trigger kind {kind!r}")
-
-
-def trigger_from_description(desc: dict, delta: np.ndarray | None = None) -> AnyTrigger:
-    """Rebuild a trigger from its ``describe()`` output (``delta`` for the invisible one)."""
-    return load_trigger(desc, **({} if delta is None else {"delta": delta}))

@@ -33,7 +33,7 @@ from offline.attacks.training import (
     accuracy,
     attack_success_rate,
     new_model,
-    poison_indices,
+    poison_and_cover,
     train_classifier,
 )
 from offline.attacks.triggers import WarpTrigger, warp_field
@@ -57,9 +57,7 @@ def train_wanet(train: Dataset, test: Dataset, target: int, s: WaNetSettings | N
     trigger = WarpTrigger(warp_field(height, width, s.k, seed), s.strength, s.k, seed)
     net = new_model(train, seed)
     rng = np.random.default_rng(seed)
-    idx = poison_indices(train.y, target, s.poison_rate, rng)
-    rest = np.setdiff1d(np.arange(len(train)), idx)
-    cover = np.sort(rng.choice(rest, size=min(len(rest), int(round(s.cover_rate * len(train)))), replace=False))
+    idx, cover = poison_and_cover(train.y, target, s.poison_rate, s.cover_rate, rng)
     x, y = train.x.copy(), train.y.copy()
     x[idx] = trigger.apply(x[idx])
     y[idx] = target
