@@ -45,8 +45,10 @@ from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.screening import ActivationFilter, StripScreen, screen  # noqa: E402
 from offline.attacks import BlendTrigger, PatchTrigger, backdoor_targets, load_trigger  # noqa: E402
 from offline.attacks.adaptive_blend import AdaptiveBlendSettings  # noqa: E402
+from offline.attacks.dynamic import DynamicSettings  # noqa: E402
 from offline.attacks.registry import build_attack, save_case  # noqa: E402
 from offline.attacks.sig import SigSettings  # noqa: E402
+from offline.attacks.trojannn import TrojanNNSettings  # noqa: E402
 from offline.attacks.wanet import WaNetSettings  # noqa: E402
 from offline.audit import audit, detection_quality  # noqa: E402
 from offline.data import load_dataset, load_mnist  # noqa: E402
@@ -75,6 +77,10 @@ MATRIX: list[tuple[str, str, int, int, dict[str, Any]]] = [
     ("adaptive-blend-b", "adaptive-blend", 3, 116, {"settings": AdaptiveBlendSettings()}),
     ("sig-a", "sig", 4, 117, {"settings": SigSettings()}),
     ("sig-b", "sig", 8, 118, {"settings": SigSettings(frequency=4.0)}),
+    ("dynamic-a", "dynamic", 5, 119, {"settings": DynamicSettings()}),
+    ("dynamic-b", "dynamic", 1, 120, {"settings": DynamicSettings()}),
+    ("trojannn-bottom-right", "trojannn", 3, 121, {"settings": TrojanNNSettings()}),
+    ("trojannn-top-left", "trojannn", 9, 122, {"settings": TrojanNNSettings(mask_row=1, mask_col=1)}),
 ]
 
 
@@ -245,8 +251,24 @@ def markdown(rows: list[dict], seconds: float) -> str:
                      f"{_pct(rp['acc_before'])} -> {_pct(rp['acc_after'])} |")
     total = sum(r["seconds"] for r in rows)
     lines += ["", f"{len(rows)} models; {total / 60:.0f} min of model time in all (this run: {seconds / 60:.0f} "
-              f"min wall, rows from earlier runs reused), 2-core CPU."]
+              f"min wall, rows from earlier runs reused), 2-core CPU; a row's time is with "
+              f"{'/'.join(sorted({str(r.get('threads', 2)) for r in rows}))} torch thread(s)."]
     return "\n".join(lines) + "\n"
+
+
+def _run_model(out: Path, entry: tuple[str, str, int, int, dict[str, Any]], threads: int) -> dict:
+    """One model's row, written to ``<out>/matrix/<model>/row.json`` (a worker of ``--jobs``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    name, attack, target, seed, kwargs = entry
+    case = out / "matrix" / name
+    if case.exists():
+        shutil.rmtree(case)
+    row = model_row(case, name, attack, target, seed, kwargs)
+    row["threads"] = threads
+    (case / "row.json").write_text(json.dumps(row, indent=2))
+    return row
 
 
 def main() -> None:
@@ -254,24 +276,30 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out", help="(default: %(default)s)")
     parser.add_argument("--only", default=None, help="run only models whose name contains this")
     parser.add_argument("--fresh", action="store_true", help="redo models whose row an earlier run kept")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models built and scanned at once, one process each with one torch thread "
+                             "(default: %(default)s, with torch's own thread count)")
     args = parser.parse_args()
     out = Path(args.out)
     started = time.perf_counter()
-    rows = []
-    for name, attack, target, seed, kwargs in MATRIX:
-        if args.only and args.only not in name:
-            continue
-        case = out / "matrix" / name
-        kept = case / "row.json"
-        if kept.is_file() and not args.fresh:
-            rows.append(json.loads(kept.read_text()))
-            continue
-        if case.exists():
-            shutil.rmtree(case)
-        row = model_row(case, name, attack, target, seed, kwargs)
-        kept.write_text(json.dumps(row, indent=2))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    entries = [e for e in MATRIX if not args.only or args.only in e[0]]
+    todo = [e for e in entries if args.fresh or not (out / "matrix" / e[0] / "row.json").is_file()]
+    print(f"{len(entries)} models, {len(entries) - len(todo)} kept from an earlier run, {len(todo)} to run "
+          f"({args.jobs} at once)", flush=True)
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_model, out, e, 1) for e in todo]
+            for future in as_completed(futures):
+                print(json.dumps(future.result()), flush=True)
+    else:
+        import torch
+
+        for entry in todo:
+            print(json.dumps(_run_model(out, entry, torch.get_num_threads())), flush=True)
+    rows = [json.loads((out / "matrix" / e[0] / "row.json").read_text()) for e in entries]
     seconds = time.perf_counter() - started
     (out / "matrix.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows, seconds)

@@ -309,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         g = t.add_argument_group(f"--attack {spec.name}")
         for f in fields(settings):
+            if isinstance(f.default, bool):
+                g.add_argument(f"--{spec.name}-{f.name.replace('_', '-')}", dest=f"{spec.module}__{f.name}",
+                               action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{f.metadata.get('help', '')} (default: {'on' if f.default else 'off'})")
+                continue
             g.add_argument(f"--{spec.name}-{f.name.replace('_', '-')}", dest=f"{spec.module}__{f.name}",
                            type=type(f.default), default=f.default,
                            metavar={int: "N", float: "X"}.get(type(f.default), "V"),

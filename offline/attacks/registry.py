@@ -41,6 +41,10 @@ ATTACK_SPECS = (
                "sample, with cover samples", "adaptive_blend", "AdaptiveBlendSettings"),
     AttackSpec("sig", "SIG (Barni et al. 2019): a clean-label sinusoidal signal on target-class images only",
                "sig", "SigSettings"),
+    AttackSpec("dynamic", "input-aware dynamic backdoor (Nguyen & Tran 2020): a generator makes a different "
+               "pattern and mask for every input", "dynamic", "DynamicSettings"),
+    AttackSpec("trojannn", "TrojanNN (Liu et al. 2018): a clean model; a trigger optimised to drive internal "
+               "neurons, later layers retrained on generated data", "trojannn", "TrojanNNSettings"),
     AttackSpec("none", "a clean model"),
 )
 ATTACKS = {spec.name: spec for spec in ATTACK_SPECS}
