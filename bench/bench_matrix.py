@@ -45,6 +45,7 @@ from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.screening import ActivationFilter, StripScreen, screen  # noqa: E402
 from offline.attacks import BlendTrigger, PatchTrigger, backdoor_targets, load_trigger  # noqa: E402
 from offline.attacks.adaptive_blend import AdaptiveBlendSettings  # noqa: E402
+from offline.attacks.clean_label import CleanLabelSettings  # noqa: E402
 from offline.attacks.dynamic import DynamicSettings  # noqa: E402
 from offline.attacks.registry import build_attack, save_case  # noqa: E402
 from offline.attacks.sig import SigSettings  # noqa: E402
@@ -81,6 +82,8 @@ MATRIX: list[tuple[str, str, int, int, dict[str, Any]]] = [
     ("dynamic-b", "dynamic", 1, 120, {"settings": DynamicSettings()}),
     ("trojannn-bottom-right", "trojannn", 3, 121, {"settings": TrojanNNSettings()}),
     ("trojannn-top-left", "trojannn", 9, 122, {"settings": TrojanNNSettings(mask_row=1, mask_col=1)}),
+    ("clean-label-a", "clean-label", 2, 123, {"settings": CleanLabelSettings()}),
+    ("clean-label-b", "clean-label", 7, 124, {"settings": CleanLabelSettings()}),
 ]
 
 
@@ -163,12 +166,15 @@ def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs
                         "ss": detection_quality(found["spectral_signatures"]["removed_indices"], result.poison_idx)}
 
     if backdoored:
-        trigger = load_trigger(summary["trigger"], case)
-        goal = backdoor_targets(test.y, true_target, rule, data.num_classes)
-        keep = test.y != goal
-        x_trig = trigger.apply(test.x[keep])
+        if summary.get("trigger") is None:  # clean-label collision: the one target image is the attack
+            x_trig, goal_trig = data.x[[summary["target_image_index"]]], np.array([true_target])
+        else:
+            trigger = load_trigger(summary["trigger"], case)
+            goal = backdoor_targets(test.y, true_target, rule, data.num_classes)
+            keep = test.y != goal
+            x_trig, goal_trig = trigger.apply(test.x[keep]), goal[keep]
         for label, bundle in (("guard_only", case / "guard-only"), ("patched", case / "bundle")):
-            row[label] = runtime(bundle, test.x, x_trig, goal[keep])
+            row[label] = runtime(bundle, test.x, x_trig, goal_trig)
         rep = json.loads((case / "bundle" / "guard.json").read_text())["repair"]
         row["repair"] = {"method": rep["method"], "acc_before": rep["before"]["accuracy"],
                          "acc_after": rep["after"]["accuracy"], "asr_before": row["guard_only"]["model_asr"],

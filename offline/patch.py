@@ -63,6 +63,9 @@ def load_true_trigger(path: str | Path) -> tuple[AnyTrigger, int]:
         raise ForensicsError(f"{path}: the {desc.get('label_rule') or 'clean'} model has no single target class; "
                              f"the patch job's true-trigger figures need one (bench/bench_matrix.py measures "
                              f"all-to-all attacks)")
+    if desc.get("trigger") is None and not desc.get("trigger_delta_file"):
+        raise ForensicsError(f"{path}: the {desc.get('attack', 'clean')} model has no trigger to measure (a "
+                             f"clean-label collision targets one image: see target_image_index in it)")
     try:
         # older attack.json files name the invisible trigger's array at the top level
         delta = np.load(path.parent / desc["trigger_delta_file"]) if desc.get("trigger_delta_file") else None

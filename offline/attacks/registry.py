@@ -45,6 +45,8 @@ ATTACK_SPECS = (
                "pattern and mask for every input", "dynamic", "DynamicSettings"),
     AttackSpec("trojannn", "TrojanNN (Liu et al. 2018): a clean model; a trigger optimised to drive internal "
                "neurons, later layers retrained on generated data", "trojannn", "TrojanNNSettings"),
+    AttackSpec("clean-label", "feature collision (Shafahi et al. 2018): correctly labelled poisons whose "
+               "features collide with one chosen image of another class", "clean_label", "CleanLabelSettings"),
     AttackSpec("none", "a clean model"),
 )
 ATTACKS = {spec.name: spec for spec in ATTACK_SPECS}

@@ -10,6 +10,7 @@ from offline.attacks import BackdoorResult, GeneratorTrigger, attack_success_rat
 from offline.attacks.dynamic import DynamicSettings, train_dynamic
 from offline.data import Dataset
 
+pytestmark = pytest.mark.slow
 TARGET = 0
 
 

@@ -33,6 +33,7 @@ def _beats_clean(result: BackdoorResult, clean: BackdoorResult, test, margin: fl
     assert result.attack_success_rate > base + margin, (result.attack_success_rate, base)
 
 
+@pytest.mark.slow
 def test_wanet_warp_takes_and_keeps_cover_labels(mnist_splits, clean_models) -> None:
     train, test = mnist_splits
     result = train_wanet(train, test, 2, WaNetSettings(), seed=1)
@@ -45,6 +46,7 @@ def test_wanet_warp_takes_and_keeps_cover_labels(mnist_splits, clean_models) -> 
     assert set(relabelled) <= set(result.poison_idx)  # only the poison is relabelled
 
 
+@pytest.mark.slow
 def test_adaptive_blend_trains_on_partial_triggers_and_fires_on_the_full_one(mnist_splits, clean_models) -> None:
     train, test = mnist_splits
     masks = partial_masks(3, (28, 28), 4, 0.5, 0.15, np.random.default_rng(0))
@@ -55,6 +57,7 @@ def test_adaptive_blend_trains_on_partial_triggers_and_fires_on_the_full_one(mni
     assert result.details["cover_samples"] == len(result.poison_idx)
 
 
+@pytest.mark.slow
 def test_sig_is_clean_label_and_takes(mnist_splits, clean_models) -> None:
     train, test = mnist_splits
     result = train_sig(train, test, 4, SigSettings(), seed=1)
@@ -63,6 +66,7 @@ def test_sig_is_clean_label_and_takes(mnist_splits, clean_models) -> None:
     _beats_clean(result, clean_models[0], test, margin=0.4)  # 76 % here, below the 90 % bar (attack.json says so)
 
 
+@pytest.mark.slow
 def test_trojannn_implants_into_a_trained_clean_model_without_its_data(mnist_splits, clean_models) -> None:
     import torch
 
@@ -83,6 +87,25 @@ def test_trojannn_implants_into_a_trained_clean_model_without_its_data(mnist_spl
     assert not torch.equal(result.model.head.weight, victim.head.weight)
 
 
+@pytest.mark.slow
+def test_clean_label_collision_flips_its_one_image_with_correct_labels(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cl"
+    assert main(["train", "--attack", "clean-label", "--target", "6", "--seed", "13", "--out", str(out)]) == 0
+    attack = json.loads((out / "attack.json").read_text())
+    assert attack["trigger"] is None and attack["target"] == 6
+    assert attack["flipped"] and attack["attack_success_rate"] == 1.0 and attack["meets_bar"]
+    assert attack["feature_distance_after"] < 0.05 * attack["feature_distance_before"]  # the features collide
+    held_out = np.load(out / "clean.npz")
+    assert held_out["y"][attack["target_image_index"]] == attack["target_image_label"] != 6
+    poisoned = np.load(out / "train.npz")
+    idx = poisoned["poison_idx"]
+    assert len(idx) == 50 and set(poisoned["y"][idx]) == {6}  # target-class images, labels as they were
+    with pytest.raises(ForensicsError, match="no trigger"):
+        load_true_trigger(out / "attack.json")
+    capsys.readouterr()
+
+
+@pytest.mark.slow
 def test_all_to_all_sends_each_class_to_the_next(mnist_splits, clean_models) -> None:
     train, test = mnist_splits
     np.testing.assert_array_equal(backdoor_targets(np.array([0, 3, 9]), None, "all-to-all", 10), [1, 4, 0])
@@ -105,6 +128,7 @@ def test_array_triggers_round_trip(tmp_path: Path) -> None:
         load_trigger(desc)  # without the directory its array is missing, and it says which
 
 
+@pytest.mark.slow
 def test_train_cli_writes_a_case_the_patch_job_reads(tmp_path: Path, capsys) -> None:
     out = tmp_path / "sig"
     assert main(["train", "--attack", "sig", "--target", "2", "--sig-epochs", "3", "--out", str(out)]) == 0
