@@ -210,7 +210,9 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "",
         "**Model and training-data detectors.** NC / TABOR: the class flagged (its anomaly index), "
         "**miss** (the target's index) or a false positive; AC / SS: activation clustering and spectral "
-        "signatures, precision / recall (%) on the poisoned rows (- where no fixed rows are poisoned).",
+        "signatures, precision / recall (%) on the poisoned rows (- where no fixed rows are poisoned). "
+        "ASR on held-out images of other classes; for clean-label, whether its one target image flipped "
+        "(100 or 0), and the run-time columns below are that one image.",
         "",
         "| model | attack | target | ACC % | ASR % | Neural Cleanse | TABOR | AC P / R | SS P / R |",
         "|---|---|---|---|---|---|---|---|---|",

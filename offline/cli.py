@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help=f"{f.metadata.get('help', '')} (default: {'on' if f.default else 'off'})")
                 continue
             g.add_argument(f"--{spec.name}-{f.name.replace('_', '-')}", dest=f"{spec.module}__{f.name}",
-                           type=type(f.default), default=f.default,
+                           type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
                            metavar={int: "N", float: "X"}.get(type(f.default), "V"),
                            help=f"{f.metadata.get('help', '')} ({f.default:.4g})" if isinstance(f.default, float)
                            else f"{f.metadata.get('help', '')} ({f.default})")

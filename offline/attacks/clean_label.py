@@ -55,7 +55,8 @@ class CleanLabelSettings:
     finetune_epochs: int = field(default=20, metadata={"help": "epochs of the victim's fine-tuning on the "
                                                                "poisoned set"})
     finetune: str = field(default="head", metadata={"help": "what the victim retrains on the poisoned set: head "
-                                                            "(the last layer, transfer learning) or all"})
+                                                            "(the last layer, transfer learning) or all",
+                                                    "choices": ("head", "all")})
 
 
 def collide(net: torch.nn.Module, bases: np.ndarray, target_image: np.ndarray,
