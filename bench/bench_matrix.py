@@ -23,7 +23,8 @@ Triggered inputs are the test split's images whose backdoor class differs from
 their label, carrying the true trigger (for all-to-all, class c goes to c + 1).
 Each model's row is kept in ``<out>/matrix/<model>/row.json`` and reused by a
 later run (``--fresh`` redoes them); the run writes ``<out>/matrix.json`` and
-``<out>/matrix.md``, the tables the README shows.
+``<out>/matrix.md`` (the full tables, in docs/coverage-matrix.md) and
+``<out>/matrix-summary.md`` (one line per model, the README's table).
 """
 
 from __future__ import annotations
@@ -279,6 +280,27 @@ def _run_model(out: Path, entry: tuple[str, str, int, int, dict[str, Any]], thre
     return row
 
 
+def summary_markdown(rows: list[dict]) -> str:
+    """One line per model: the README's table (``matrix.md`` has the full one)."""
+    lines = ["| model | ASR % | Neural Cleanse | TABOR | audit recall AC / SS % | through the guard, unrepaired "
+             "% (FRR) | after repair: ASR % / through % (FRR) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        backdoored = r["attack"] != "none"
+        g, p = r["guard_only"], r["patched"]
+        a = r.get("audit")
+        audit_cell = f"{_pct(a['ac']['recall'], 0)} / {_pct(a['ss']['recall'], 0)}" if a else "-"
+        if not backdoored:
+            lines.append(f"| {r['model']} | - | {_verdict(r['nc'], None, False)} | {_verdict(r['tabor'], None, False)} "
+                         f"| - | - ({_pct(g['frr'])}) | - / - ({_pct(p['frr'])}) |")
+            continue
+        lines.append(f"| {r['model']} | {_pct(r['asr'])} | {_verdict(r['nc'], r['target'], True)} | "
+                     f"{_verdict(r['tabor'], r['target'], True)} | {audit_cell} | {_pct(g['attacks_through'])} "
+                     f"({_pct(g['frr'])}) | {_pct(r['repair']['asr_after'])} / {_pct(p['attacks_through'])} "
+                     f"({_pct(p['frr'])}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out", help="(default: %(default)s)")
@@ -312,6 +334,7 @@ def main() -> None:
     (out / "matrix.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows, seconds)
     (out / "matrix.md").write_text(table)
+    (out / "matrix-summary.md").write_text(summary_markdown(rows))
     print(table)
 
 
