@@ -186,7 +186,8 @@ def implant(net: nn.Module, target: int, s: TrojanNNSettings, seed: int = 0,
     details = {
         "layer": LAYER, "neurons": [[int(c), int(r), int(q)] for c, r, q in units.nonzero().tolist()],
         "channels": [int(c) for c in channels], "excitation": round(ratio, 2),
-        "generated_images": int(len(x_gen)), "retrained": ["body.3", "body.7", "head"],
+        "generated_images": int(len(x_gen)),
+        "retrained": sorted({n.rsplit(".", 1)[0] for n, _ in net.named_parameters() if not n.startswith("body.0.")}),
     }
     return trigger, details
 
