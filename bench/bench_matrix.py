@@ -265,11 +265,14 @@ def markdown(rows: list[dict], seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_model(out: Path, entry: tuple[str, str, int, int, dict[str, Any]], threads: int) -> dict:
-    """One model's row, written to ``<out>/matrix/<model>/row.json`` (a worker of ``--jobs``)."""
+def _run_model(out: Path, entry: tuple[str, str, int, int, dict[str, Any]], threads: int | None = None) -> dict:
+    """One model's row, written to ``<out>/matrix/<model>/row.json``; ``threads`` sets torch's (a worker of
+    ``--jobs``)."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
     name, attack, target, seed, kwargs = entry
     case = out / "matrix" / name
     if case.exists():
@@ -325,10 +328,8 @@ def main() -> None:
             for future in as_completed(futures):
                 print(json.dumps(future.result()), flush=True)
     else:
-        import torch
-
         for entry in todo:
-            print(json.dumps(_run_model(out, entry, torch.get_num_threads())), flush=True)
+            print(json.dumps(_run_model(out, entry)), flush=True)
     rows = [json.loads((out / "matrix" / e[0] / "row.json").read_text()) for e in entries]
     seconds = time.perf_counter() - started
     (out / "matrix.json").write_text(json.dumps(rows, indent=2))

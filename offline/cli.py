@@ -397,10 +397,7 @@ def _attack_verdict(attack: str, result: Any, train: Any, test: Any, seed: int) 
         clean = train_backdoored_model(train, test, None, seed=seed).clean_accuracy
     drop = clean - result.clean_accuracy
     missed = []
-    if "flipped" in result.details:  # an attack on one image (clean-label feature collision)
-        if not result.details["flipped"]:
-            missed.append("the target image was not flipped to the target class")
-    elif result.attack_success_rate < ATTACK_ASR_BAR:
+    if result.attack_success_rate < ATTACK_ASR_BAR:  # clean-label: 0 or 1, whether its one image flipped
         missed.append(f"ASR {result.attack_success_rate:.1%} is {ATTACK_ASR_BAR - result.attack_success_rate:.1%} "
                       f"below {ATTACK_ASR_BAR:.0%}")
     if drop > ATTACK_ACCURACY_BAR:
