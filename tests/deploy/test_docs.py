@@ -1,4 +1,4 @@
-"""Every trojan-guard / trojan-forensics command in the operations docs is one the CLIs accept."""
+"""Every trojan-guard / trojan-forensics command in the README, the reference and operations docs parses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from guard.cli import build_parser as guard_parser
 from offline.cli import build_parser as forensics_parser
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "docs" / "operations.md", ROOT / "README.md"]
+DOCS = [ROOT / "docs" / "operations.md", ROOT / "docs" / "reference.md", ROOT / "README.md"]
 PARSERS = {"trojan-guard": guard_parser, "trojan-forensics": forensics_parser}
 
 
