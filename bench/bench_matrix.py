@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guard.backends import EmbeddedBackend  # noqa: E402
-from guard.screening import ActivationFilter, StripScreen, screen  # noqa: E402
+from guard.bundle import GuardBundle  # noqa: E402
 from offline.attacks import BlendTrigger, PatchTrigger, backdoor_targets, load_trigger  # noqa: E402
 from offline.attacks.adaptive_blend import AdaptiveBlendSettings  # noqa: E402
 from offline.attacks.clean_label import CleanLabelSettings  # noqa: E402
@@ -57,7 +57,7 @@ from offline.data import load_dataset, load_mnist  # noqa: E402
 from offline.export import INPUT_NAME  # noqa: E402
 from offline.models import load_model  # noqa: E402
 from offline.neural_cleanse import NeuralCleanseConfig, scan  # noqa: E402
-from offline.patch import PatchSettings, run_patch, split_clean  # noqa: E402
+from offline.patch import SCAN_SHARE, PatchSettings, run_patch, split_clean  # noqa: E402
 from offline.repair import RepairSettings  # noqa: E402
 
 # (name, attack, target, seed, build keyword arguments); seeds 101+ are used nowhere else in the project
@@ -94,36 +94,60 @@ def auroc(clean: np.ndarray, triggered: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.concatenate([clean, triggered])))
 
 
-def runtime(bundle: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.ndarray) -> dict[str, Any]:
-    """Each screen's AUROC and the guard's operating point, with the bundle's own thresholds."""
-    manifest = json.loads((bundle / "guard.json").read_text())
-    sc, fc = manifest["strip"], manifest["activation_filter"]
-    strip = StripScreen(np.load(bundle / "strip_pool.npy"), sc["n"], sc["threshold"], sc["blend_rule"], seed=7,
-                        classes=tuple(sc.get("classes", ())))
-    af = ActivationFilter(np.array(fc["neurons"]), fc["threshold"], weights=fc.get("weights") or None)
-    backend = EmbeddedBackend(bundle / "model.onnx", INPUT_NAME)
+def runtime(bundle_dir: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.ndarray) -> dict[str, Any]:
+    """Each detector's AUROC and the guard's operating point (its one verdict), with the bundle as served."""
+    bundle = GuardBundle.load(bundle_dir)
+    screen = bundle.screen(seed=7)
+    backend = EmbeddedBackend(bundle.model_path, INPUT_NAME)
 
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        parts = [screen(backend.infer, x[i:i + 256], strip, af) for i in range(0, len(x), 256)]
-        return {"pred": np.concatenate([p.logits.argmax(1) for p in parts]),
-                "strip": np.concatenate([-p.strip.scores for p in parts]),  # low entropy is suspicious
-                "filter": np.concatenate([p.activation.scores for p in parts]),
-                "flagged": np.concatenate([p.flagged for p in parts]),
-                "strip_flagged": np.concatenate([p.strip.flagged for p in parts]),
-                "filter_flagged": np.concatenate([p.activation.flagged for p in parts])}
+        parts = [screen.run(backend.infer, x[i:i + 256]) for i in range(0, len(x), 256)]
+        return {"pred": np.concatenate([p.predicted for p in parts]),
+                "scores": np.concatenate([p.scores for p in parts]),
+                "flagged": np.concatenate([p.flagged for p in parts])}
 
     clean, trig = run(x_clean), run(x_trig)
     hit = trig["pred"] == goal
     backend.close()
-    return {"strip_auroc": round(auroc(clean["strip"], trig["strip"]), 4),
-            "filter_auroc": round(auroc(clean["filter"], trig["filter"]), 4),
+    # oriented so that higher is more suspicious (STRIP: low entropy)
+    sign = {d.name: -1.0 if d.side == "low" else 1.0 for d in screen.detectors}
+    return {"auroc": {d: round(auroc(sign[d] * clean["scores"][:, i], sign[d] * trig["scores"][:, i]), 4)
+                      for i, d in enumerate(screen.names)},
             "frr": round(float(clean["flagged"].mean()), 4),
-            "strip_frr": round(float(clean["strip_flagged"].mean()), 4),
-            "filter_frr": round(float(clean["filter_flagged"].mean()), 4),
             "model_asr": round(float(hit.mean()), 4),
-            "attacks_through": round(float((~trig["flagged"] & hit).mean()), 4),
-            "strip_attacks_through": round(float((~trig["strip_flagged"] & hit).mean()), 4),
-            "filter_attacks_through": round(float((~trig["filter_flagged"] & hit).mean()), 4)}
+            "attacks_through": round(float((~trig["flagged"] & hit).mean()), 4)}
+
+
+def runtime_rows(case: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """The patch job (default repair) and the guard-only job, reusing the scan; their run-time figures."""
+    summary = json.loads((case / "attack.json").read_text())
+    data = load_dataset(str(case / "clean.npz"))
+    _, _, test = split_clean(data, PatchSettings())
+    common = dict(work_dir=case / "work", progress=False, say=lambda _: None)
+    t0 = time.perf_counter()
+    patched = run_patch(case / "model.pt", str(case / "clean.npz"), case / "bundle", **common)
+    guard_only = run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only",
+                           settings=PatchSettings(repair=RepairSettings(method="none")), **common)
+    row["patch_seconds"] = round(time.perf_counter() - t0, 1)
+    true_target, rule = summary.get("target"), summary.get("label_rule", "all-to-one")
+    if summary.get("attack", "none") != "none":
+        if summary.get("trigger") is None:  # clean-label collision: the one target image is the attack
+            x_trig, goal_trig = data.x[[summary["target_image_index"]]], np.array([true_target])
+        else:
+            trigger = load_trigger(summary["trigger"], case)
+            goal = backdoor_targets(test.y, true_target, rule, data.num_classes)
+            keep = test.y != goal
+            x_trig, goal_trig = trigger.apply(test.x[keep]), goal[keep]
+        for label, bundle in (("guard_only", case / "guard-only"), ("patched", case / "bundle")):
+            row[label] = runtime(bundle, test.x, x_trig, goal_trig)
+        rep = json.loads((case / "bundle" / "guard.json").read_text())["repair"]
+        row["repair"] = {"method": rep["method"], "acc_before": rep["before"]["accuracy"],
+                         "acc_after": rep["after"]["accuracy"], "asr_before": row["guard_only"]["model_asr"],
+                         "asr_after": row["patched"]["model_asr"]}
+    else:
+        for label, job in (("guard_only", guard_only), ("patched", patched)):
+            row[label] = {"frr": job["evaluation"]["frr"]}
+    return row
 
 
 def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs: dict[str, Any]) -> dict:
@@ -140,20 +164,17 @@ def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs
 
     # the patch job: Neural Cleanse, default repair; then guard only, reusing the scan
     data = load_dataset(str(case / "clean.npz"))
-    fit, calib, test = split_clean(data, PatchSettings())
-    common = dict(work_dir=case / "work", progress=False, say=lambda _: None)
-    t0 = time.perf_counter()
-    patched = run_patch(case / "model.pt", str(case / "clean.npz"), case / "bundle", **common)
-    guard_only = run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only",
-                           settings=PatchSettings(repair=RepairSettings(method="none")), **common)
-    row["patch_seconds"] = round(time.perf_counter() - t0, 1)
+    runtime_rows(case, row)
     nc_index = json.loads((case / "work" / "scan" / "result.json").read_text())["result"]["anomaly_index"]
-    row["nc"] = {"flagged": patched["flagged"], "target_index": None if true_target is None
+    flagged = json.loads((case / "work" / "scan" / "result.json").read_text())["result"]["flagged"]
+    row["nc"] = {"flagged": flagged, "target_index": None if true_target is None
                  else round(nc_index[true_target], 2), "max_index": round(max(nc_index), 2)}
 
+    # TABOR on the scan's own split of the clean data
+    scan_fit, scan_held, _ = split_clean(data, PatchSettings(), SCAN_SHARE)
     model = load_model(case / "model.pt", data.x[:8])
     t0 = time.perf_counter()
-    tabor = scan(model, fit.x, calib.x, calib.y, data.num_classes, NeuralCleanseConfig(method="tabor"))
+    tabor = scan(model, scan_fit.x, scan_held.x, scan_held.y, data.num_classes, NeuralCleanseConfig(method="tabor"))
     ti = tabor.median_anomaly_index
     row["tabor"] = {"flagged": tabor.flagged, "target_index": None if true_target is None
                     else round(float(ti[true_target]), 2), "max_index": round(float(ti.max()), 2),
@@ -165,25 +186,6 @@ def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs
         row["audit"] = {"flagged_labels": found["flagged_classes"],
                         "ac": detection_quality(found["activation_clustering"]["flagged_indices"], result.poison_idx),
                         "ss": detection_quality(found["spectral_signatures"]["removed_indices"], result.poison_idx)}
-
-    if backdoored:
-        if summary.get("trigger") is None:  # clean-label collision: the one target image is the attack
-            x_trig, goal_trig = data.x[[summary["target_image_index"]]], np.array([true_target])
-        else:
-            trigger = load_trigger(summary["trigger"], case)
-            goal = backdoor_targets(test.y, true_target, rule, data.num_classes)
-            keep = test.y != goal
-            x_trig, goal_trig = trigger.apply(test.x[keep]), goal[keep]
-        for label, bundle in (("guard_only", case / "guard-only"), ("patched", case / "bundle")):
-            row[label] = runtime(bundle, test.x, x_trig, goal_trig)
-        rep = json.loads((case / "bundle" / "guard.json").read_text())["repair"]
-        row["repair"] = {"method": rep["method"], "acc_before": rep["before"]["accuracy"],
-                         "acc_after": rep["after"]["accuracy"], "asr_before": row["guard_only"]["model_asr"],
-                         "asr_after": row["patched"]["model_asr"]}
-    else:
-        for label, job in (("guard_only", guard_only), ("patched", patched)):
-            ev = job["evaluation"]
-            row[label] = {"frr": ev["combined_frr"], "strip_frr": ev["strip_frr"], "filter_frr": ev["activation_frr"]}
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -228,22 +230,27 @@ def markdown(rows: list[dict], seconds: float) -> str:
                      f"| {_verdict(r['tabor'], r['target'], backdoored)} | {ac} | {ss} |")
     lines += [
         "",
-        "**Run time** (test split, triggered = true trigger on images of other classes): AUROC of each screen "
-        "between clean and triggered inputs; *through* = triggered inputs answered with the attacker's class "
-        "through both screens at the bundle's operating point; FRR = clean inputs refused there (%).",
+        "**Run time** (test split, triggered = true trigger on images of other classes): AUROC of each detector "
+        "between clean and triggered inputs (STRIP / k-NN / activation filter, - where the bundle does not use "
+        "it: the filter joins only where the scan flagged a class); *through* = triggered inputs answered with "
+        "the attacker's class through the guard's one verdict (budget 1 %); FRR = clean inputs refused there (%).",
         "",
-        "| model | guard only: STRIP AUROC | filter AUROC | through % | FRR % | repaired: STRIP AUROC | "
-        "filter AUROC | through % | FRR % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | guard only: AUROC STRIP / k-NN / filter | through % | FRR % | repaired: AUROC STRIP / k-NN / "
+        "filter | through % | FRR % |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def aurocs(g: dict) -> str:
+        return " / ".join("-" if d not in g["auroc"] else f"{g['auroc'][d]:.3f}" for d in ("strip", "knn",
+                                                                                          "activation"))
+
     for r in rows:
         g, p = r["guard_only"], r["patched"]
         if r["attack"] == "none":
-            lines.append(f"| {r['model']} | - | - | - | {_pct(g['frr'])} | - | - | - | {_pct(p['frr'])} |")
+            lines.append(f"| {r['model']} | - | - | {_pct(g['frr'])} | - | - | {_pct(p['frr'])} |")
             continue
-        lines.append(f"| {r['model']} | {g['strip_auroc']:.3f} | {g['filter_auroc']:.3f} | "
-                     f"{_pct(g['attacks_through'])} | {_pct(g['frr'])} | {p['strip_auroc']:.3f} | "
-                     f"{p['filter_auroc']:.3f} | {_pct(p['attacks_through'])} | {_pct(p['frr'])} |")
+        lines.append(f"| {r['model']} | {aurocs(g)} | {_pct(g['attacks_through'])} | {_pct(g['frr'])} | "
+                     f"{aurocs(p)} | {_pct(p['attacks_through'])} | {_pct(p['frr'])} |")
     lines += [
         "",
         "**Repair** (default: unlearning the reversed trigger of the flagged class; none when nothing is "
@@ -309,6 +316,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out", help="(default: %(default)s)")
     parser.add_argument("--only", default=None, help="run only models whose name contains this")
     parser.add_argument("--fresh", action="store_true", help="redo models whose row an earlier run kept")
+    parser.add_argument("--runtime-only", action="store_true",
+                        help="keep the kept rows' model and data columns and redo only the patch jobs and their "
+                             "run-time figures (after a change to the guard; the scans are reused)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="models built and scanned at once, one process each with one torch thread "
                              "(default: %(default)s, with torch's own thread count)")
@@ -330,6 +340,14 @@ def main() -> None:
     else:
         for entry in todo:
             print(json.dumps(_run_model(out, entry)), flush=True)
+    if args.runtime_only:
+        for e in entries:
+            if e in todo:
+                continue
+            case = out / "matrix" / e[0]
+            row = runtime_rows(case, json.loads((case / "row.json").read_text()))
+            (case / "row.json").write_text(json.dumps(row, indent=2))
+            print(json.dumps(row), flush=True)
     rows = [json.loads((out / "matrix" / e[0] / "row.json").read_text()) for e in entries]
     seconds = time.perf_counter() - started
     (out / "matrix.json").write_text(json.dumps(rows, indent=2))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_patch import SETS, _case  # noqa: E402
 
 from offline.jobs import load_case, scan_case  # noqa: E402
-from offline.patch import PatchSettings, load_true_trigger, split_clean  # noqa: E402
+from offline.patch import SCAN_SHARE, PatchSettings, load_true_trigger, split_clean  # noqa: E402
 from offline.repair import OPTIMIZERS, Evaluator, RepairSettings, repair  # noqa: E402
 
 # each optimiser at its own learning rate: SGD at the default, Adam at its default before 2026-12-02
@@ -51,7 +51,7 @@ def _scanned_case(name: str, trigger, target: int, seed: int, out: Path, setting
         _case(root, trigger, target, seed)
     if not (root / "work" / "scan" / "scan.json").is_file():
         case = load_case(root / "model.pt", str(root / "clean.npz"), None)
-        fit, calib, _ = split_clean(case.data, settings)
+        fit, calib, _ = split_clean(case.data, settings, SCAN_SHARE)  # the patch job's scan split
         scan_case(case, root / "model.pt", fit, calib, root / "work" / "scan", config=settings.scan,
                   threshold=settings.anomaly_threshold, repeats=settings.repeats,
                   restarts=settings.recover_restarts, progress=False)

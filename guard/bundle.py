@@ -24,8 +24,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "guard.json"
+# detector name -> its manifest section
+DETECTOR_SECTIONS = {"strip": "strip", "activation": "activation_filter", "knn": "knn", "mahalanobis": "mahalanobis"}
 
 
 class BundleError(Exception):
@@ -65,28 +67,50 @@ class CleanStats(_Strict):
     max: float
 
 
-class StripSpec(_Strict):
-    pool_file: str
-    pool_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+class DetectorSpec(_Strict):
+    calibration_scores: list[float] = Field(description="the detector's scores on the clean calibration images, "
+                                            "in the verdict's order; its p-values are ranks among them")
+    alone_frr: float | None = Field(None, gt=0, lt=1, description="expert override: the detector also refuses "
+                                    "on its own at this rate, a budget outside the verdict's")
+
+    @model_validator(mode="after")
+    def _finite(self) -> DetectorSpec:
+        if not all(math.isfinite(v) for v in self.calibration_scores):
+            raise ValueError("calibration scores must be finite numbers")
+        return self
+
+
+class PoolSpec(_Strict):
+    file: str = Field(description=".npy (P, C, H, W) float32 clean images: STRIP's overlays, the warm-up input")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class StripSpec(DetectorSpec):
     n: int = Field(ge=1)
     blend_rule: Literal["add", "average"] = "add"
-    threshold: float
-    threshold_rule: Literal["quantile", "normal"]
-    thresholds: dict[Literal["quantile", "normal"], float]
-    target_frr: float = Field(gt=0, lt=1)
     clean_entropy: CleanStats
-    calibration_scores: list[float] = Field(description="clean entropies the threshold came from")
-    classes: list[int] = Field(default_factory=list, description="STRIP judges only inputs the model answers "
-                               "with one of these classes (the suspected targets); empty: every input")
+    group: int | None = Field(None, ge=1, description="sequential screening: blends per round, stopping once "
+                              "the verdict is settled; null: all n at once")
+    within_sd: float = Field(0.0, ge=0, description="spread of one clean input's blend entropies around its mean")
+    z: float = Field(3.0, gt=0, description="how sure a sequential stop must be, in predicted-mean deviations")
+    class_mean: list[float] = Field(default_factory=list, description="clean blend entropy per predicted class: "
+                                    "the score is the entropy standardised within the class; empty: raw entropy")
+    class_std: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _group_below_n(self) -> StripSpec:
+        if self.group is not None and self.group >= self.n:
+            raise ValueError(f"strip.group {self.group} must be below n={self.n}")
+        if len(self.class_mean) != len(self.class_std) or any(not v > 0 for v in self.class_std) or not all(
+                math.isfinite(v) for v in self.class_mean):
+            raise ValueError("strip.class_mean and class_std must pair up, with finite means and positive spreads")
+        return self
 
 
-class ActivationFilterSpec(_Strict):
+class ActivationFilterSpec(DetectorSpec):
     layer: str
     neurons: list[int] = Field(min_length=1)
-    threshold: float
-    target_fpr: float = Field(gt=0, lt=1)
     clean_score: CleanStats
-    calibration_scores: list[float]
     weights: list[float] = Field(default_factory=list, description="score = weighted sum of the neurons' "
                                  "activations (a linear discriminant); empty: their mean")
 
@@ -97,6 +121,36 @@ class ActivationFilterSpec(_Strict):
         if not all(math.isfinite(w) for w in self.weights):
             raise ValueError("activation_filter weights must be finite numbers")
         return self
+
+
+class KnnSpec(DetectorSpec):
+    reference_file: str = Field(description=".npy (M, D) float32: clean features-layer outputs")
+    reference_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    labels: list[int] = Field(min_length=1, description="the class the model answered each reference with")
+    k: int = Field(ge=1)
+
+
+class MahalanobisSpec(DetectorSpec):
+    file: str = Field(description=".npz with means (K, D) and precision (D, D), float64")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Guarantee(_Strict):
+    calibration_images: int = Field(ge=1)
+    flag_rank: int = Field(ge=0)
+    expected_frr: float
+    smallest_frr: float
+    frr_upper_95: float = Field(description="95 % upper bound of the clean refusal rate given this calibration draw")
+
+
+class VerdictSpec(_Strict):
+    frr: float = Field(gt=0, lt=1, description="the share of clean traffic the guard may refuse, in total")
+    rule: Literal["fisher", "min"] = "fisher"
+    detectors: list[Literal["strip", "activation", "knn", "mahalanobis"]] = Field(min_length=1)
+    classes: list[int] = Field(default_factory=list, description="only inputs the model answers with one of "
+                               "these classes can be refused (the suspected targets); empty: every input")
+    calibration_classes: list[int] = Field(description="the class the model answered each calibration image with")
+    guarantee: Guarantee
 
 
 def filter_kind(neurons: list[int], weights: list[float]) -> str:
@@ -123,26 +177,57 @@ class Provenance(_Strict):
 
 
 class GuardManifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     model: ModelSpec
     input: InputSpec
     outputs: OutputSpec = OutputSpec()
     class_names: list[str] = Field(min_length=2)
     policy: Literal["enforce", "flag", "shadow"] = Field(
         "enforce", description="what the guard does with a flagged request unless --policy says otherwise")
-    strip: StripSpec
-    activation_filter: ActivationFilterSpec
+    clean_pool: PoolSpec
+    verdict: VerdictSpec
+    strip: StripSpec | None = None
+    activation_filter: ActivationFilterSpec | None = None
+    knn: KnnSpec | None = None
+    mahalanobis: MahalanobisSpec | None = None
     scan: ScanSpec
     repair: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="FRR/FAR on a held-out split")
     provenance: Provenance
 
     @model_validator(mode="after")
-    def _strip_classes_exist(self) -> GuardManifest:
-        unknown = [k for k in self.strip.classes if not 0 <= k < len(self.class_names)]
+    def _verdict_matches_detectors(self) -> GuardManifest:
+        k = len(self.class_names)
+        if self.strip and self.strip.class_mean and len(self.strip.class_mean) != k:
+            raise ValueError(f"strip.class_mean has {len(self.strip.class_mean)} entries for {k} classes")
+        unknown = [c for c in self.verdict.classes if not 0 <= c < k]
         if unknown:
-            raise ValueError(f"strip.classes {unknown} are not classes of this model (0..{len(self.class_names) - 1})")
+            raise ValueError(f"verdict.classes {unknown} are not classes of this model (0..{k - 1})")
+        n = len(self.verdict.calibration_classes)
+        for name in self.verdict.detectors:
+            spec = getattr(self, DETECTOR_SECTIONS[name])
+            if spec is None:
+                raise ValueError(f"the verdict combines '{name}' but the bundle has no {DETECTOR_SECTIONS[name]} "
+                                 f"section")
+            if len(spec.calibration_scores) != n:
+                raise ValueError(f"{DETECTOR_SECTIONS[name]} has {len(spec.calibration_scores)} calibration "
+                                 f"scores, the verdict {n} calibration images")
+        extra = [s for name, s in DETECTOR_SECTIONS.items()
+                 if getattr(self, s) is not None and name not in self.verdict.detectors]
+        if extra:
+            raise ValueError(f"section(s) {extra} are not among the verdict's detectors")
+        if self.knn is not None and any(not 0 <= c < k for c in self.knn.labels):
+            raise ValueError(f"knn.labels name classes outside 0..{k - 1}")
         return self
+
+    def files(self) -> list[tuple[str, str]]:
+        """Every file the manifest names, with its SHA-256."""
+        out = [(self.model.file, self.model.sha256), (self.clean_pool.file, self.clean_pool.sha256)]
+        if self.knn:
+            out.append((self.knn.reference_file, self.knn.reference_sha256))
+        if self.mahalanobis:
+            out.append((self.mahalanobis.file, self.mahalanobis.sha256))
+        return out
 
 
 def sha256_file(path: str | Path) -> str:
@@ -161,12 +246,14 @@ def _inside(root: Path, name: str) -> Path:
 
 
 class GuardBundle:
-    """A verified bundle: the manifest plus resolved, checksum-verified files."""
+    """A verified bundle: the manifest plus its checksum-verified arrays."""
 
-    def __init__(self, root: Path, manifest: GuardManifest, pool: np.ndarray) -> None:
+    def __init__(self, root: Path, manifest: GuardManifest, pool: np.ndarray,
+                 arrays: dict[str, dict[str, np.ndarray]] | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.pool = pool
+        self.arrays = arrays or {}
 
     @property
     def model_path(self) -> Path:
@@ -191,10 +278,12 @@ class GuardBundle:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
         if isinstance(raw, dict) and raw.get("schema_version") not in (None, SCHEMA_VERSION):
+            older = isinstance(raw.get("schema_version"), int) and raw["schema_version"] < SCHEMA_VERSION
             raise BundleError(
                 f"{manifest_path}: schema version {raw.get('schema_version')} is not supported "
                 f"(this guard reads version {SCHEMA_VERSION})"
-            )
+                + ("; run 'trojan-forensics patch' again to rewrite it (a kept work directory reuses its scan)"
+                   if older else ""))
         try:
             manifest = GuardManifest.model_validate(raw)
         except ValidationError as exc:
@@ -202,8 +291,7 @@ class GuardBundle:
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
             raise BundleError(f"{manifest_path}: field '{where}': {first['msg']}"
                               + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")) from exc
-        for name, expected in ((manifest.model.file, manifest.model.sha256),
-                               (manifest.strip.pool_file, manifest.strip.pool_sha256)):
+        for name, expected in manifest.files():
             path = _inside(root, name)
             if not path.is_file():
                 raise BundleError(f"{path}: missing from the bundle")
@@ -211,23 +299,58 @@ class GuardBundle:
             if actual != expected:
                 raise BundleError(f"{path}: SHA-256 mismatch (guard.json says {expected[:12]}..., "
                                   f"file is {actual[:12]}...); the file was changed or truncated")
-        try:
-            pool = np.load(_inside(root, manifest.strip.pool_file), allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise BundleError(f"{root / manifest.strip.pool_file}: not a readable .npy array ({exc})") from exc
-        expected_shape = tuple(manifest.input.shape[1:])
-        if pool.ndim != 4 or tuple(pool.shape[1:]) != expected_shape or pool.dtype != np.float32:
-            raise BundleError(f"{root / manifest.strip.pool_file}: STRIP pool must be float32 (P, "
-                              f"{', '.join(map(str, expected_shape))}), got {pool.dtype} {pool.shape}")
-        if len(pool) < manifest.strip.n:
-            raise BundleError(f"{root / manifest.strip.pool_file}: {len(pool)} pool images, fewer than "
+        shape = tuple(manifest.input.shape[1:])
+        pool = _array(root, manifest.clean_pool.file, "clean pool", lambda a: a.ndim == 4 and a.shape[1:] == shape
+                      and a.dtype == np.float32, f"float32 (P, {', '.join(map(str, shape))})")
+        if manifest.strip and len(pool) < manifest.strip.n:
+            raise BundleError(f"{root / manifest.clean_pool.file}: {len(pool)} pool images, fewer than "
                               f"STRIP's n={manifest.strip.n}")
-        return cls(root, manifest, pool)
+        arrays: dict[str, dict[str, np.ndarray]] = {}
+        if manifest.knn:
+            m = len(manifest.knn.labels)
+            arrays["knn"] = {"reference": _array(root, manifest.knn.reference_file, "k-NN reference",
+                                                 lambda a: a.ndim == 2 and len(a) == m and a.dtype == np.float32,
+                                                 f"float32 ({m}, D), one row per label")}
+        if manifest.mahalanobis:
+            k = len(manifest.class_names)
+            arrays["mahalanobis"] = _npz(root, manifest.mahalanobis.file, "Mahalanobis statistics", {
+                "means": lambda a: a.ndim == 2 and len(a) == k,
+                "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
+        return cls(root, manifest, pool, arrays)
+
+    def screen(self, seed: int = 0, **alone: float | None):
+        """The bundle's detectors and their one verdict, ready to screen (``guard.screens.Screen``)."""
+        from guard.screens import ActivationFilter, KnnDensity, MahalanobisDensity, OneBudget, Screen, StripScreen
+
+        m = self.manifest
+        detectors = []
+        for name in m.verdict.detectors:
+            if name == "strip":
+                detectors.append(StripScreen(self.pool, m.strip.n, m.strip.blend_rule, tuple(m.input.value_range),
+                                             seed=seed, group=m.strip.group, within_sd=m.strip.within_sd,
+                                             z=m.strip.z, class_mean=np.asarray(m.strip.class_mean) if
+                                             m.strip.class_mean else None, class_std=np.asarray(m.strip.class_std)
+                                             if m.strip.class_std else None))
+            elif name == "activation":
+                af = m.activation_filter
+                detectors.append(ActivationFilter(np.asarray(af.neurons), np.asarray(af.weights) if af.weights
+                                                  else None))
+            elif name == "knn":
+                detectors.append(KnnDensity(self.arrays["knn"]["reference"], np.asarray(m.knn.labels), m.knn.k))
+            else:
+                a = self.arrays["mahalanobis"]
+                detectors.append(MahalanobisDensity(a["means"], a["precision"]))
+        specs = [getattr(m, DETECTOR_SECTIONS[n]) for n in m.verdict.detectors]
+        budget = OneBudget(tuple(d.name for d in detectors), tuple(d.side for d in detectors),
+                           np.stack([np.asarray(s.calibration_scores) for s in specs], axis=1), m.verdict.frr,
+                           m.verdict.rule, tuple(m.verdict.classes), np.asarray(m.verdict.calibration_classes),
+                           tuple(alone.get(n, s.alone_frr) for n, s in zip(m.verdict.detectors, specs, strict=True)))
+        return Screen(detectors, budget)
 
     def describe(self) -> str:
         """Human-readable summary for ``trojan-guard inspect``."""
         m = self.manifest
-        af = m.activation_filter
+        v, g = m.verdict, m.verdict.guarantee
         lines = [
             f"bundle      {self.root} (schema {m.schema_version}, manifest sha256 {self.sha256[:16]}...)",
             f"model       '{m.model.name}' {m.model.file} (ONNX opset {m.model.opset}, "
@@ -239,12 +362,27 @@ class GuardBundle:
             f"scan        {m.scan.method}: flagged {m.scan.flagged_classes or 'none'} "
             f"(max anomaly index {max(m.scan.anomaly_index):.2f} on the {m.scan.anomaly_scale} scale, "
             f"threshold {m.scan.threshold:g})",
-            f"STRIP       n={m.strip.n}, blend '{m.strip.blend_rule}', entropy threshold "
-            f"{m.strip.threshold:.4f} ({m.strip.threshold_rule}) at target FRR {m.strip.target_frr:.1%}; "
-            + (f"judges inputs answered as {[m.class_names[k] for k in m.strip.classes]}; " if m.strip.classes
-               else "") + f"pool {len(self.pool)} images (sha256 verified)",
-            f"act-filter  layer '{af.layer}', {filter_kind(af.neurons, af.weights)}, threshold "
-            f"{af.threshold:.4f} at target FPR {af.target_fpr:.1%}",
+            f"verdict     {', '.join(v.detectors)} combined by {v.rule}'s rule at one budget of {v.frr:.1%} "
+            f"clean refusals; {g.calibration_images} calibration images guarantee {g.expected_frr:.2%} "
+            f"(95 % bound {g.frr_upper_95:.2%})"
+            + (f"; refuses only inputs answered as {[m.class_names[k] for k in v.classes]}" if v.classes else ""),
+        ]
+        if m.strip:
+            lines.append(f"strip       n={m.strip.n}, blend '{m.strip.blend_rule}', pool {len(self.pool)} images"
+                         + (f", sequential in rounds of {m.strip.group} (z={m.strip.z:g})" if m.strip.group else ""))
+        if m.activation_filter:
+            af = m.activation_filter
+            lines.append(f"act-filter  layer '{af.layer}', {filter_kind(af.neurons, af.weights)}")
+        if m.knn:
+            lines.append(f"knn         k={m.knn.k} over {len(m.knn.labels)} clean features")
+        if m.mahalanobis:
+            lines.append(f"mahalanobis {self.arrays['mahalanobis']['means'].shape[1]} features, shared shrunk "
+                         f"covariance")
+        for name in v.detectors:
+            spec = getattr(m, DETECTOR_SECTIONS[name])
+            if spec.alone_frr is not None:
+                lines.append(f"override    {name} also refuses on its own at {spec.alone_frr:.1%}")
+        lines += [
             f"policy      {m.policy}",
             f"provenance  source {m.provenance.source_model} (sha256 {m.provenance.source_model_sha256[:16]}...), "
             f"{m.provenance.tool_version}, {m.provenance.created}",
@@ -253,6 +391,32 @@ class GuardBundle:
             lines.insert(5, f"repair      {m.repair.get('method', '?')}: "
                             + ", ".join(f"{k} {v}" for k, v in m.repair.get("summary", {}).items()))
         return "\n".join(lines)
+
+
+def _array(root: Path, name: str, what: str, ok, expected: str) -> np.ndarray:
+    try:
+        a = np.load(_inside(root, name), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{root / name}: {what} is not a readable .npy array ({exc})") from exc
+    if not isinstance(a, np.ndarray) or not ok(a):
+        raise BundleError(f"{root / name}: {what} must be {expected}, got {getattr(a, 'dtype', '?')} "
+                          f"{getattr(a, 'shape', '?')}")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise BundleError(f"{root / name}: {what} holds NaN or infinite values")
+    return a
+
+
+def _npz(root: Path, name: str, what: str, checks: dict) -> dict[str, np.ndarray]:
+    try:
+        with np.load(_inside(root, name), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in checks if k in z.files}
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{root / name}: {what} is not a readable .npz archive ({exc})") from exc
+    for key, ok in checks.items():
+        a = arrays.get(key)
+        if a is None or not ok(a) or not np.isfinite(a).all():
+            raise BundleError(f"{root / name}: {what} '{key}' is missing, misshapen or not finite")
+    return arrays
 
 
 def _fsync_dir(path: Path) -> None:

@@ -137,8 +137,9 @@ def _evidence(directory: str, export: str | None, as_json: bool) -> None:
             print(json.dumps({k: v for k, v in r.items() if k != "x"}))
         else:
             print(f"{r['time']}  {r.get('request_id') or '-':<20} {r.get('predicted', '?'):>6}  "
-                  f"{','.join(r.get('detectors', [])):<18} entropy {r.get('strip_entropy', float('nan')):.4f}  "
-                  f"activation {r.get('activation_score', float('nan')):.4f}  sha256 {r['sha256'][:16]}  "
+                  f"{','.join(r.get('detectors', [])):<18} p {r.get('p_value', float('nan')):.4f}  "
+                  + "".join(f"{k} {v:.4g}  " for k, v in (r.get("scores") or {}).items())
+                  + f"sha256 {r['sha256'][:16]}  "
                   f"{'ok' if r['intact'] else 'ALTERED'}")
     if export:
         kept = [r for r in records if r["intact"]]

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from guard.dataplane import Decision
 
 OUTPUTS = ("logits", "features", "guard_scores")
-SCORE_COLUMNS = ("strip_entropy", "strip_p_value", "activation_score", "activation_p_value")
 # typed-content field of each datatype, to name what a client sent
 _TYPED = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents", "INT64": "int64_contents",
           "UINT32": "uint_contents", "UINT64": "uint64_contents", "BOOL": "bool_contents", "BYTES": "bytes_contents"}
@@ -137,11 +136,13 @@ def verdict_fields(decision: Decision) -> dict[str, bool | int | str]:
         fields.update({
             "guard_detectors": ",".join(decision.detectors),
             "guard_input_flags": ",".join("1" if v.flagged else "0" for v in decision.inputs),
-            "guard_strip_entropy": _join([v.strip_entropy for v in decision.inputs]),
-            "guard_strip_p_value": _join([v.strip_p for v in decision.inputs]),
-            "guard_activation_score": _join([v.activation_score for v in decision.inputs]),
-            "guard_activation_p_value": _join([v.activation_p for v in decision.inputs]),
+            "guard_p_value": _join([v.p_value for v in decision.inputs]),
         })
+        first = decision.inputs[0]
+        for score in first.scores:
+            fields[f"guard_{score}"] = _join([v.scores[score] for v in decision.inputs])
+        for detector in first.p_values:
+            fields[f"guard_{detector}_p_value"] = _join([v.p_values[detector] for v in decision.inputs])
     return fields
 
 
@@ -172,11 +173,11 @@ def encode_response(request: pb.ModelInferRequest, decision: Decision, model_nam
         elif name == "features":
             arr = decision.features.reshape(b, -1)
         else:
-            arr = (np.array([[v.strip_entropy, v.strip_p, v.activation_score, v.activation_p]
-                             for v in decision.inputs]) if decision.inputs else np.full((b, 4), np.nan))
+            arr = (np.array([[v.p_value, *v.scores.values(), *v.p_values.values()] for v in decision.inputs])
+                   if decision.inputs else np.full((b, len(decision.columns)), np.nan))
         arr = np.ascontiguousarray(arr, dtype="<f4")
         out = response.outputs.add(name=name, datatype="FP32", shape=list(arr.shape))
         if name == "guard_scores":
-            _set_param(out.parameters["columns"], ",".join(SCORE_COLUMNS))
+            _set_param(out.parameters["columns"], ",".join(decision.columns))
         response.raw_output_contents.append(arr.tobytes())
     return response

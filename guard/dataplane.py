@@ -27,7 +27,7 @@ from guard.bundle import BundleError, GuardBundle
 from guard.errors import GuardError, InvalidInput, NotReady, ReloadFailed, ScreeningFailed, UpstreamError
 from guard.evidence import EvidenceStore
 from guard.metrics import GuardMetrics, threshold_buckets
-from guard.screening import ActivationFilter, StripScreen, Verdicts, screen
+from guard.screens import Judgement, ScreenResult
 from guard.settings import GuardSettings
 
 log = logging.getLogger("trojan_guard")
@@ -35,14 +35,13 @@ log = logging.getLogger("trojan_guard")
 
 @dataclass
 class InputVerdict:
-    """The screens' verdict on one input."""
+    """The verdict on one input: the combined p-value, and each detector's score and p-value."""
 
     flagged: bool
-    detectors: tuple[str, ...]
-    strip_entropy: float
-    strip_p: float
-    activation_score: float
-    activation_p: float
+    detectors: tuple[str, ...]  # the evidence behind a refusal (empty when not flagged)
+    p_value: float
+    scores: dict[str, float]  # by score name (strip_entropy, knn_distance, ...)
+    p_values: dict[str, float]  # by detector name
 
 
 @dataclass
@@ -56,6 +55,8 @@ class Decision:
     action: str = "answered"  # answered | refused
     policy: str = "enforce"
     bundle_sha256: str = ""
+    columns: tuple[str, ...] = ()  # of the guard_scores output: the combined p-value, scores, p-values
+
 
     @property
     def flagged(self) -> bool:
@@ -83,12 +84,14 @@ class Refused(GuardError):
         self.decision = decision
 
 
-def _verdicts(strip: Verdicts, activation: Verdicts, lo: int, hi: int) -> list[InputVerdict]:
+def _verdicts(result: ScreenResult, score_names: tuple[str, ...], lo: int, hi: int) -> list[InputVerdict]:
+    j: Judgement = result.judgement
     out = []
     for i in range(lo, hi):
-        detectors = tuple(name for name, v in (("strip", strip), ("activation", activation)) if v.flagged[i])
-        out.append(InputVerdict(bool(detectors), detectors, float(strip.scores[i]), float(strip.p_values[i]),
-                                float(activation.scores[i]), float(activation.p_values[i])))
+        flagged = bool(j.flagged[i])
+        out.append(InputVerdict(flagged, j.detectors_of(i) if flagged else (), float(j.p_value[i]),
+                                dict(zip(score_names, map(float, result.scores[i]), strict=True)),
+                                dict(zip(j.names, map(float, j.p_values[i]), strict=True))))
     return out
 
 
@@ -108,8 +111,12 @@ class ServingState:
         self.value_range = tuple(m.input.value_range)
         self.class_names = list(m.class_names)
         per_input = int(np.prod(self.input_shape[1:])) * 4
+        self.screen = bundle.screen(seed=settings.seed)
+        self.score_names = tuple(d.score_name for d in self.screen.detectors)
+        self.columns = ("p_value", *self.score_names, *(f"{d}_p_value" for d in self.screen.names))
+        rows = 1 + (m.strip.n if m.strip else 0)
         # the N blends of max_batch inputs go to the model in one call; give the upstream channel room for it
-        batch_bytes = (settings.max_batch + settings.max_request_inputs) * (m.strip.n + 1) * per_input
+        batch_bytes = (settings.max_batch + settings.max_request_inputs) * rows * per_input
         if settings.backend == "upstream":
             self.backend: EmbeddedBackend | UpstreamBackend = UpstreamBackend(
                 settings.upstream or "", settings.upstream_model or model_name, m.input.name, self.input_shape,
@@ -119,12 +126,6 @@ class ServingState:
         else:
             self.backend = EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
                                            threads=settings.threads, spin=settings.spin)
-        self.strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule, self.value_range,
-                                 np.asarray(m.strip.calibration_scores), seed=settings.seed,
-                                 classes=tuple(m.strip.classes))
-        af = m.activation_filter
-        self.activation = ActivationFilter(np.asarray(af.neurons), af.threshold, np.asarray(af.calibration_scores),
-                                           np.asarray(af.weights) if af.weights else None)
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
                                        executor, on_batch=self._on_batch)
         self.loaded_at = time.time()
@@ -141,7 +142,7 @@ class ServingState:
         try:
             return self.backend.infer(x)
         finally:
-            self._model_s = time.perf_counter() - start  # one model thread: no race
+            self._model_s += time.perf_counter() - start  # one model thread: no race; a batch may call it often
             self.metrics.stage["model"].observe(self._model_s)
 
     def run_batch(self, xs: Sequence[np.ndarray]) -> list[Decision]:
@@ -150,9 +151,10 @@ class ServingState:
         bounds = np.cumsum([0, *(len(a) for a in xs)]).tolist()
         spans = list(zip(bounds[:-1], bounds[1:], strict=True))
         start = time.perf_counter()
+        self._model_s = 0.0
         try:
-            result = screen(self._timed_infer, x, self.strip, self.activation)
-            if not (np.isfinite(result.strip.scores).all() and np.isfinite(result.activation.scores).all()):
+            result = self.screen.run(self._timed_infer, x)
+            if not np.isfinite(result.scores).all():
                 raise ScreeningFailed("the model returned non-finite outputs; the screens cannot score them")
         except Exception as exc:
             mode = self.settings.fail_mode
@@ -171,10 +173,10 @@ class ServingState:
                 raise ScreeningFailed(f"the screens could not run ({type(exc).__name__}: {exc}) and neither "
                                       f"could the model alone ({type(bare_exc).__name__}: {bare_exc})") from bare_exc
             return [Decision(logits[lo:hi], features[lo:hi], screened=False, policy=self.policy,
-                             bundle_sha256=self.sha256) for lo, hi in spans]
+                             bundle_sha256=self.sha256, columns=self.columns) for lo, hi in spans]
         decisions = [Decision(result.logits[lo:hi], result.features[lo:hi],
-                              _verdicts(result.strip, result.activation, lo, hi), policy=self.policy,
-                              bundle_sha256=self.sha256) for lo, hi in spans]
+                              _verdicts(result, self.score_names, lo, hi), policy=self.policy,
+                              bundle_sha256=self.sha256, columns=self.columns) for lo, hi in spans]
         # blending, scoring and verdicts: the batch's time outside the model
         self.metrics.stage["screen"].observe(time.perf_counter() - start - self._model_s)
         return decisions
@@ -189,10 +191,15 @@ class ServingState:
             raise ReloadFailed(f"model returns {k} logits but the bundle names {len(self.class_names)} classes")
         if isinstance(self.backend, UpstreamBackend):
             self._check_upstream_serves_the_bundle()
-        need = int(self.activation.neurons.max()) + 1
-        if decision.features.shape[1] < need:
-            raise ReloadFailed(f"model returns {decision.features.shape[1]} features; the activation filter "
-                               f"watches neuron {need - 1}")
+        width = decision.features.shape[1]
+        for d in self.screen.detectors:
+            need = d.min_features() if hasattr(d, "min_features") else None
+            if d.name in ("knn", "mahalanobis"):
+                need = (d.reference if d.name == "knn" else d.means).shape[1]
+                if width != need:
+                    raise ReloadFailed(f"model returns {width} features; the {d.name} detector was fitted on {need}")
+            elif need is not None and width < need:
+                raise ReloadFailed(f"model returns {width} features; the activation filter watches neuron {need - 1}")
 
     def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3) -> None:
         """The thresholds only hold for the bundle's model: compare the upstream's logits with it."""
@@ -208,12 +215,17 @@ class ServingState:
 
     def set_gauges(self) -> None:
         m, metrics, name = self.bundle.manifest, self.metrics, self.model_name
-        metrics.threshold.labels(name, "strip").set(m.strip.threshold)
-        metrics.threshold.labels(name, "activation").set(m.activation_filter.threshold)
-        metrics.target_rate.labels(name, "strip").set(m.strip.target_frr)
-        metrics.target_rate.labels(name, "activation").set(m.activation_filter.target_fpr)
-        metrics.clean_entropy_mean.labels(name).set(m.strip.clean_entropy.mean)
-        metrics.clean_entropy_std.labels(name).set(m.strip.clean_entropy.std)
+        metrics.threshold.clear()
+        metrics.target_rate.clear()
+        metrics.threshold.labels(name, "combined").set(self.screen.budget.rate)
+        metrics.target_rate.labels(name, "combined").set(m.verdict.frr)
+        for d, rate in zip(self.screen.names, self.screen.budget.alone, strict=True):
+            if rate is not None:  # an expert override spends a budget of its own
+                metrics.threshold.labels(name, d).set(rate)
+                metrics.target_rate.labels(name, d).set(rate)
+        if m.strip:
+            metrics.clean_entropy_mean.labels(name).set(m.strip.clean_entropy.mean)
+            metrics.clean_entropy_std.labels(name).set(m.strip.clean_entropy.std)
         metrics.bundle_loaded.set(self.loaded_at)
         try:
             metrics.bundle_created.set(datetime.fromisoformat(m.provenance.created).timestamp())
@@ -228,16 +240,19 @@ class ServingState:
 
 
 def make_metrics(bundle: GuardBundle) -> GuardMetrics:
-    """Metrics whose score histograms resolve the region around this bundle's thresholds."""
+    """Metrics whose score histograms resolve the region where this bundle's clean scores end."""
     m = bundle.manifest
-    strip_hi = max(math.log(len(m.class_names)), m.strip.clean_entropy.max)
-    af = m.activation_filter
-    lo = min(0.0, af.clean_score.min)  # a discriminant's scores can be negative
-    return GuardMetrics(
-        strip_buckets=threshold_buckets(m.strip.threshold, 0.0, strip_hi),
-        activation_buckets=threshold_buckets(af.threshold, lo, max(2 * af.threshold, af.clean_score.max * 2,
-                                                                   2 * af.threshold - lo)),
-    )
+    strip_buckets = activation_buckets = ()
+    if m.strip:
+        low_tail = float(np.quantile(m.strip.calibration_scores, m.verdict.frr))
+        strip_buckets = threshold_buckets(low_tail, 0.0, max(math.log(len(m.class_names)), m.strip.clean_entropy.max))
+    if m.activation_filter:
+        af = m.activation_filter
+        high_tail = float(np.quantile(af.calibration_scores, 1 - m.verdict.frr))
+        lo = min(0.0, af.clean_score.min)  # a discriminant's scores can be negative
+        activation_buckets = threshold_buckets(high_tail, lo, max(2 * high_tail, af.clean_score.max * 2,
+                                                                  2 * high_tail - lo))
+    return GuardMetrics(strip_buckets=strip_buckets, activation_buckets=activation_buckets)
 
 
 class Guard:
@@ -365,8 +380,13 @@ class Guard:
             metrics.child(metrics.inputs, name, "unscreened").inc(len(decision.logits))
         for v in decision.inputs:
             metrics.child(metrics.inputs, name, "flagged" if v.flagged else "clean").inc()
-            metrics.child(metrics.strip_entropy, name).observe(v.strip_entropy)
-            metrics.child(metrics.activation_score, name).observe(v.activation_score)
+            if "strip_entropy" in v.scores:
+                metrics.child(metrics.strip_entropy, name).observe(v.scores["strip_entropy"])
+            if "activation_score" in v.scores:
+                metrics.child(metrics.activation_score, name).observe(v.scores["activation_score"])
+            metrics.child(metrics.p_value, name, "combined").observe(v.p_value)
+            for d, p in v.p_values.items():
+                metrics.child(metrics.p_value, name, d).observe(p)
             for d in v.detectors:
                 metrics.child(metrics.detections, name, d).inc()
         if decision.flagged:
@@ -388,8 +408,8 @@ class Guard:
                 await loop.run_in_executor(self._io_pool, lambda i=i, v=v: store.append(
                     x[i], request_id=request_id, input_index=i, model=self.model_name,
                     bundle_sha256=state.sha256, policy=decision.policy, detectors=list(v.detectors),
-                    strip_entropy=v.strip_entropy, strip_p=v.strip_p, activation_score=v.activation_score,
-                    activation_p=v.activation_p, predicted=state.class_names[int(decision.logits[i].argmax())]))
+                    p_value=v.p_value, scores=v.scores, p_values=v.p_values,
+                    predicted=state.class_names[int(decision.logits[i].argmax())]))
                 self.metrics.evidence_records.inc()
             except OSError as exc:  # a full disk must not take the guard down; it is counted and logged
                 self.metrics.evidence_errors.inc()

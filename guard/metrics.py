@@ -17,7 +17,9 @@ PREFIX = "trojan_guard"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 STAGES = ("decode", "queue", "model", "screen", "evidence", "total")
-DETECTORS = ("strip", "activation")
+DETECTORS = ("strip", "activation", "knn", "mahalanobis")
+# p-values: resolve the small ones, where a budget of 0.1-5 % refuses
+P_VALUE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def threshold_buckets(threshold: float, lo: float, hi: float, count: int = 16) -> tuple[float, ...]:
@@ -40,7 +42,7 @@ class GuardMetrics:
                                 "(action: answered, refused, error)", ["model", "verdict", "action"], registry=r)
         self.inputs = Counter(f"{p}_inputs", "Inputs (images) screened, by verdict", ["model", "verdict"],
                               registry=r)
-        self.detections = Counter(f"{p}_detections", "Inputs flagged, by detector (one input can trip both)",
+        self.detections = Counter(f"{p}_detections", "Inputs flagged, by the detector(s) behind the refusal",
                                   ["model", "detector"], registry=r)
         self.predictions = Counter(f"{p}_predictions", "Predicted class of answered inputs",
                                    ["model", "class_name"], registry=r)
@@ -49,8 +51,11 @@ class GuardMetrics:
         self.activation_score = Histogram(f"{p}_activation_score", "Activation-filter score of each input",
                                           ["model"], buckets=activation_buckets or Histogram.DEFAULT_BUCKETS,
                                           registry=r)
-        self.threshold = Gauge(f"{p}_threshold", "Calibrated threshold of each detector", ["model", "detector"],
-                               registry=r)
+        self.p_value = Histogram(f"{p}_p_value", "p-value of each input against the clean calibration images, "
+                                 "by detector (combined: the verdict's)", ["model", "detector"],
+                                 buckets=P_VALUE_BUCKETS, registry=r)
+        self.threshold = Gauge(f"{p}_threshold", "p-value at or below which an input is refused (combined: the "
+                               "verdict; a detector: its expert override)", ["model", "detector"], registry=r)
         self.target_rate = Gauge(f"{p}_target_false_positive_rate",
                                  "False-positive (clean rejection) rate each threshold was calibrated for",
                                  ["model", "detector"], registry=r)

@@ -98,7 +98,7 @@ class InferenceServicer:
                                                             shape=m.input.shape)],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, k]),
                      pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
-                                                             shape=[-1, 4])])
+                                                             shape=[-1, len(state.columns)])])
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         guard, metrics = self.guard, self.guard.metrics

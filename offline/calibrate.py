@@ -1,51 +1,73 @@
-"""Calibrate the guard's screens on the exported model, with the guard's own code.
+"""Calibrate the guard's detectors and its one verdict on the exported model, with the guard's own code.
 
 Everything here runs the exported ONNX model through ``guard.backends`` and
-scores with ``guard.screening``: the numbers a threshold is set from are the
+scores with ``guard.screens``: the numbers the verdict is calibrated on are the
 numbers the guard computes at run time.
+
+Trigger-free detectors (STRIP, and the k-NN and Mahalanobis densities of the
+features layer, fitted on the fit split) are chosen from clean data only; the
+activation filter, which needs the scan's reversed trigger, takes part only
+where the scan flagged a class (``filter="auto"``). All of them are scored on
+the same calibration images, which set the one budget (see
+``guard.screens.verdict``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from guard.backends import EmbeddedBackend
-from guard.screening import (
+from guard.bundle import sha256_file
+from guard.screens import (
     ActivationFilter,
+    KnnDensity,
+    MahalanobisDensity,
+    OneBudget,
+    Screen,
     StripScreen,
-    answered_with,
-    normal_threshold,
-    quantile_threshold,
-    screen,
+    guarantee,
 )
 from offline.attacks import stamp
 from offline.errors import ForensicsError
 
 FILTER_SCORES = ("auto", "mean", "lda")
+FILTER_USE = ("auto", "always", "off")
+DETECTORS = ("strip", "knn", "mahalanobis")  # trigger-free; "activation" joins by ``filter``
 
 
 @dataclass
 class CalibrationSettings:
-    strip_frr: float = 0.01
-    strip_n: int | None = None  # None: the smallest candidate that detects as well as the best
-    strip_candidates: tuple[int, ...] = (5, 10, 20, 50)
+    frr: float = 0.01  # the share of clean traffic the guard may refuse, in total
+    rule: str = "fisher"  # how detectors' p-values combine: fisher or min
+    detectors: tuple[str, ...] = ("strip", "knn")  # measured best pair: docs/guard-detectors.md
+    # the activation filter: "auto" joins the verdict only when the scan flagged a class, "always" also
+    # with the most anomalous class's reversed trigger when nothing was flagged, "off" never
+    filter: str = "auto"
+    strip_n: int | None = None  # None: the paper's rule (grow n until clean entropies' spread flattens)
+    strip_candidates: tuple[int, ...] = (5, 10, 20, 50, 100)
+    # sequential STRIP: blends in rounds of this many, stopping once the verdict is settled (None: n / 10 from
+    # n = 20; 0: all n at once)
+    strip_group: int | None = None
+    strip_z: float = 3.0
+    strip_by_class: bool = True  # STRIP's entropy standardised within the predicted class (fit split's statistics)
     blend_rule: str = "add"
-    # "suspect": STRIP only judges inputs answered with a flagged class and spends the whole FRR budget there
-    strip_scope: str = "all"
-    threshold_rule: str = "quantile"
+    # "suspect": only inputs answered with a flagged class can be refused; the budget is spent there
+    scope: str = "all"
     pool_size: int = 200
-    filter_fpr: float = 0.05
+    knn_k: int = 5
     # the filter's score: "mean" of the neurons the reversed trigger excites most (Neural Cleanse), "lda" (a
-    # linear discriminant between clean and stamped features over the whole layer), or "auto": the first of
-    # the mean candidates, then lda, that stops the reversed trigger within a point of the best
+    # linear discriminant between clean and stamped features over the whole layer), or "auto": the candidate
+    # that separates clean from stamped calibration images best (AUROC), the simplest within 0.005 of the best
     filter_score: str = "auto"
-    # None: try every candidate share (at least one neuron)
-    filter_top_share: float | None = None
+    filter_top_share: float | None = None  # None: try every candidate share (at least one neuron)
     filter_candidates: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
+    # expert overrides: a detector that also refuses on its own at this rate (a budget outside --frr)
+    strip_frr: float | None = None
+    filter_fpr: float | None = None
     seed: int = 0
 
 
@@ -54,23 +76,79 @@ def _stats(scores: np.ndarray) -> dict[str, float]:
             "min": float(scores.min()), "max": float(scores.max())}
 
 
-def _strip_scores(backend: EmbeddedBackend, pool: np.ndarray, n: int, rule: str, x: np.ndarray,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """STRIP entropy of every input, and the class the model answers it with."""
-    strip = StripScreen(pool, n, threshold=0.0, rule=rule, seed=seed)
-    dummy = ActivationFilter(np.array([0]), threshold=0.0)
-    results = [screen(backend.infer, x[i:i + 256], strip, dummy) for i in range(0, len(x), 256)]
-    return (np.concatenate([r.strip.scores for r in results]),
-            np.concatenate([r.logits.argmax(axis=1) for r in results]))
+def _auroc(clean: np.ndarray, suspicious: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(suspicious))], np.r_[clean, suspicious]))
 
 
-def scoped_rate(frr: float, predicted: np.ndarray, classes: Sequence[int]) -> tuple[np.ndarray, float]:
-    """Which clean inputs a scoped STRIP judges, and the rate among them that costs ``frr`` overall."""
-    inside = answered_with(predicted, classes)
-    if not inside.any():
-        raise ForensicsError(f"no calibration image is answered with class(es) {list(classes)}: STRIP cannot "
-                             f"be calibrated for them; use --strip-scope all")
-    return inside, min(1.0, frr * len(predicted) / int(inside.sum()))
+def frr_upper_bound(n: int, flag_rank: int, confidence: float = 0.95) -> float:
+    """Upper bound on the clean refusal rate given one calibration draw of n images.
+
+    With continuous scores the conformal refusal rate, over calibration draws,
+    is Beta(k, n + 1 - k) for flag rank k (Vovk 2012); its ``confidence``
+    quantile bounds the rate this bundle refuses with that confidence.
+    """
+    if flag_rank <= 0:
+        return 0.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, flag_rank, n + 1 - flag_rank))
+
+
+def images_for(rate: float, confidence: float = 0.95, within: float = 2.5) -> int:
+    """Fewest calibration images from which on the ``confidence`` bound stays within ``within`` x ``rate``.
+
+    The bound is a sawtooth in n (it jumps each time one more rank refuses), so
+    this is the first n after which it never leaves the band again (checked to
+    ten times that n).
+    """
+    def bound(n: int) -> float:
+        return frr_upper_bound(n, guarantee(n, rate)["flag_rank"], confidence)
+
+    n = max(1, int(np.ceil(1 / rate)) - 1)
+    while n < 10 ** 6:
+        if bound(n) <= within * rate and guarantee(n, rate)["flag_rank"] > 0:
+            late = next((m for m in range(n + 1, 10 * n) if bound(m) > within * rate), None)
+            if late is None:
+                return n
+            n = late
+        n += 1
+    return n
+
+
+def choose_strip_n(per_blend: np.ndarray, candidates: tuple[int, ...]) -> tuple[int, dict[str, Any]]:
+    """STRIP's n as the paper chooses it: grow n until the spread of clean entropies flattens.
+
+    The mean of n blend entropies has variance ``between + within / n``
+    (``between``: the spread of the inputs' own entropies; ``within``: the
+    blends' noise around them). The spread has flattened once the blends' part
+    is at most a tenth of the inputs' own, i.e. the standard deviation is within
+    5 % of its limit; ``per_blend`` is (inputs, max n) clean blend entropies.
+    """
+    n_max = per_blend.shape[1]
+    within = float(per_blend.var(axis=1, ddof=1).mean())
+    between = float(per_blend.mean(axis=1).var(ddof=1)) - within / n_max
+    spread = {n: float(per_blend[:, :n].mean(axis=1).std()) for n in candidates if n <= n_max}
+    chosen = next((n for n in sorted(spread) if between > 0 and within / n <= 0.1 * between), max(spread))
+    return chosen, {"within_variance": within, "between_variance": between, "clean_entropy_std": spread,
+                    "rule": "smallest n with within / n <= 0.1 * between (std within 5 % of its limit)"}
+
+
+def _class_entropy(backend: EmbeddedBackend, strip: StripScreen, x: np.ndarray, num_classes: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread of clean STRIP entropy per predicted class (all classes pooled where fewer than 5)."""
+    entropy, predicted = [], []
+    for i in range(0, len(x), 64):
+        logits = backend.infer(np.concatenate([x[i:i + 64], strip.extra_rows(x[i:i + 64])]))[0]
+        b = len(x[i:i + 64])
+        entropy.append(strip.per_blend(logits[b:]).mean(axis=1))
+        predicted.append(logits[:b].argmax(axis=1))
+    h, k = np.concatenate(entropy), np.concatenate(predicted)
+    overall = (float(h.mean()), float(max(h.std(ddof=1), 1e-6)))
+    stats = [(float(h[k == c].mean()), float(max(h[k == c].std(ddof=1), 1e-6))) if (k == c).sum() >= 5 else overall
+             for c in range(num_classes)]
+    return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
 
 
 def choose_activation_neurons(clean_features: np.ndarray, stamped_features: np.ndarray,
@@ -92,129 +170,178 @@ def discriminant(clean_features: np.ndarray, stamped_features: np.ndarray) -> np
     return (w / np.linalg.norm(w)).astype(np.float32)
 
 
-def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y_calib: np.ndarray,
-              target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None,
-              strip_classes: Sequence[int] = (), x_fit: np.ndarray | None = None,
-              y_fit: np.ndarray | None = None) -> dict[str, Any]:
-    """Thresholds for STRIP (at the target FRR) and the activation filter (at the target FPR).
+def fit_density(features: np.ndarray, predicted: np.ndarray, num_classes: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and the precision of one shared Ledoit-Wolf covariance of clean features."""
+    from sklearn.covariance import LedoitWolf
 
-    The reversed trigger stamped on calibration images of other classes stands
-    in for attack traffic when choosing STRIP's n and the filter's neurons (and,
-    unless fixed, how many: the smallest share of the features layer that
-    stops it within a point of the best share).
-    With ``strip_classes`` STRIP only judges inputs answered with one of them,
-    and its threshold flags the share of those clean inputs that costs the
-    target FRR over all of them. The filter's discriminant is fitted on
-    ``x_fit`` (clean, and stamped where ``y_fit`` is not the target; default:
-    the calibration images), so that its threshold and its reversed-trigger
-    pass rate come from images it was not fitted on.
-    """
-    s = settings or CalibrationSettings()
+    f = features.reshape(len(features), -1).astype(np.float64)
+    overall = f.mean(axis=0)
+    means = np.stack([f[predicted == k].mean(axis=0) if (predicted == k).any() else overall
+                      for k in range(num_classes)])
+    return means, LedoitWolf().fit(f - means[predicted]).precision_
+
+
+def _filter(backend: EmbeddedBackend, s: CalibrationSettings, x_calib: np.ndarray, y_calib: np.ndarray,
+            x_fit: np.ndarray, y_fit: np.ndarray, target: int, mask: np.ndarray, pattern: np.ndarray
+            ) -> tuple[ActivationFilter, list[dict[str, Any]], str]:
+    """The activation filter that best separates clean from reversed-trigger calibration images."""
     if s.filter_score not in FILTER_SCORES:
         raise ForensicsError(f"unknown filter score '{s.filter_score}' (one of {', '.join(FILTER_SCORES)})")
-    classes = sorted(int(k) for k in strip_classes)
     stamped = stamp(x_calib[y_calib != target], mask[None], pattern).astype(np.float32)
-    candidates = [s.strip_n] if s.strip_n else [n for n in s.strip_candidates if n <= len(pool)]
-    trials = []
-    for n in candidates:
-        clean, answered = _strip_scores(backend, pool, n, s.blend_rule, x_calib, s.seed)
-        inside, rate = scoped_rate(s.strip_frr, answered, classes)
-        thr = quantile_threshold(clean[inside], rate, low_is_suspicious=True)
-        triggered, t_answered = _strip_scores(backend, pool, n, s.blend_rule, stamped, s.seed + 1)
-        caught = (triggered < thr) & answered_with(t_answered, classes)
-        trials.append({"n": n, "threshold": thr, "reversed_trigger_pass_rate": float(1.0 - caught.mean()),
-                       "clean": clean[inside], "rate": rate})
-    best = min(t["reversed_trigger_pass_rate"] for t in trials)
-    chosen = next(t for t in trials if t["reversed_trigger_pass_rate"] <= best + 0.01)
-    clean, rate = chosen["clean"], chosen["rate"]
-    thresholds = {"quantile": quantile_threshold(clean, rate, True),
-                  "normal": normal_threshold(clean, rate, True)}
     clean_features, stamped_features = backend.infer(x_calib)[1], backend.infer(stamped)[1]
-    # (score, share, neurons, weights) for every candidate filter
-    candidates_af: list[tuple[str, float | None, np.ndarray, np.ndarray | None]] = []
+    candidates: list[tuple[str, float | None, ActivationFilter]] = []
     if s.filter_score in ("auto", "mean"):
         for share in [s.filter_top_share] if s.filter_top_share else s.filter_candidates:
-            candidates_af.append(("mean", share, choose_activation_neurons(clean_features, stamped_features, share),
-                                  None))
+            candidates.append(("mean", share, ActivationFilter(
+                choose_activation_neurons(clean_features, stamped_features, share))))
     if s.filter_score in ("auto", "lda"):
-        if x_fit is None or y_fit is None:
-            fit_clean, fit_stamped = clean_features, stamped_features
-        else:
-            fit_clean = backend.infer(x_fit)[1]
-            fit_stamped = backend.infer(stamp(x_fit[y_fit != target], mask[None], pattern).astype(np.float32))[1]
+        fit_clean = backend.infer(x_fit)[1]
+        fit_stamped = backend.infer(stamp(x_fit[y_fit != target], mask[None], pattern).astype(np.float32))[1]
         if min(len(fit_clean), len(fit_stamped)) >= 2:
             weights = discriminant(fit_clean, fit_stamped)
-            candidates_af.append(("lda", None, np.arange(len(weights)), weights))
+            candidates.append(("lda", None, ActivationFilter(np.arange(len(weights)), weights)))
         elif s.filter_score == "lda":
             raise ForensicsError("the filter's discriminant needs at least 2 clean images and 2 of other "
                                  "classes than the target to fit on")
-    filters = []
-    for score, share, neurons, weights in candidates_af:
-        af = ActivationFilter(neurons, threshold=0.0, weights=weights)
-        af_clean = af.scores(clean_features)
-        af_thr = quantile_threshold(af_clean, s.filter_fpr, low_is_suspicious=False)
-        filters.append({"score": score, "top_share": share, "neurons": len(neurons), "threshold": af_thr,
-                        "reversed_trigger_pass_rate": float((af.scores(stamped_features) <= af_thr).mean()),
-                        "chosen": (neurons, weights, af_clean)})
-    best_af = min(f["reversed_trigger_pass_rate"] for f in filters)
-    pick = next(f for f in filters if f["reversed_trigger_pass_rate"] <= best_af + 0.01)
-    (neurons, weights, af_clean), af_thr = pick["chosen"], pick["threshold"]
-    return {
-        "strip": {
-            "n": chosen["n"], "blend_rule": s.blend_rule, "threshold": thresholds[s.threshold_rule],
-            "threshold_rule": s.threshold_rule, "thresholds": thresholds, "target_frr": s.strip_frr,
-            "clean_entropy": _stats(clean), "calibration_scores": [round(float(v), 6) for v in clean],
-            "classes": classes,
-        },
-        "strip_scope": {"classes": classes, "share_of_clean_judged": len(clean) / len(x_calib),
-                        "rate_among_judged": rate},
-        "activation_filter": {
-            "neurons": [int(v) for v in neurons], "threshold": af_thr, "target_fpr": s.filter_fpr,
-            "weights": [] if weights is None else [float(v) for v in weights],
-            "clean_score": _stats(af_clean), "calibration_scores": [round(float(v), 6) for v in af_clean],
-        },
-        "n_selection": [{k: v for k, v in t.items() if k not in ("clean", "rate")} for t in trials],
-        "filter_selection": [{k: v for k, v in f.items() if k != "chosen"} for f in filters],
-        "filter_score": pick["score"],
-        "settings": asdict(s),
-    }
+    tried = [{"score": kind, "top_share": share, "neurons": len(af.neurons),
+              "reversed_trigger_auroc": round(_auroc(af.feature_scores(clean_features),
+                                                     af.feature_scores(stamped_features)), 4)}
+             for kind, share, af in candidates]
+    best = max(t["reversed_trigger_auroc"] for t in tried)
+    pick = next(i for i, t in enumerate(tried) if t["reversed_trigger_auroc"] >= best - 0.005)
+    return candidates[pick][2], tried, candidates[pick][0]
 
 
-def evaluate_screens(backend: EmbeddedBackend, strip: StripScreen, activation: ActivationFilter,
-                     x_clean: np.ndarray, triggered: dict[str, tuple[np.ndarray, int]],
-                     y_clean: np.ndarray | None = None) -> dict[str, Any]:
-    """FRR on held-out clean inputs; for each triggered set, how many get through each screen.
+def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y_calib: np.ndarray,
+              x_fit: np.ndarray, y_fit: np.ndarray, num_classes: int, out_dir: Path, *, flagged: list[int],
+              target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None
+              ) -> dict[str, Any]:
+    """The bundle's detector sections and its verdict; detector arrays are written into ``out_dir``.
 
-    ``triggered`` maps a name to (inputs, target class). "unflagged" is the share
-    the screen lets through; "attack_passes" the share let through by both screens
-    *and* answered with the target class, i.e. attacks that succeed through the guard.
+    Density detectors are fitted on the fit split's features (the classes the
+    model answers them with); every detector is then scored on the
+    calibration images, which set the one false-rejection budget.
     """
-    def run(x: np.ndarray):
-        return [screen(backend.infer, x[i:i + 256], strip, activation) for i in range(0, len(x), 256)]
+    s = settings or CalibrationSettings()
+    unknown = [d for d in s.detectors if d not in DETECTORS]
+    if unknown or s.filter not in FILTER_USE:
+        raise ForensicsError(f"unknown detector(s) {unknown or s.filter}: choose from {', '.join(DETECTORS)} "
+                             f"(the activation filter is set by filter: {', '.join(FILTER_USE)})")
+    use_filter = s.filter == "always" or (s.filter == "auto" and bool(flagged))
+    if not s.detectors and not use_filter:
+        raise ForensicsError("no detector left for the verdict: name at least one trigger-free detector")
+    sections: dict[str, Any] = {}
+    detectors: list[Any] = []
+    selection: dict[str, Any] = {}
 
-    clean = run(x_clean)
-    strip_flags = np.concatenate([r.strip.flagged for r in clean])
-    out: dict[str, Any] = {
-        "clean_images": int(len(x_clean)),
-        "strip_frr": float(strip_flags.mean()),
-        "activation_frr": float(np.concatenate([r.activation.flagged for r in clean]).mean()),
-        "combined_frr": float(np.concatenate([r.flagged for r in clean]).mean()),
-    }
-    if strip.classes and y_clean is not None:  # a scoped STRIP concentrates its rejections on these classes
-        out["strip_frr_by_class"] = {str(k): float(strip_flags[y_clean == k].mean()) for k in strip.classes
-                                     if (y_clean == k).any()}
+    if "strip" in s.detectors:
+        candidates = (s.strip_n,) if s.strip_n else tuple(n for n in s.strip_candidates if n <= len(pool))
+        if not candidates:
+            raise ForensicsError(f"STRIP's candidate n {list(s.strip_candidates)} all exceed the pool of "
+                                 f"{len(pool)} images; raise --pool-size or set --strip-n")
+        probe = StripScreen(pool, max(candidates), s.blend_rule, seed=s.seed)
+        per_blend = np.concatenate([probe.per_blend(backend.infer(probe.extra_rows(x_calib[i:i + 64]))[0])
+                                    for i in range(0, len(x_calib), 64)])
+        n, selection["strip_n"] = choose_strip_n(per_blend, candidates)
+        class_mean = class_std = None
+        if s.strip_by_class:
+            class_mean, class_std = _class_entropy(backend, StripScreen(pool, n, s.blend_rule, seed=s.seed + 1),
+                                                   x_fit, num_classes)
+        detectors.append(StripScreen(pool, n, s.blend_rule, seed=s.seed, class_mean=class_mean, class_std=class_std))
+        group = (n // 10 if n >= 20 else None) if s.strip_group is None else (s.strip_group or None)
+        if group is not None and group >= n:
+            raise ForensicsError(f"--strip-group {group} must be below STRIP's n={n}")
+        sections["strip"] = {"n": n, "blend_rule": s.blend_rule, "alone_frr": s.strip_frr, "group": group,
+                             "within_sd": float(np.sqrt(selection["strip_n"]["within_variance"])), "z": s.strip_z,
+                             "class_mean": [] if class_mean is None else [float(v) for v in class_mean],
+                             "class_std": [] if class_std is None else [float(v) for v in class_std]}
+    fit_logits, fit_features = backend.infer(x_fit)
+    fit_pred = fit_logits.argmax(axis=1)
+    if "knn" in s.detectors:
+        counts = np.bincount(fit_pred, minlength=num_classes)
+        k = max(1, min(s.knn_k, int(counts[counts > 0].min())))
+        np.save(out_dir / "knn_reference.npy", fit_features.reshape(len(fit_features), -1).astype(np.float32))
+        detectors.append(KnnDensity(fit_features, fit_pred, k))
+        sections["knn"] = {"reference_file": "knn_reference.npy",
+                           "reference_sha256": sha256_file(out_dir / "knn_reference.npy"),
+                           "labels": [int(v) for v in fit_pred], "k": k, "alone_frr": None}
+    if "mahalanobis" in s.detectors:
+        means, precision = fit_density(fit_features, fit_pred, num_classes)
+        np.savez(out_dir / "mahalanobis.npz", means=means, precision=precision)
+        detectors.append(MahalanobisDensity(means, precision))
+        sections["mahalanobis"] = {"file": "mahalanobis.npz", "sha256": sha256_file(out_dir / "mahalanobis.npz"),
+                                   "alone_frr": None}
+    if use_filter:
+        af, selection["filter"], kind = _filter(backend, s, x_calib, y_calib, x_fit, y_fit, target, mask, pattern)
+        detectors.append(af)
+        sections["activation_filter"] = {"neurons": [int(v) for v in af.neurons], "filter_score": kind,
+                                         "weights": [] if af.weights is None else [float(v) for v in af.weights],
+                                         "alone_frr": s.filter_fpr}
+
+    screen = Screen(detectors)
+    scores, answered = screen.score(backend.infer, x_calib)
+    for d, column in zip(detectors, scores.T, strict=True):
+        key = "activation_filter" if d.name == "activation" else d.name
+        sections[key]["calibration_scores"] = [round(float(v), 7) for v in column]
+        if d.name == "strip":
+            sections[key]["clean_entropy"] = _stats(column)
+        if d.name == "activation":
+            sections[key]["clean_score"] = _stats(column)
+    classes = sorted(int(k) for k in flagged) if s.scope == "suspect" else []
+    try:
+        budget = OneBudget(screen.names, tuple(d.side for d in detectors), scores, s.frr, s.rule, tuple(classes),
+                           answered)
+    except ValueError as exc:
+        raise ForensicsError(f"cannot calibrate the verdict: {exc}") from exc
+    g = dict(budget.guarantee)
+    if g["flag_rank"] == 0:
+        raise ForensicsError(
+            f"{g['calibration_images']} calibration images cannot support a false-rejection budget of "
+            f"{s.frr:.2%}: the smallest they can express is {g['smallest_frr']:.2%}; give at least "
+            f"{int(np.ceil(1 / budget.rate))} calibration images (more clean data, or --calibration-fraction) "
+            f"or raise --frr")
+    g["frr_upper_95"] = frr_upper_bound(g["calibration_images"], g["flag_rank"])
+    sections["verdict"] = {"frr": s.frr, "rule": s.rule, "detectors": list(screen.names), "classes": classes,
+                           "calibration_classes": [int(v) for v in answered], "guarantee": g}
+    return {**sections, "selection": selection, "settings": asdict(s),
+            "images_for_tight_bound": images_for(budget.rate)}
+
+
+def evaluate(backend: EmbeddedBackend, screen: Screen, x_clean: np.ndarray,
+             triggered: dict[str, tuple[np.ndarray, np.ndarray | int]]) -> dict[str, Any]:
+    """The verdict on held-out clean inputs and on each triggered set.
+
+    ``triggered`` maps a name to (inputs, the attacker's class for each, or one
+    for all). "unflagged" is the share the guard lets through; "attack_passes"
+    the share let through *and* answered with the attacker's class, i.e.
+    attacks that succeed through the guard. ``by_detector``: of the refused
+    inputs, the share each detector was the strongest evidence for;
+    ``detector_auroc``: each detector's own separation of clean from triggered.
+    """
+    def run(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        parts = [screen.run(backend.infer, x[i:i + 256]) for i in range(0, len(x), 256)]
+        return tuple(np.concatenate([getattr(p, k) if k != "p_values" else p.judgement.p_values for p in parts])
+                     for k in ("scores", "p_values", "flagged", "predicted", "forward_passes"))
+
+    def by_detector(p_values: np.ndarray, flagged: np.ndarray) -> dict[str, float]:
+        strongest = p_values[flagged].argmin(axis=1)
+        return {n: float((strongest == d).mean()) if flagged.any() else 0.0 for d, n in enumerate(screen.names)}
+
+    clean_scores, clean_p, clean_flag, _, passes = run(x_clean)
+    out: dict[str, Any] = {"clean_images": int(len(x_clean)), "frr": float(clean_flag.mean()),
+                           "frr_by_detector": by_detector(clean_p, clean_flag),
+                           "forward_passes": float(passes.mean())}
+    sides = {d.name: d.side for d in screen.detectors}
     for name, (x, target) in triggered.items():
-        res = run(x)
-        strip_flag = np.concatenate([r.strip.flagged for r in res])
-        af_flag = np.concatenate([r.activation.flagged for r in res])
-        hit = np.concatenate([r.logits.argmax(1) for r in res]) == target
-        out[name] = {
-            "images": int(len(x)),
-            "model_asr": float(hit.mean()),
-            "strip_unflagged": float((~strip_flag).mean()),
-            "activation_unflagged": float((~af_flag).mean()),
-            "strip_attack_passes": float((~strip_flag & hit).mean()),
-            "activation_attack_passes": float((~af_flag & hit).mean()),
-            "guard_attack_passes": float((~(strip_flag | af_flag) & hit).mean()),
-        }
+        scores, p_values, flag, pred, passes = run(x)
+        hit = pred == np.asarray(target)
+        auroc = {}
+        for d, det in enumerate(screen.names):
+            sign = -1.0 if sides[det] == "low" else 1.0
+            auroc[det] = round(_auroc(sign * clean_scores[:, d], sign * scores[:, d]), 4) if len(x) else None
+        out[name] = {"images": int(len(x)), "model_asr": float(hit.mean()), "unflagged": float((~flag).mean()),
+                     "attack_passes": float((~flag & hit).mean()), "by_detector": by_detector(p_values, flag),
+                     "forward_passes": float(passes.mean()),
+                     "detector_auroc": auroc}
     return out

@@ -97,6 +97,22 @@ def _restarts_arg(parser: argparse.ArgumentParser) -> None:
                              "start can settle on a looser one; %(default)s)")
 
 
+# the guard's detectors and verdict rules (guard.screens, offline.calibrate), named here so that --help
+# does not load onnxruntime
+DETECTORS = ("strip", "knn", "mahalanobis")
+COMBINE_RULES = ("fisher", "min")
+FILTER_USE = ("auto", "always", "off")
+
+
+def _detector_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [n for n in names if n not in DETECTORS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown detector(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(DETECTORS)} (the activation filter: --filter)")
+    return names
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -149,12 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("patch", help="scan, repair, calibrate and write the guard bundle",
                         description="The whole offline job: Neural Cleanse scan and trigger recovery, repair, "
-                                    "ONNX export, calibration of the guard's STRIP and activation-filter "
-                                    "thresholds, evaluation on held-out data, and the guard bundle. A killed "
+                                    "ONNX export, calibration of the guard's detectors and of its one verdict "
+                                    "at --frr, evaluation on held-out data, and the guard bundle. A killed "
                                     "job resumes from its last finished phase.")
     pa.add_argument("--model", required=True, help="TorchScript (.pt) or ONNX (.onnx) classifier")
     pa.add_argument("--data", default="mnist", help="clean data, as for scan (default: %(default)s); split "
-                                                    "60/20/20 into fit, calibration and test parts")
+                                                    "into fit, calibration and test (20 %%) parts")
     pa.add_argument("--out", required=True, help="bundle directory to write")
     pa.add_argument("--features-layer", default=None, help="as for scan")
     pa.add_argument("--threshold", type=_positive(float), default=2.0, help="anomaly index threshold (%(default)s)")
@@ -189,28 +205,48 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fine-tune-epochs", type=_positive(int), default=1,
                    help="fine-pruning's clean epochs (%(default)s)")
     c = pa.add_argument_group("guard calibration")
-    c.add_argument("--strip-frr", type=_fraction, default=0.01, help="STRIP target false-rejection rate (%(default)s)")
+    c.add_argument("--frr", type=_fraction, default=0.01,
+                   help="the share of clean traffic the guard may refuse, in total: every detector's p-value is "
+                        "combined into one verdict calibrated at this rate (%(default)s)")
+    c.add_argument("--combine", choices=COMBINE_RULES, default="fisher",
+                   help="how the detectors' p-values combine: fisher (-sum log p, default) or min (the smallest)")
+    c.add_argument("--detectors", type=_detector_list, default="strip,knn",
+                   help="trigger-free detectors, comma-separated, from " + ", ".join(DETECTORS)
+                        + " (default: %(default)s)")
+    c.add_argument("--filter", choices=FILTER_USE, default="auto", dest="filter_use",
+                   help="the activation filter, which needs the scan's reversed trigger: auto (default) joins "
+                        "the verdict only when the scan flagged a class; always also watches the most anomalous "
+                        "class's trigger; off")
+    c.add_argument("--calibration-fraction", type=_fraction, default=None,
+                   help="share of the clean data that calibrates the verdict (default: 300 images where the "
+                        "data allows, between 20 and 40 %%)")
     c.add_argument("--strip-n", type=_positive(int), default=None,
-                   help="blends per input (default: the smallest of 5/10/20/50 that detects the reversed "
-                        "trigger as well as the best)")
+                   help="blends per input (default: the paper's rule, the smallest of 5/10/20/50/100 at which "
+                        "the spread of clean entropies has flattened)")
+    c.add_argument("--strip-group", type=_nonnegative_int, default=None,
+                   help="sequential STRIP: blends per round, each input stopping once its verdict is settled "
+                        "(default: n/10 from n=20; 0: all n blends at once)")
     c.add_argument("--blend-rule", choices=("add", "average"), default="add",
                    help="add: pixel-wise sum clipped to range, as in the paper (default); average: mean")
-    c.add_argument("--strip-scope", choices=("all", "suspect"), default="all",
-                   help="all: STRIP judges every input (default); suspect: only inputs the model answers with a "
-                        "flagged class, where a trigger must land to succeed, so the whole FRR budget is spent "
-                        "there (about 10x the rejections on that class, none elsewhere)")
-    c.add_argument("--threshold-rule", choices=("quantile", "normal"), default="quantile",
-                   help="empirical quantile or the paper's normal fit; both are recorded (%(default)s)")
+    c.add_argument("--scope", "--strip-scope", choices=("all", "suspect"), default="all", dest="scope",
+                   help="all: the guard judges every input (default); suspect: only inputs the model answers "
+                        "with a flagged class, where a trigger must land to succeed, so the whole budget is spent "
+                        "there (about 10x the refusals on that class, none elsewhere)")
     c.add_argument("--pool-size", type=_positive(int), default=200, help="clean images STRIP blends with (%(default)s)")
-    c.add_argument("--filter-fpr", type=_fraction, default=0.05, help="activation filter target FPR (%(default)s)")
+    c.add_argument("--knn-k", type=_positive(int), default=5, help="the k-NN detector's k (%(default)s)")
     c.add_argument("--filter-score", choices=("auto", "mean", "lda"), default="auto",
                    help="the activation filter's score: 'mean' activation of the neurons the reversed trigger "
                         "excites most (Neural Cleanse), 'lda' (a linear discriminant between clean and stamped "
-                        "features, fitted on the fit split), or 'auto' (default): the first of the mean "
-                        "candidates, then lda, that stops the reversed trigger within a point of the best")
+                        "features, fitted on the fit split), or 'auto' (default): the candidate that separates "
+                        "clean from stamped calibration images best")
     c.add_argument("--filter-top-share", type=_fraction, default=None,
                    help="share of features neurons the mean score watches, at least one (default: tries "
                         "1/2/5/10/20 %%)")
+    c.add_argument("--strip-frr", type=_fraction, default=None,
+                   help="expert override: STRIP also refuses on its own at this rate, a budget on top of --frr")
+    c.add_argument("--filter-fpr", type=_fraction, default=None,
+                   help="expert override: the activation filter also refuses on its own at this rate, on top of "
+                        "--frr")
     g = pa.add_argument_group("guard bundle")
     g.add_argument("--model-name", default="model",
                    help="name clients address the model by through the guard (%(default)s)")
@@ -553,12 +589,13 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                               unlearn_grow=args.unlearn_grow, optimizer=args.repair_optimizer, lr=args.repair_lr,
                               asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
                               fine_tune_epochs=args.fine_tune_epochs),
-        calibration=CalibrationSettings(strip_frr=args.strip_frr, strip_n=args.strip_n,
-                                        blend_rule=args.blend_rule, strip_scope=args.strip_scope,
-                                        threshold_rule=args.threshold_rule,
-                                        pool_size=args.pool_size, filter_fpr=args.filter_fpr,
-                                        filter_score=args.filter_score, filter_top_share=args.filter_top_share),
-        model_name=args.model_name, policy=args.policy,
+        calibration=CalibrationSettings(frr=args.frr, rule=args.combine, detectors=args.detectors,
+                                        filter=args.filter_use, strip_n=args.strip_n, strip_group=args.strip_group,
+                                        blend_rule=args.blend_rule,
+                                        scope=args.scope, pool_size=args.pool_size, knn_k=args.knn_k,
+                                        filter_score=args.filter_score, filter_top_share=args.filter_top_share,
+                                        strip_frr=args.strip_frr, filter_fpr=args.filter_fpr),
+        calibration_fraction=args.calibration_fraction, model_name=args.model_name, policy=args.policy,
     )
     return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
                      true_trigger_file=args.true_trigger, work_dir=args.work_dir, fresh=args.fresh,

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from guard.backends import EmbeddedBackend
-from guard.bundle import GuardManifest, filter_kind, sha256_file, write_bundle
-from guard.screening import ActivationFilter, StripScreen
+from guard.bundle import GuardBundle, GuardManifest, sha256_file, write_bundle
 from offline.attacks import AnyTrigger, load_trigger, stamp
-from offline.calibrate import CalibrationSettings, calibrate, evaluate_screens
+from offline.calibrate import CalibrationSettings, calibrate, evaluate
 from offline.data import Dataset
 from offline.errors import DataError, ForensicsError
 from offline.export import INPUT_NAME, OPSET, export_onnx
@@ -45,7 +44,7 @@ class PatchSettings:
     recover_restarts: int = 3
     repair: RepairSettings = field(default_factory=RepairSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
-    calibration_fraction: float = 0.2
+    calibration_fraction: float | None = None  # None: auto_calibration_fraction of the data's size
     test_fraction: float = 0.2
     split_seed: int = 0
     model_name: str = "model"
@@ -75,10 +74,35 @@ def load_true_trigger(path: str | Path) -> tuple[AnyTrigger, int]:
         raise ForensicsError(f"{path}: not a usable attack.json from 'trojan-forensics train' ({exc})") from exc
 
 
-def split_clean(data: Dataset, s: PatchSettings) -> tuple[Dataset, Dataset, Dataset]:
-    """The job's stratified fit / calibration / test split of the clean data."""
+# the scan's held-out share of the clean data (where its reversed triggers' ASR is measured), fixed so that a
+# new calibration share reuses a finished scan
+SCAN_SHARE = 0.2
+
+
+def auto_calibration_fraction(size: int, want: int = 500) -> float:
+    """The calibration share: ``want`` images where the data allows, between 20 and 40 % of it.
+
+    The verdict's guarantee sharpens with calibration images (from 100 a 1 %
+    budget is a single image; from 500 its 95 % bound is 1.8 %), so scarce data
+    gives calibration a larger share.
+    """
+    return float(min(0.4, max(0.2, want / max(size, 1))))
+
+
+def calibration_share(data: Dataset, s: PatchSettings) -> float:
+    return s.calibration_fraction or auto_calibration_fraction(len(data))
+
+
+def split_clean(data: Dataset, s: PatchSettings, share: float | None = None) -> tuple[Dataset, Dataset, Dataset]:
+    """The job's stratified fit / calibration / test split of the clean data.
+
+    Repair fine-tunes on the fit part and the guard's detectors are fitted there;
+    the verdict is calibrated on the calibration part; the test part is only
+    ever measured on. ``share``: the calibration share (default: the settings').
+    """
+    share = share or calibration_share(data, s)
     rest, test = data.split(s.test_fraction, seed=s.split_seed)
-    fit, calib = rest.split(s.calibration_fraction / (1 - s.test_fraction), seed=s.split_seed + 1)
+    fit, calib = rest.split(share / (1 - s.test_fraction), seed=s.split_seed + 1)
     return fit, calib, test
 
 
@@ -145,15 +169,17 @@ def run_patch(
     case = load_case(model_path, data_spec, features_layer)
     true_trigger, true_target = (load_true_trigger(true_trigger_file) if true_trigger_file else (None, None))
     fit, calib, test = split_clean(case.data, s)
-    if min(len(fit), len(calib), len(test)) < s.scan.batch_size:
+    # the scan optimises on its own fit part and measures on the rest of the non-test data
+    scan_fit, scan_held, _ = split_clean(case.data, s, SCAN_SHARE)
+    if min(len(fit), len(calib), len(test), len(scan_fit), len(scan_held)) < s.scan.batch_size:
         raise DataError(f"{case.data.source}: {len(case.data)} clean images are too few for the patch job; "
-                        f"give at least {int(s.scan.batch_size / min(s.test_fraction, s.calibration_fraction)) + 1}")
+                        f"give at least {int(s.scan.batch_size / min(s.test_fraction, SCAN_SHARE)) + 1}")
     phases = _Phases(work)
     model = case.model
     fp_scan = _digest(case.model_sha256, case.data.x.tobytes(), case.data.y.tobytes(), features_layer,
                       asdict(s.scan), s.anomaly_threshold, s.repeats, s.recover_restarts, s.test_fraction,
-                      s.calibration_fraction, s.split_seed)
-    fp_repair = _digest(fp_scan, asdict(s.repair), str(true_trigger_file))
+                      SCAN_SHARE, s.split_seed)
+    fp_repair = _digest(fp_scan, asdict(s.repair), str(true_trigger_file), len(calib))
     fp_export = _digest(fp_repair, OPSET)
     fp_calibrate = _digest(fp_export, asdict(s.calibration))
     fp_evaluate = _digest(fp_calibrate)
@@ -165,7 +191,7 @@ def run_patch(
     scan_result = phases.result("scan", fp_scan)
     header(1, "scan", scan_result is not None)
     if scan_result is None:
-        report = scan_case(case, model_path, fit, calib, phases.dir("scan"), config=s.scan,
+        report = scan_case(case, model_path, scan_fit, scan_held, phases.dir("scan"), config=s.scan,
                            threshold=s.anomaly_threshold, repeats=s.repeats, restarts=s.recover_restarts,
                            progress=progress)
         scan_result = phases.finish("scan", fp_scan, {"report": "scan.json", "flagged": report["flagged_classes"],
@@ -229,68 +255,85 @@ def run_patch(
     # 4. calibrate
     calib_result = phases.result("calibrate", fp_calibrate)
     header(4, "calibrate", calib_result is not None)
-    pool_file = work / "calibrate" / "strip_pool.npy"
+    calib_dir = work / "calibrate"
     if calib_result is None:
         rng = np.random.default_rng(s.calibration.seed)
         pool = fit.x[np.sort(rng.choice(len(fit), min(s.calibration.pool_size, len(fit)), replace=False))]
-        np.save(phases.dir("calibrate") / "strip_pool.npy", pool)
-        scope = flagged if s.calibration.strip_scope == "suspect" else []
-        if s.calibration.strip_scope == "suspect" and not flagged:
-            say("      --strip-scope suspect: no class flagged, so STRIP judges every input")
-        calibration = calibrate(backend, pool, calib.x, calib.y, suspect, mask, pattern, s.calibration,
-                                strip_classes=scope, x_fit=fit.x, y_fit=fit.y)
+        np.save(phases.dir("calibrate") / "clean_pool.npy", pool)
+        if s.calibration.scope == "suspect" and not flagged:
+            say("      --scope suspect: no class flagged, so the guard judges every input")
+        calibration = calibrate(backend, pool, calib.x, calib.y, fit.x, fit.y, case.data.num_classes, calib_dir,
+                                flagged=flagged, target=suspect, mask=mask, pattern=pattern,
+                                settings=s.calibration)
         calib_result = phases.finish("calibrate", fp_calibrate, calibration)
-    pool = np.load(pool_file)
-    strip_c, af_c = calib_result["strip"], calib_result["activation_filter"]
-    scoped = (f" on inputs answered as class(es) {strip_c['classes']} (flags "
-              f"{calib_result['strip_scope']['rate_among_judged']:.0%} of those)" if strip_c.get("classes") else "")
-    say(f"      STRIP: n={strip_c['n']}, entropy threshold {strip_c['threshold']:.4f} at FRR "
-        f"{strip_c['target_frr']:.0%}{scoped}; activation filter: "
-        f"{filter_kind(af_c['neurons'], af_c.get('weights'))}, threshold {af_c['threshold']:.3f} at FPR "
-        f"{af_c['target_fpr']:.0%}")
-
-    # 5. evaluate on the test split, which neither calibration nor repair saw
-    eval_result = phases.result("evaluate", fp_evaluate)
-    header(5, "evaluate", eval_result is not None)
-    if eval_result is None:
-        strip = StripScreen(pool, strip_c["n"], strip_c["threshold"], strip_c["blend_rule"], seed=7,
-                            classes=tuple(strip_c.get("classes", ())))
-        af = ActivationFilter(np.array(af_c["neurons"]), af_c["threshold"], weights=af_c.get("weights") or None)
-        keep = test.y != suspect
-        triggered = {"reversed_trigger": (stamp(test.x[keep], mask[None], pattern).astype(np.float32), suspect)}
-        if true_trigger is not None:
-            keep_true = test.y != true_target
-            triggered["true_trigger"] = (true_trigger.apply(test.x[keep_true]), int(true_target))
-        evaluation = evaluate_screens(backend, strip, af, test.x, triggered, test.y)
-        eval_result = phases.finish("evaluate", fp_evaluate, evaluation)
-    by_class = "".join(f", class {k} {v:.1%}" for k, v in eval_result.get("strip_frr_by_class", {}).items())
-    say(f"      held-out clean: STRIP FRR {eval_result['strip_frr']:.1%}{by_class}, activation filter FRR "
-        f"{eval_result['activation_frr']:.1%}")
-    for name in ("reversed_trigger", "true_trigger"):
-        if name in eval_result:
-            e = eval_result[name]
-            say(f"      {name.replace('_', ' ')}: model ASR {e['model_asr']:.1%}; unflagged by STRIP "
-                f"{e['strip_unflagged']:.1%}, by the filter {e['activation_unflagged']:.1%}; attacks passing "
-                f"the guard {e['guard_attack_passes']:.1%}")
-
-    # 6. bundle
-    header(6, "bundle", False)
+    verdict = calib_result["verdict"]
+    g = verdict["guarantee"]
+    say(f"      verdict: {', '.join(verdict['detectors'])} combined ({verdict['rule']}) at one budget of "
+        f"{verdict['frr']:.1%}" + (f" on inputs answered as class(es) {verdict['classes']}" if verdict["classes"]
+                                  else "")
+        + (f"; STRIP n={calib_result['strip']['n']}" if calib_result.get("strip") else ""))
+    say(f"      {g['calibration_images']} calibration images guarantee clean refusals of {g['expected_frr']:.2%} "
+        f"in expectation, at most {g['frr_upper_95']:.2%} with 95 % confidence")
+    if g["frr_upper_95"] > 2.5 * verdict["frr"]:
+        say(f"      warning: too few calibration images for a tight {verdict['frr']:.1%} budget; from "
+            f"{calib_result['images_for_tight_bound']} the 95 % bound stays within {2.5 * verdict['frr']:.1%} "
+            f"(give more clean data, or a larger --calibration-fraction)")
+    if "activation_filter" not in calib_result and flagged is not None and not flagged:
+        say("      the activation filter is off: the scan flagged no class, so it has no trigger to watch")
+    files = {"model.onnx": onnx_path, "clean_pool.npy": calib_dir / "clean_pool.npy"}
+    for key, name in (("knn", "reference_file"), ("mahalanobis", "file")):
+        if key in calib_result:
+            files[calib_result[key][name]] = calib_dir / calib_result[key][name]
+    sections = {k: calib_result[k] for k in ("verdict", "strip", "knn", "mahalanobis") if k in calib_result}
+    if "activation_filter" in calib_result:
+        sections["activation_filter"] = {**{k: v for k, v in calib_result["activation_filter"].items()
+                                            if k != "filter_score"}, "layer": model.features_layer}
     manifest = GuardManifest.model_validate({
         "model": {"name": s.model_name, "file": "model.onnx", "sha256": sha256_file(onnx_path), "opset": OPSET},
         "input": {"name": INPUT_NAME, "shape": [-1, *case.data.input_shape], "value_range": (0.0, 1.0)},
         "class_names": case.data.class_names,
         "policy": s.policy,
-        "strip": {**strip_c, "pool_file": "strip_pool.npy",
-                  "pool_sha256": sha256_file(pool_file)},
-        "activation_filter": {**af_c, "layer": model.features_layer},
+        "clean_pool": {"file": "clean_pool.npy", "sha256": sha256_file(files["clean_pool.npy"])},
+        **sections,
         "scan": {"method": s.scan.method, "anomaly_scale": s.scan.anomaly_scale, "anomaly_index": anomaly,
                  "flagged_classes": flagged, "threshold": s.anomaly_threshold},
         "repair": {k: repair_result[k] for k in ("method", "before", "after", "summary")},
-        "evaluation": eval_result,
         "provenance": {"source_model": Path(model_path).name, "source_model_sha256": case.model_sha256,
                        "tool_version": f"trojan-forensics {TOOL_VERSION}",
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     })
+
+    # 5. evaluate on the test split, which neither calibration nor repair saw
+    eval_result = phases.result("evaluate", fp_evaluate)
+    header(5, "evaluate", eval_result is not None)
+    if eval_result is None:
+        pool = np.load(files["clean_pool.npy"])
+        arrays = {}
+        if manifest.knn:
+            arrays["knn"] = {"reference": np.load(files[manifest.knn.reference_file])}
+        if manifest.mahalanobis:
+            with np.load(files[manifest.mahalanobis.file]) as z:
+                arrays["mahalanobis"] = {k: z[k] for k in z.files}
+        screen = GuardBundle(calib_dir, manifest, pool, arrays).screen(seed=7)
+        keep = test.y != suspect
+        triggered = {"reversed_trigger": (stamp(test.x[keep], mask[None], pattern).astype(np.float32), suspect)}
+        if true_trigger is not None:
+            keep_true = test.y != true_target
+            triggered["true_trigger"] = (true_trigger.apply(test.x[keep_true]), int(true_target))
+        eval_result = phases.finish("evaluate", fp_evaluate, evaluate(backend, screen, test.x, triggered))
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in eval_result["frr_by_detector"].items() if v)
+    say(f"      held-out clean: {eval_result['frr']:.1%} of {eval_result['clean_images']} refused"
+        + (f" (strongest evidence: {shares})" if shares else "")
+        + f"; {eval_result['forward_passes']:.1f} model rows per input")
+    for name in ("reversed_trigger", "true_trigger"):
+        if name in eval_result:
+            e = eval_result[name]
+            say(f"      {name.replace('_', ' ')}: model ASR {e['model_asr']:.1%}; unflagged {e['unflagged']:.1%}; "
+                f"attacks passing the guard {e['attack_passes']:.1%}")
+    manifest = manifest.model_copy(update={"evaluation": eval_result})
+
+    # 6. bundle
+    header(6, "bundle", False)
     report_dir = work / "report"
     if report_dir.exists():
         shutil.rmtree(report_dir)
@@ -300,8 +343,7 @@ def run_patch(
                           ("evaluate", eval_result)):
         write_json_atomic(report_dir / f"{phase}.json", result)
     build_report(report_dir, manifest.model_dump(), true_trigger_file)
-    write_bundle(out, manifest, {"model.onnx": onnx_path, "strip_pool.npy": pool_file},
-                 extra_dirs={"report": report_dir})
+    write_bundle(out, manifest, files, extra_dirs={"report": report_dir})
     summary = {
         "bundle": str(out), "flagged": flagged, "suspect_class": suspect,
         "repair": repair_result["summary"], "evaluation": eval_result,

@@ -135,7 +135,8 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         labels = ", ".join(class_names[c] if class_names else str(c) for c in audit_summary["flagged_classes"])
         verdict["audit"] = (f"training-data audit (activation clustering): a suspect cluster of "
                             f"{audit_summary['flagged_samples']} samples in label(s) {labels}")
-    strip, af = manifest.get("strip", {}), manifest.get("activation_filter", {})
+    verdict_spec = manifest.get("verdict") or {}
+    strip, af = manifest.get("strip") or {}, manifest.get("activation_filter") or {}
     report = {
         "tool": f"trojan-forensics {TOOL_VERSION}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -154,14 +155,12 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                                 f"{', '.join(class_names[c] if class_names else str(c) for c in flagged)}")
                    if backdoored else "none found"},
         "repair": {"method": repair.get("method"), "before": before, "after": after,
-                   "guard": {"strip_threshold": strip.get("threshold"), "strip_n": strip.get("n"),
-                             "strip_target_frr": strip.get("target_frr"),
-                             "strip_classes": strip.get("classes", []),
-                             "test_strip_frr_by_class": evaluation.get("strip_frr_by_class"),
-                             "activation_score": filter_kind(af.get("neurons", []), af.get("weights")),
-                             "activation_threshold": af.get("threshold"), "activation_target_fpr": af.get("target_fpr"),
-                             "test_strip_frr": evaluation.get("strip_frr"),
-                             "test_activation_frr": evaluation.get("activation_frr"),
+                   "guard": {"detectors": verdict_spec.get("detectors", []), "rule": verdict_spec.get("rule"),
+                             "frr": verdict_spec.get("frr"), "classes": verdict_spec.get("classes", []),
+                             "guarantee": verdict_spec.get("guarantee", {}), "strip_n": strip.get("n"),
+                             "activation_score": filter_kind(af["neurons"], af.get("weights")) if af else None,
+                             "test_frr": evaluation.get("frr"),
+                             "test_frr_by_detector": evaluation.get("frr_by_detector"),
                              "true_trigger": evaluation.get("true_trigger"),
                              "reversed_trigger": evaluation.get("reversed_trigger")}},
         "attribution": {"atlas": [{"id": k, "name": v[0], "why": v[1]} for k, v in ATLAS.items()] if backdoored
@@ -247,11 +246,11 @@ def _html(r: dict[str, Any], images: dict[str, str | None]) -> str:
     before, after = rep["before"], rep["after"]
     repair_rows = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_pct(before.get(k))}</td>"
                           f"<td>{_pct(after.get(k))}</td></tr>" for k in before)
-    strip_scope = ""
-    if g.get("strip_classes"):
-        on = ", ".join(f"class {k} {_pct(v)}" for k, v in (g.get("test_strip_frr_by_class") or {}).items())
-        strip_scope = (f"; judging only inputs answered as class(es) {e(str(g['strip_classes']))}"
-                       + (f", where it rejected {e(on)} of clean images" if on else ""))
+    scope = f"; refusing only inputs answered as class(es) {e(str(g['classes']))}" if g.get("classes") else ""
+    guarantee_ = g.get("guarantee") or {}
+    parts = [f"STRIP (n={g['strip_n']})" if g.get("strip_n") else "", *[d for d in g.get("detectors", [])
+                                                                     if d not in ("strip", "activation")],
+             f"the activation filter ({e(g['activation_score'])})" if g.get("activation_score") else ""]
     tri = r["triage"]["model"]
     data = r["triage"]["data"]
     atlas = "".join(f"<li><b>{e(a['id'])}</b> {e(a['name'])}: {e(a['why'])}</li>" for a in r["attribution"]["atlas"])
@@ -286,10 +285,10 @@ SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 <li>affected: {e(r['impact']['affected'])}</li></ul>
 <h2>5. Repair</h2><p>method: {e(str(rep['method']))}</p>
 <table><tr><th></th><th>before</th><th>after</th></tr>{repair_rows}</table>
-<p>Guard thresholds: STRIP entropy {g['strip_threshold']} (n={g['strip_n']}, target FRR
-{_pct(g['strip_target_frr'])}, measured on held-out clean data {_pct(g['test_strip_frr'])}{strip_scope});
-activation filter ({e(g['activation_score'])}) {g['activation_threshold']}
-(target FPR {_pct(g['activation_target_fpr'])}, measured {_pct(g['test_activation_frr'])}).</p>
+<p>Guard verdict: {e(', '.join(p for p in parts if p))} combined by {e(str(g.get('rule')))}'s rule at one
+budget of {_pct(g.get('frr'))} clean refusals{scope}; {guarantee_.get('calibration_images')} calibration images
+guarantee {_pct(guarantee_.get('expected_frr'))} (95 % bound {_pct(guarantee_.get('frr_upper_95'))}); measured on
+held-out clean data {_pct(g.get('test_frr'))}.</p>
 <h2>6. Attribution</h2><ul>{atlas or '<li>no backdoor: nothing to attribute</li>'}</ul>
 <p>Trigger character: {e('; '.join(r['attribution']['trigger_character']) or 'n/a')}</p>
 <footer><p>{e(r['tool'])}, {e(r['created'])}</p></footer>

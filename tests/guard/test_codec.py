@@ -62,16 +62,21 @@ def test_unknown_output_names_are_refused() -> None:
 
 def test_response_carries_raw_outputs_and_the_verdict_as_non_float_parameters() -> None:
     decision = Decision(np.eye(2, 10, dtype=np.float32), np.zeros((2, 4), np.float32),
-                        [InputVerdict(False, (), 1.2, 0.5, 0.1, 0.6), InputVerdict(True, ("strip",), 0.01, 0.003,
-                                                                                  0.2, 0.4)],
-                        policy="flag", bundle_sha256="ab" * 32)
+                        [InputVerdict(False, (), 0.5, {"strip_entropy": 1.2, "knn_distance": 0.1},
+                                      {"strip": 0.5, "knn": 0.6}),
+                         InputVerdict(True, ("strip",), 0.004, {"strip_entropy": 0.01, "knn_distance": 0.2},
+                                      {"strip": 0.003, "knn": 0.4})],
+                        policy="flag", bundle_sha256="ab" * 32,
+                        columns=("p_value", "strip_entropy", "knn_distance", "strip_p_value", "knn_p_value"))
     req = pb.ModelInferRequest(id="req-7")
     resp = encode_response(req, decision, "model", ["logits", "guard_scores"])
     assert resp.id == "req-7" and not resp.outputs[0].contents.ListFields()
     logits = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(resp.outputs[0].shape)
     np.testing.assert_array_equal(logits, decision.logits)
-    scores = np.frombuffer(resp.raw_output_contents[1], "<f4").reshape(2, 4)
-    assert scores[1, 0] == pytest.approx(0.01)
+    scores = np.frombuffer(resp.raw_output_contents[1], "<f4").reshape(2, 5)
+    np.testing.assert_allclose(scores[1], [0.004, 0.01, 0.2, 0.003, 0.4], rtol=1e-6)
+    assert resp.outputs[1].parameters["columns"].string_param.startswith("p_value,strip_entropy,")
+    assert resp.parameters["guard_knn_p_value"].string_param == "0.6,0.4"
     params = resp.parameters
     assert params["guard_verdict"].string_param == "flagged"
     assert params["guard_flagged"].bool_param is True

@@ -276,7 +276,7 @@ def test_bundle_watch_picks_up_a_bundle_swapped_in_by_a_patch_job(guard_only_bun
 
         new = GuardBundle.load(patched[0])
         # exactly what the patch job does: stage beside, verify, swap in by rename
-        write_bundle(live, new.manifest, {"model.onnx": new.model_path, "strip_pool.npy": new.pool})
+        write_bundle(live, new.manifest, {name: new.root / name for name, _ in new.manifest.files()})
         deadline = time.monotonic() + 20
         while _admin(server).Status(admin_pb.StatusRequest()).bundle_sha256 != GuardBundle.load(live).sha256:
             assert time.monotonic() < deadline, server.log

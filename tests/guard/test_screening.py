@@ -3,15 +3,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.screening import (
+from guard.screens import (
     ActivationFilter,
+    KnnDensity,
+    MahalanobisDensity,
+    OneBudget,
+    Screen,
     StripScreen,
     blend,
     entropy,
-    normal_threshold,
+    guarantee,
     p_values,
     quantile_threshold,
-    screen,
     softmax,
     softmax_entropy,
 )
@@ -33,16 +36,17 @@ def test_model_batch_is_the_inputs_then_n_blends_of_distinct_pool_images() -> No
     rng = np.random.default_rng(2)
     pool = rng.random((30, 1, 3, 3)).astype(np.float32) * 0.5
     x = rng.random((4, 1, 3, 3)).astype(np.float32) * 0.5
-    strip = StripScreen(pool, n=6, threshold=0.0, rule="add", seed=3)
-    batch = strip.model_batch(x)
+    strip = StripScreen(pool, n=6, rule="add", seed=3)
+    batch, spans = Screen([strip]).model_batch(x)
     assert batch.shape == (4 + 4 * 6, 1, 3, 3) and batch.dtype == np.float32
+    assert spans[id(strip)] == (4, 28)
     np.testing.assert_array_equal(batch[:4], x)
     for i in range(4):
         blends = batch[4 + 6 * i:4 + 6 * (i + 1)]
         used = [int(np.argmin(np.abs(pool - (b - x[i])).reshape(30, -1).max(1))) for b in blends]
         np.testing.assert_allclose(blends, np.clip(x[i] + pool[used], 0, 1), atol=1e-6)
         assert len(set(used)) == 6  # drawn without replacement
-    assert not np.array_equal(strip.model_batch(x)[4:], batch[4:])  # fresh draws every call
+    assert not np.array_equal(strip.extra_rows(x), batch[4:])  # fresh draws every call
 
 
 def test_blend_rules() -> None:
@@ -58,10 +62,73 @@ def test_blend_rules() -> None:
 def test_thresholds_and_p_values() -> None:
     scores = np.random.default_rng(0).normal(1.0, 0.1, 10000)
     assert quantile_threshold(scores, 0.01, True) == pytest.approx(1.0 - 2.326 * 0.1, abs=0.01)
-    assert normal_threshold(scores, 0.01, True) == pytest.approx(1.0 - 2.326 * 0.1, abs=0.01)
-    assert normal_threshold(scores, 0.05, False) == pytest.approx(1.0 + 1.645 * 0.1, abs=0.01)
     p = p_values(scores, np.array([0.5, 1.0, 1.5]), low_is_suspicious=True)
     assert p[0] < 0.001 and 0.4 < p[1] < 0.6 and p[2] > 0.99
+
+
+@pytest.mark.parametrize("rule", ["fisher", "min"])
+def test_one_budget_refuses_clean_inputs_at_most_at_its_rate(rule: str) -> None:
+    """The conformal guarantee: over calibration draws, clean refusals average at most floor(R(n+1))/(n+1),
+    whatever the detectors' dependence (here two correlated columns and one independent)."""
+    rng = np.random.default_rng(0)
+
+    def clean(n: int) -> np.ndarray:
+        z = rng.normal(size=(n, 3))
+        z[:, 1] += 0.8 * z[:, 0]
+        return z
+
+    rates = []
+    for _ in range(150):
+        budget = OneBudget(("a", "b", "c"), ("high", "low", "high"), clean(99), 0.05, rule)
+        rates.append(budget.judge(clean(400)).flagged.mean())
+    assert guarantee(99, 0.05)["expected_frr"] == 0.05
+    assert 0.02 < np.mean(rates) <= 0.05 + 0.006  # 0.006: three standard errors of the mean
+
+
+def test_one_budget_refuses_strong_evidence_from_either_detector() -> None:
+    rng = np.random.default_rng(1)
+    cal = rng.normal(size=(300, 2))
+    fisher = OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01)
+    # far out for one detector and a little unusual for the other; clean for both; far out for both
+    scores = np.array([[-6.0, 0.8], [-0.8, 6.0], [0.0, 0.0], [-3.0, 3.0]])
+    j = fisher.judge(scores)
+    assert j.flagged.tolist() == [True, True, False, True]
+    assert j.p_value[2] > 0.2 and j.p_value[0] <= 0.01
+    assert j.detectors_of(0) == ("strip",) and j.detectors_of(1) == ("knn",)
+    np.testing.assert_allclose(j.p_values[0, 0], 1 / 301)
+    # Fisher's rule needs some support from the other detector (its ranks cannot go below 1/(n+1)); the
+    # min rule refuses one detector's extreme alone
+    alone = np.array([[-6.0, 0.0]])
+    assert not fisher.judge(alone).flagged[0]
+    assert OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01, "min").judge(alone).flagged[0]
+
+
+def test_one_budget_refuses_budgets_its_calibration_cannot_express() -> None:
+    assert guarantee(50, 0.01)["flag_rank"] == 0  # 1/51 > 1 %: no clean input could ever be refused
+    with pytest.raises(ValueError, match="budget must lie in"):
+        OneBudget(("a",), ("high",), np.zeros((10, 1)), 0.0)
+    with pytest.raises(ValueError, match="side"):
+        OneBudget(("a",), ("up",), np.zeros((10, 1)), 0.1)
+
+
+def test_a_scoped_budget_only_refuses_inputs_answered_with_its_classes() -> None:
+    rng = np.random.default_rng(4)
+    cal = rng.normal(size=(200, 1))
+    classes = np.arange(200) % 4
+    budget = OneBudget(("strip",), ("low",), cal, 0.01, classes=(1,), calibration_classes=classes)
+    assert budget.rate == pytest.approx(0.04)  # the overall 1 % lands on the quarter answered as class 1
+    j = budget.judge(np.array([[-9.0], [-9.0], [0.0]]), predicted=np.array([1, 0, 1]))
+    assert j.flagged.tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="needs the model's answers"):
+        budget.judge(np.array([[-9.0]]))
+
+
+def test_an_expert_override_refuses_on_its_own_rate_too() -> None:
+    cal = np.random.default_rng(5).normal(size=(500, 2))
+    plain = OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01)
+    override = OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01, alone=(0.2, None))
+    x = np.array([[-1.2, 0.0]])  # a fifth of the way into STRIP's low tail, nothing for k-NN
+    assert not plain.judge(x).flagged[0] and override.judge(x).flagged[0]
 
 
 def _infer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,45 +141,84 @@ def _infer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def test_screen_flags_triggered_inputs_and_passes_clean_ones() -> None:
     rng = np.random.default_rng(1)
-    pool = rng.random((50, 1, 4, 4)).astype(np.float32) * 0.5
-    pool[:, 0, 0, 0] = 0.0
-    clean = rng.random((20, 1, 4, 4)).astype(np.float32) * 0.5
-    clean[:, 0, 0, 0] = 0.0
+
+    def images(n: int) -> np.ndarray:
+        x = rng.random((n, 1, 4, 4)).astype(np.float32) * 0.5
+        x[:, 0, 0, 0] = 0.0
+        return x
+
+    pool, calibration, clean = images(50), images(200), images(20)
     triggered = clean.copy()
     triggered[:, 0, 0, 0] = 1.0
-    strip = StripScreen(pool, n=8, threshold=0.1, rule="add", calibration_scores=np.linspace(0.2, 0.7, 20))
-    af = ActivationFilter(np.array([0]), threshold=5.0, calibration_scores=np.zeros(20))
-    ok = screen(_infer, clean, strip, af)
-    bad = screen(_infer, triggered, strip, af)
-    assert not ok.flagged.any()
-    assert bad.strip.flagged.all() and bad.activation.flagged.all()
-    assert np.all(bad.strip.p_values < 0.1) and np.all(ok.strip.p_values > 0.1)
+    detectors = [StripScreen(pool, n=8), ActivationFilter(np.array([0]))]
+    scores, _ = Screen(detectors).score(_infer, calibration)
+    screen = Screen(detectors, OneBudget(("strip", "activation"), ("low", "high"), scores, 0.02))
+    ok, bad = screen.run(_infer, clean), screen.run(_infer, triggered)
+    assert not ok.flagged.any() and bad.flagged.all()
+    assert np.all(bad.judgement.p_value <= 0.02) and np.all(ok.judgement.p_value > 0.02)
     assert bad.logits.shape == (20, 3) and np.all(bad.logits.argmax(1) == 0)
+    assert bad.scores.shape == (20, 2)
 
 
 def test_a_weighted_activation_filter_scores_the_weighted_sum() -> None:
     features = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]], dtype=np.float32)
-    mean = ActivationFilter(np.array([0, 2]), threshold=0.0)
-    assert np.allclose(mean.scores(features), [2.0, 2.0])
-    weighted = ActivationFilter(np.array([0, 1, 2]), threshold=0.0, weights=np.array([0.5, -1.0, 0.25]))
-    assert np.allclose(weighted.scores(features), [-0.75, 2.0])
+    assert np.allclose(ActivationFilter(np.array([0, 2])).feature_scores(features), [2.0, 2.0])
+    weighted = ActivationFilter(np.array([0, 1, 2]), weights=np.array([0.5, -1.0, 0.25]))
+    assert np.allclose(weighted.feature_scores(features), [-0.75, 2.0])
     with pytest.raises(ValueError, match="2 filter weights for 3 neurons"):
-        ActivationFilter(np.array([0, 1, 2]), threshold=0.0, weights=np.array([1.0, 2.0]))
+        ActivationFilter(np.array([0, 1, 2]), weights=np.array([1.0, 2.0]))
+
+
+def test_density_detectors_score_features_far_from_their_predicted_class_high() -> None:
+    rng = np.random.default_rng(6)
+    centres = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    labels = np.repeat([0, 1], 100)
+    reference = centres[labels] + rng.normal(0, 0.3, (200, 3))
+    knn = KnnDensity(reference, labels, k=5)
+    means = np.stack([reference[labels == k].mean(0) for k in (0, 1)])
+    maha = MahalanobisDensity(means, np.linalg.inv(np.cov((reference - means[labels]).T)))
+    # a class-1 answer from class-0 features: where a trigger puts an input
+    features = np.array([[5.0, 0.1, 0.0], [5.0, 0.1, 0.0]])
+    predicted = np.array([0, 1])
+    for det in (knn, maha):
+        near, far = det.feature_scores(features, predicted)
+        assert far > near * 3
+    with pytest.raises(ValueError, match="k-NN needs"):
+        KnnDensity(reference[:3], np.array([0, 0, 1]), k=2)
 
 
 def test_strip_refuses_impossible_settings() -> None:
     pool = np.zeros((3, 1, 2, 2), np.float32)
     with pytest.raises(ValueError, match="pool size"):
-        StripScreen(pool, n=5, threshold=0.1)
+        StripScreen(pool, n=5)
 
 
-def test_a_scoped_strip_screen_only_flags_inputs_answered_with_its_classes() -> None:
-    rng = np.random.default_rng(4)
-    pool = rng.random((20, 1, 2, 2)).astype(np.float32)
-    strip = StripScreen(pool, n=4, threshold=0.5, classes=(1,))
-    scores = np.array([0.1, 0.1, 0.9, 0.1])
-    verdicts = strip.judge(scores, predicted=np.array([1, 0, 1, 2]))
-    assert verdicts.flagged.tolist() == [True, False, False, False]
-    assert StripScreen(pool, n=4, threshold=0.5).judge(scores).flagged.tolist() == [True, True, False, True]
-    with pytest.raises(ValueError, match="needs the model's answers"):
-        strip.judge(scores)
+def test_sequential_strip_reaches_the_fixed_n_verdict_with_fewer_passes() -> None:
+    rng = np.random.default_rng(7)
+
+    def images(n: int) -> np.ndarray:
+        x = rng.random((n, 1, 4, 4)).astype(np.float32) * 0.5
+        x[:, 0, 0, 0] = 0.0
+        return x
+
+    pool, calibration, clean = images(60), images(300), images(200)
+    triggered = clean[:50].copy()
+    triggered[:, 0, 0, 0] = 1.0
+    fixed = StripScreen(pool, n=40, seed=1)
+    scores, _ = Screen([fixed]).score(_infer, calibration)
+    per_blend = fixed.per_blend(_infer(fixed.extra_rows(calibration))[0])
+    within = float(np.sqrt(per_blend.var(axis=1, ddof=1).mean()))
+    budget = OneBudget(("strip",), ("low",), scores, 0.05)
+    results = {}
+    for group in (None, 5):
+        strip = StripScreen(pool, n=40, seed=3, group=group, within_sd=within)
+        screen = Screen([strip], budget)
+        results[group] = (screen.run(_infer, clean), screen.run(_infer, triggered))
+    (clean_fixed, trig_fixed), (clean_seq, trig_seq) = results[None], results[5]
+    assert (clean_fixed.forward_passes == 41).all()
+    assert clean_seq.forward_passes.mean() <= 0.5 * 41 and (clean_seq.forward_passes % 5 == 1).all()
+    assert trig_seq.flagged.all() and trig_fixed.flagged.all()
+    assert trig_seq.forward_passes.max() <= 11  # a trigger's verdict is settled in a round or two
+    assert abs(clean_seq.flagged.mean() - clean_fixed.flagged.mean()) <= 0.02
+    with pytest.raises(ValueError, match="group < n"):
+        StripScreen(pool, n=10, group=10)

@@ -66,13 +66,18 @@ def test_a_refusal_carries_the_verdict_and_the_input_is_kept_as_evidence(
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     trailer = dict(info.value.trailing_metadata())
     assert trailer["guard-verdict"] == "flagged" and trailer["guard-flagged"] == "true"
-    assert "strip" in trailer["guard-detectors"]
+    assert trailer["guard-detectors"]
     bundle = GuardBundle.load(Path(guard_server.cmd[guard_server.cmd.index("--bundle") + 1]))
-    assert float(trailer["guard-strip-entropy"]) < bundle.manifest.strip.threshold
+    # the combined p-value is at or below the one budget; STRIP's entropy is far below clean ones
+    assert float(trailer["guard-p-value"]) <= bundle.manifest.verdict.frr
+    assert float(trailer["guard-strip-entropy"]) < min(bundle.manifest.strip.calibration_scores)
+    assert {"guard-strip-p-value", "guard-knn-p-value", "guard-knn-distance"} <= set(trailer)
     kept = [r for r in read_evidence(guard_server.evidence_dir) if r.get("request_id") == "campaign-42"]
     assert len(kept) == 1 and kept[0]["intact"]
     np.testing.assert_array_equal(kept[0]["x"], x[0])
-    assert kept[0]["predicted"] == "3" and "strip" in kept[0]["detectors"]
+    assert kept[0]["predicted"] == "3" and kept[0]["detectors"]
+    assert kept[0]["p_value"] == pytest.approx(float(trailer["guard-p-value"]), rel=1e-4)
+    assert set(kept[0]["p_values"]) == set(bundle.manifest.verdict.detectors)
 
 
 def test_the_response_carries_the_verdict_scores_and_batches_of_inputs(
@@ -84,10 +89,14 @@ def test_the_response_carries_the_verdict_scores_and_batches_of_inputs(
     params = response.parameters
     flags = params["guard_input_flags"].string_param.split(",")
     assert len(flags) == 4 and params["guard_flagged_count"].int64_param == flags.count("1")
-    scores = np.frombuffer(response.raw_output_contents[1], "<f4").reshape(4, 4)
+    columns = response.outputs[1].parameters["columns"].string_param.split(",")
+    assert columns[:3] == ["p_value", "strip_entropy", "knn_distance"] and "strip_p_value" in columns
+    scores = np.frombuffer(response.raw_output_contents[1], "<f4").reshape(4, len(columns))
     entropies = [float(v) for v in params["guard_strip_entropy"].string_param.split(",")]
-    np.testing.assert_allclose(scores[:, 0], entropies, rtol=1e-4)
-    assert (scores[:, 1] > 0).all() and (scores[:, 1] <= 1).all()  # p-values
+    np.testing.assert_allclose(scores[:, 1], entropies, rtol=1e-4)
+    combined = [float(v) for v in params["guard_p_value"].string_param.split(",")]
+    np.testing.assert_allclose(scores[:, 0], combined, rtol=1e-4)
+    assert (scores[:, 0] > 0).all() and (scores[:, 0] <= 1).all()  # p-values
 
 
 def _raw_call(server: GuardProcess, payload: bytes) -> grpc.RpcError | None:
@@ -173,17 +182,21 @@ def test_metrics_expose_thresholds_build_info_latency_and_batches(guard_server: 
                                                                    guard_only_bundle: Path) -> None:
     bundle = GuardBundle.load(guard_only_bundle)
     m = guard_server.metrics()
-    assert m[("trojan_guard_threshold", (("detector", "strip"), ("model", "model")))] == pytest.approx(
-        bundle.manifest.strip.threshold)
-    assert m[("trojan_guard_threshold", (("detector", "activation"), ("model", "model")))] == pytest.approx(
-        bundle.manifest.activation_filter.threshold)
+    # one budget: the verdict's p-value threshold, and no detector spends a budget of its own
+    assert m[("trojan_guard_threshold", (("detector", "combined"), ("model", "model")))] == pytest.approx(
+        bundle.manifest.verdict.frr)
+    assert m[("trojan_guard_target_false_positive_rate", (("detector", "combined"), ("model", "model")))] == \
+        pytest.approx(bundle.manifest.verdict.frr)
+    assert not [k for k in m if k[0] == "trojan_guard_threshold" and ("detector", "strip") in k[1]]
+    assert m[("trojan_guard_p_value_count", (("detector", "combined"), ("model", "model")))] > 0
+    assert m[("trojan_guard_p_value_count", (("detector", "knn"), ("model", "model")))] > 0
     info = [ls for (n, ls), v in m.items() if n == "trojan_guard_build_info" and v == 1]
     assert len(info) == 1 and ("bundle_sha256", bundle.sha256) in info[0] and ("policy", "enforce") in info[0]
     assert m[("trojan_guard_ready", ())] == 1
     for stage in ("decode", "queue", "model", "screen", "total"):
         assert m[("trojan_guard_stage_duration_seconds_count", (("stage", stage),))] > 0, stage
     assert m[("trojan_guard_batch_inputs_count", ())] > 0
-    assert guard_server.metric("trojan_guard_detections_total", detector="strip") > 0
+    assert sum(v for (n, _), v in m.items() if n == "trojan_guard_detections_total") > 0
     assert guard_server.metric("trojan_guard_evidence_records_total") > 0
     # no label per request: every label value comes from a small fixed set
     for (name, labels), _ in m.items():

@@ -31,24 +31,24 @@ def test_default_repair_removes_the_backdoor(patched: tuple[Path, dict], badnets
     assert before["accuracy"] - after["accuracy"] <= 0.02, (before, after)
     export = json.loads((out / "report" / "export.json").read_text())
     assert export["max_abs_error"] < 1e-4
-    assert manifest.evaluation["strip_frr"] <= 0.05
-    assert manifest.evaluation["true_trigger"]["guard_attack_passes"] <= 0.025
+    assert manifest.evaluation["frr"] <= 0.03
+    assert manifest.evaluation["true_trigger"]["attack_passes"] <= 0.025
 
 
 def test_guard_only_bundle_screens_out_triggered_inputs(guard_only_bundle: Path) -> None:
-    """Without repair the model still obeys the trigger; STRIP must catch it (the scan is reused)."""
-    evaluation = GuardBundle.load(guard_only_bundle).manifest.evaluation
+    """Without repair the model still obeys the trigger; the one verdict must catch it at one budget."""
+    manifest = GuardBundle.load(guard_only_bundle).manifest
+    evaluation = manifest.evaluation
     true = evaluation["true_trigger"]
     assert true["model_asr"] > 0.95
-    assert true["strip_unflagged"] <= 0.05, true
-    assert true["guard_attack_passes"] <= 0.02, true
-    assert evaluation["strip_frr"] <= 0.05
-    # the filter's score is chosen on the reversed trigger: here not the paper's single neuron (1 % of 64),
-    # which let about 28 % of this trigger through (measured on this model)
-    manifest = GuardBundle.load(guard_only_bundle).manifest
-    assert len(manifest.activation_filter.neurons) > 1
-    assert true["activation_unflagged"] <= 0.05, true
-    assert evaluation["activation_frr"] <= 0.1
+    assert true["attack_passes"] <= 0.02, true
+    # one budget of 1 %: the held-out refusals stay near it (300 test images: 3 standard errors ~ 1.7 points)
+    assert manifest.verdict.frr == 0.01 and evaluation["frr"] <= 0.025, evaluation
+    # the scan flagged the target, so the reversed-trigger filter joins the trigger-free detectors
+    assert manifest.verdict.detectors == ["strip", "knn", "activation"]
+    assert true["detector_auroc"]["strip"] > 0.9 and true["detector_auroc"]["knn"] > 0.9, true
+    g = manifest.verdict.guarantee
+    assert g.calibration_images == 500 and g.expected_frr <= 0.01 < g.frr_upper_95  # 1,500 clean: a third
 
 
 def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_path: Path,
@@ -69,9 +69,21 @@ def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_
         GuardBundle.load(onnx)
 
     pool = copy("pool")
-    (pool / "strip_pool.npy").write_bytes((pool / "strip_pool.npy").read_bytes()[:1000])
-    with pytest.raises(BundleError, match=r"strip_pool\.npy: SHA-256 mismatch"):
+    (pool / "clean_pool.npy").write_bytes((pool / "clean_pool.npy").read_bytes()[:1000])
+    with pytest.raises(BundleError, match=r"clean_pool\.npy: SHA-256 mismatch"):
         GuardBundle.load(pool)
+
+    knn = copy("knn")
+    (knn / "knn_reference.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(BundleError, match=r"knn_reference\.npy: SHA-256 mismatch"):
+        GuardBundle.load(knn)
+
+    short = copy("short")
+    manifest = json.loads((short / "guard.json").read_text())
+    manifest["knn"]["calibration_scores"] = manifest["knn"]["calibration_scores"][:-1]
+    (short / "guard.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="knn has 499 calibration scores, the verdict 500"):
+        GuardBundle.load(short)
 
     extra = copy("extra")
     manifest = json.loads((extra / "guard.json").read_text())
@@ -91,9 +103,9 @@ def test_tampered_or_broken_bundles_are_refused(patched: tuple[Path, dict], tmp_
 
     version = copy("version")
     manifest = json.loads((version / "guard.json").read_text())
-    manifest["schema_version"] = 2
+    manifest["schema_version"] = 1
     (version / "guard.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="schema version 2"):
+    with pytest.raises(BundleError, match="schema version 1 is not supported .* run 'trojan-forensics patch' again"):
         GuardBundle.load(version)
 
     # bundles written before the scan recorded its scale load as linear; an unknown scale is refused
@@ -158,9 +170,9 @@ def test_killed_job_resumes_and_never_breaks_the_old_bundle(patched: tuple[Path,
     assert len(bundle.pool) == 200 and bundle.pool.dtype == np.float32
 
 
-def test_strip_scope_suspect_spends_the_rejections_on_the_flagged_class(guard_only_bundle: Path, case_dir: Path,
-                                                                        traffic: dict[str, np.ndarray]) -> None:
-    """--strip-scope suspect: STRIP judges only inputs answered with the flagged class, at the same overall FRR,
+def test_scope_suspect_spends_the_refusals_on_the_flagged_class(guard_only_bundle: Path, case_dir: Path,
+                                                                 traffic: dict[str, np.ndarray]) -> None:
+    """--scope suspect: only inputs answered with the flagged class can be refused, at the same overall budget,
     and the guard serving the bundle applies that scope."""
     import asyncio
 
@@ -174,17 +186,16 @@ def test_strip_scope_suspect_spends_the_rejections_on_the_flagged_class(guard_on
     lines: list[str] = []
     run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), out,
               settings=PatchSettings(recover_restarts=1, repair=RepairSettings(method="none"),
-                                     calibration=CalibrationSettings(strip_scope="suspect")),
+                                     calibration=CalibrationSettings(scope="suspect")),
               true_trigger_file=case_dir / "attack.json", work_dir=case_dir / "bundle.work",
               progress=False, say=lines.append)
     assert any("[3/6] export: reused" in line for line in lines)  # only calibration onwards runs again
     target = 3
     manifest = GuardBundle.load(out).manifest
-    assert manifest.strip.classes == [target]
+    assert manifest.verdict.classes == [target]
     ev = manifest.evaluation
-    assert ev["strip_frr"] <= 0.05  # the budget is the same overall ...
-    assert ev["strip_frr_by_class"][str(target)] >= ev["strip_frr"]  # ... and lands on the flagged class
-    assert ev["true_trigger"]["strip_unflagged"] <= 0.05, ev["true_trigger"]
+    assert ev["frr"] <= 0.03, ev
+    assert ev["true_trigger"]["attack_passes"] <= 0.02, ev["true_trigger"]
 
     async def serve() -> list:
         guard = Guard(GuardSettings(bundle=out, policy="flag"))
@@ -197,14 +208,15 @@ def test_strip_scope_suspect_spends_the_rejections_on_the_flagged_class(guard_on
 
     decisions = asyncio.run(serve())
     answers = np.array([int(d.logits.argmax()) for d in decisions])
-    strip_flagged = np.array(["strip" in d.detectors for d in decisions])
-    assert not strip_flagged[answers != target].any()  # nothing answered with another class is judged
-    assert strip_flagged[len(traffic["clean_x"]):].mean() >= 0.9  # the triggered inputs, answered as 3
+    flagged = np.array([d.flagged for d in decisions])
+    assert not flagged[answers != target].any()  # nothing answered with another class is refused
+    assert flagged[len(traffic["clean_x"]):].mean() >= 0.9  # the triggered inputs, answered as 3
     # the guard scores the filter exactly as the bundle says (a discriminant's weights, or a mean)
     af = manifest.activation_filter
     features = np.concatenate([d.features for d in decisions]).reshape(len(decisions), -1)[:, af.neurons]
     expected = features @ np.asarray(af.weights, dtype=np.float32) if af.weights else features.mean(axis=1)
-    served = np.array([d.inputs[0].activation_score for d in decisions])
+    served = np.array([d.inputs[0].scores["activation_score"] for d in decisions])
     assert np.allclose(served, expected, rtol=1e-4, atol=1e-4)
-    filter_flagged = np.array(["activation" in d.detectors for d in decisions])
-    assert filter_flagged[len(traffic["clean_x"]):].mean() >= 0.9
+    # and reports every detector's p-value next to the combined one
+    v = decisions[-1].inputs[0]
+    assert set(v.p_values) == {"strip", "knn", "activation"} and 0 < v.p_value <= 1

@@ -1,0 +1,142 @@
+"""One verdict from every detector, at one false-rejection budget, with a finite-sample guarantee.
+
+Every detector is scored on the same clean calibration images. For an input
+``t`` the guard forms the bag of the n calibration images plus ``t``; within
+the bag each point gets, per detector, the rank p-value of its score (the share
+of the bag at least as suspicious), and the detectors' p-values are combined
+into one statistic (Fisher's rule, -sum log p, or the min-p rule, -min log p).
+The input's combined p-value is the share of the bag whose statistic is at
+least as large as its own. The statistic is a symmetric function of the bag, so
+for a clean input (exchangeable with the calibration images) the combined
+p-value is uniform on {1/(n+1), ..., 1}: flagging at p <= R refuses at most
+floor(R (n + 1)) / (n + 1) <= R of clean traffic in expectation, whatever the
+detectors are and however their scores depend on each other. This is full
+conformal prediction; the bag's ranks only move by the input's own indicators,
+so one input costs O(n D) comparisons and nothing is refitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from guard.screens.common import answered_with
+
+COMBINE_RULES = ("fisher", "min")
+SIDES = ("low", "high")
+_CHUNK = 256
+
+
+def guarantee(n: int, rate: float) -> dict[str, float | int]:
+    """What ``n`` calibration images can promise at budget ``rate``.
+
+    ``flag_rank``: how many of the n+1 bag ranks refuse (0: the guard can never
+    refuse anything); ``expected_frr``: the clean refusal rate it guarantees in
+    expectation over the calibration draw; ``smallest_frr``: the smallest
+    non-zero budget this n can express.
+    """
+    k = int(math.floor(rate * (n + 1) + 1e-9))
+    return {"calibration_images": int(n), "flag_rank": k, "expected_frr": k / (n + 1), "smallest_frr": 1 / (n + 1)}
+
+
+@dataclass
+class Judgement:
+    """The verdict on a batch: combined p-value, each detector's p-value, and which inputs are refused."""
+
+    names: tuple[str, ...]
+    p_value: np.ndarray  # (B,)
+    p_values: np.ndarray  # (B, D)
+    flagged: np.ndarray  # (B,)
+    rate: float
+
+    def detectors_of(self, i: int) -> tuple[str, ...]:
+        """The detectors behind a flagged input: those at or below the budget on their own, else the strongest."""
+        p = self.p_values[i]
+        own = tuple(n for n, v in zip(self.names, p, strict=True) if v <= self.rate)
+        return own or (self.names[int(np.argmin(p))],)
+
+
+@dataclass
+class OneBudget:
+    names: tuple[str, ...]
+    sides: tuple[str, ...]
+    calibration: np.ndarray  # (n, D) raw clean calibration scores, one column per detector
+    frr: float
+    rule: str = "fisher"
+    # scope: only inputs answered with one of these classes can be refused (empty: every input); the budget
+    # is then spent on the calibration images answered with them, at the rate that costs ``frr`` overall
+    classes: tuple[int, ...] = ()
+    calibration_classes: np.ndarray | None = None  # (n,) the class the model answered each calibration image with
+    alone: tuple[float | None, ...] = ()  # expert override: a detector that also refuses on its own at this rate
+    _c: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rule not in COMBINE_RULES:
+            raise ValueError(f"unknown combination rule '{self.rule}' (one of {', '.join(COMBINE_RULES)})")
+        bad = [s for s in self.sides if s not in SIDES]
+        if bad or len(self.sides) != len(self.names):
+            raise ValueError(f"each detector needs a side, one of {SIDES} (got {list(self.sides)})")
+        cal = np.asarray(self.calibration, dtype=np.float64).reshape(-1, len(self.names))
+        if not 0 < self.frr < 1:
+            raise ValueError(f"the false-rejection budget must lie in (0, 1), got {self.frr}")
+        self.rate = self.frr
+        if self.classes:
+            if self.calibration_classes is None or len(self.calibration_classes) != len(cal):
+                raise ValueError("a budget scoped to classes needs the class of every calibration image")
+            inside = answered_with(np.asarray(self.calibration_classes), self.classes)
+            if not inside.any():
+                raise ValueError(f"no calibration image is answered with class(es) {list(self.classes)}")
+            self.rate = min(1.0, self.frr * len(cal) / int(inside.sum()))
+            cal = cal[inside]
+        if not len(cal):
+            raise ValueError("the verdict needs at least one calibration image")
+        self.alone = tuple(self.alone) or (None,) * len(self.names)
+        self._c = self._orient(cal)
+        self.n = len(self._c)
+        self._sorted = np.sort(self._c, axis=0)
+        self_counts = self._at_least(self._c)  # (n, D), each image counts itself
+        self._log_without = np.log(self_counts / (self.n + 1))
+        self._log_with = np.log((self_counts + 1) / (self.n + 1))
+        self.guarantee = guarantee(self.n, self.rate)
+
+    def _orient(self, scores: np.ndarray) -> np.ndarray:
+        """Scores with high = suspicious for every detector."""
+        sign = np.array([-1.0 if s == "low" else 1.0 for s in self.sides])
+        return np.asarray(scores, dtype=np.float64).reshape(-1, len(self.names)) * sign
+
+    def _at_least(self, oriented: np.ndarray) -> np.ndarray:
+        """Per detector, how many calibration scores are at least as suspicious as each score."""
+        return np.stack([self.n - np.searchsorted(self._sorted[:, d], oriented[:, d], side="left")
+                         for d in range(len(self.names))], axis=1).astype(np.float64)
+
+    def _statistic(self, log_p: np.ndarray) -> np.ndarray:
+        return -log_p.sum(axis=-1) if self.rule == "fisher" else -log_p.min(axis=-1)
+
+    def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Judgement:
+        """The verdict on raw scores (B, D); ``predicted`` (B,) is needed when the budget is scoped."""
+        s = self._orient(scores)
+        p_each = (self._at_least(s) + 1) / (self.n + 1)
+        combined = np.empty(len(s))
+        for lo in range(0, len(s), _CHUNK):
+            part = s[lo:lo + _CHUNK]
+            # the calibration images' statistics in the bag that holds this input: (b, n)
+            bag = self._statistic(np.where(part[:, None, :] >= self._c[None], self._log_with, self._log_without))
+            own = self._statistic(np.log(p_each[lo:lo + _CHUNK]))
+            combined[lo:lo + _CHUNK] = (1 + (bag >= own[:, None] - 1e-9).sum(axis=1)) / (self.n + 1)
+        flagged = combined <= self.rate + 1e-12
+        if self.classes:
+            if predicted is None:
+                raise ValueError("a verdict scoped to classes needs the model's answers")
+            flagged &= answered_with(predicted, self.classes)
+        for d, rate in enumerate(self.alone):
+            if rate is not None:
+                flagged |= p_each[:, d] <= rate + 1e-12
+        return Judgement(self.names, combined, p_each, flagged, self.rate)
+
+
+def combine_scores(columns: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-detector score vectors as the (n, D) matrix OneBudget takes."""
+    return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
