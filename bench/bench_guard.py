@@ -52,7 +52,7 @@ from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
 from guard.client import local_guard  # noqa: E402
 from guard.proto import inference_pb2 as pb  # noqa: E402
-from guard.screening import StripScreen, quantile_threshold, softmax  # noqa: E402
+from guard.screens import Screen, StripScreen, quantile_threshold, softmax  # noqa: E402
 from offline.data import load_dataset  # noqa: E402
 from offline.patch import PatchSettings, run_patch  # noqa: E402
 from offline.repair import RepairSettings  # noqa: E402
@@ -109,15 +109,17 @@ def heavier_bundle(src: Path, out: Path) -> Path:
     export_onnx(ForensicModel(net.eval(), "8"), onnx_path, bundle.pool[:16])
     m = bundle.manifest
     manifest = m.model_copy(update={"model": m.model.model_copy(update={"sha256": sha256_file(onnx_path)})})
-    return write_bundle(out, manifest, {m.model.file: onnx_path, m.strip.pool_file: bundle.pool})
+    files = {name: bundle.root / name for name, _ in m.files()}
+    files[m.model.file] = onnx_path
+    return write_bundle(out, manifest, files)
 
 
 def part_a(bundle_dir: Path, images: np.ndarray, seconds: float, levels: tuple[int, ...] = LEVELS,
            title: str = "A. one image per request") -> dict:
     bundle = GuardBundle.load(bundle_dir)
     m = bundle.manifest
-    strip = StripScreen(bundle.pool, m.strip.n, m.strip.threshold, m.strip.blend_rule)
-    batches = [strip.model_batch(x[None]) for x in images[:64]]  # the input and its N blends, as the guard sends
+    strip = Screen([StripScreen(bundle.pool, m.strip.n, m.strip.blend_rule)])
+    batches = [strip.model_batch(x[None])[0] for x in images[:64]]  # the input and all N blends, fixed n
     backend = EmbeddedBackend(bundle.model_path, m.input.name)
     for b in batches[:5]:
         backend.infer(b)
@@ -187,14 +189,17 @@ def part_b(bundle_dir: Path, calib_x: np.ndarray, test_x: np.ndarray, triggered_
         scores = np.array([np.sum(scipy_entropy(p, base=2, axis=0)) / n for p in blends])
         return scores, ~out.any(axis=1), seconds / len(x)
 
-    ours = StripScreen(bundle.pool, n, m.strip.threshold, m.strip.blend_rule, seed=0)
+    ours = StripScreen(bundle.pool, n, m.strip.blend_rule, seed=0)
 
     def our_scores(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        def score(batch: np.ndarray) -> np.ndarray:
+            return ours.per_blend(backend.infer(ours.extra_rows(batch))[0]).mean(axis=1)
+
         start = time.perf_counter()
-        one = np.concatenate([ours.scores(backend.infer(ours.perturb(x[i:i + 1]))[0]) for i in range(len(x))])
+        one = np.concatenate([score(x[i:i + 1]) for i in range(len(x))])
         single = (time.perf_counter() - start) / len(x)
         start = time.perf_counter()
-        ours.scores(backend.infer(ours.perturb(x))[0])
+        score(x)
         batched = (time.perf_counter() - start) / len(x)
         return one, single, batched
 

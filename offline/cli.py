@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strip-group", type=_nonnegative_int, default=None,
                    help="sequential STRIP: blends per round, each input stopping once its verdict is settled "
                         "(default: n/10 from n=20; 0: all n blends at once)")
+    c.add_argument("--strip-by-class", action=argparse.BooleanOptionalAction, default=True,
+                   help="standardise STRIP's entropy within the predicted class, from the fit split's clean "
+                        "images (default); --no-strip-by-class: the paper's raw entropy (catches more attacks "
+                        "aimed at a low-entropy class, refuses more clean images of it: docs/guard-detectors.md)")
     c.add_argument("--blend-rule", choices=("add", "average"), default="add",
                    help="add: pixel-wise sum clipped to range, as in the paper (default); average: mean")
     c.add_argument("--scope", "--strip-scope", choices=("all", "suspect"), default="all", dest="scope",
@@ -591,7 +595,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                               fine_tune_epochs=args.fine_tune_epochs),
         calibration=CalibrationSettings(frr=args.frr, rule=args.combine, detectors=args.detectors,
                                         filter=args.filter_use, strip_n=args.strip_n, strip_group=args.strip_group,
-                                        blend_rule=args.blend_rule,
+                                        strip_by_class=args.strip_by_class, blend_rule=args.blend_rule,
                                         scope=args.scope, pool_size=args.pool_size, knn_k=args.knn_k,
                                         filter_score=args.filter_score, filter_top_share=args.filter_top_share,
                                         strip_frr=args.strip_frr, filter_fpr=args.filter_fpr),
