@@ -41,10 +41,13 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_verdict import triggered  # noqa: E402
 
 from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
-from offline.attacks import BlendTrigger, PatchTrigger, backdoor_targets, load_trigger  # noqa: E402
+from offline.attacks import BlendTrigger, PatchTrigger  # noqa: E402
 from offline.attacks.adaptive_blend import AdaptiveBlendSettings  # noqa: E402
 from offline.attacks.clean_label import CleanLabelSettings  # noqa: E402
 from offline.attacks.dynamic import DynamicSettings  # noqa: E402
@@ -129,15 +132,8 @@ def runtime_rows(case: Path, row: dict[str, Any]) -> dict[str, Any]:
     guard_only = run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only",
                            settings=PatchSettings(repair=RepairSettings(method="none")), **common)
     row["patch_seconds"] = round(time.perf_counter() - t0, 1)
-    true_target, rule = summary.get("target"), summary.get("label_rule", "all-to-one")
     if summary.get("attack", "none") != "none":
-        if summary.get("trigger") is None:  # clean-label collision: the one target image is the attack
-            x_trig, goal_trig = data.x[[summary["target_image_index"]]], np.array([true_target])
-        else:
-            trigger = load_trigger(summary["trigger"], case)
-            goal = backdoor_targets(test.y, true_target, rule, data.num_classes)
-            keep = test.y != goal
-            x_trig, goal_trig = trigger.apply(test.x[keep]), goal[keep]
+        x_trig, goal_trig = triggered(case, data, test.x, test.y)
         for label, bundle in (("guard_only", case / "guard-only"), ("patched", case / "bundle")):
             row[label] = runtime(bundle, test.x, x_trig, goal_trig)
         rep = json.loads((case / "bundle" / "guard.json").read_text())["repair"]

@@ -89,10 +89,7 @@ def measure(bundle_dir: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.
                            "strip_n": bundle.manifest.strip.n if bundle.manifest.strip else None,
                            "guarantee": bundle.manifest.verdict.guarantee.model_dump()}
     for mode in ("fixed", "sequential"):
-        screen = bundle.screen(seed=7)
-        for d in screen.detectors:
-            if mode == "fixed" and d.name == "strip":
-                d.group = None
+        screen = bundle.screen(seed=7, sequential=mode == "sequential")
 
         def run(x: np.ndarray, screen=screen) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             parts = [screen.run(backend.infer, x[i:i + 256]) for i in range(0, len(x), 256)]

@@ -318,19 +318,23 @@ class GuardBundle:
                 "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
         return cls(root, manifest, pool, arrays)
 
-    def screen(self, seed: int = 0, **alone: float | None):
-        """The bundle's detectors and their one verdict, ready to screen (``guard.screens.Screen``)."""
+    def screen(self, seed: int = 0, sequential: bool = True, **alone: float | None):
+        """The bundle's detectors and their one verdict, ready to screen (``guard.screens.Screen``).
+
+        ``sequential=False``: STRIP draws all n blends at once even where the bundle says rounds.
+        """
         from guard.screens import ActivationFilter, KnnDensity, MahalanobisDensity, OneBudget, Screen, StripScreen
 
         m = self.manifest
         detectors = []
         for name in m.verdict.detectors:
             if name == "strip":
-                detectors.append(StripScreen(self.pool, m.strip.n, m.strip.blend_rule, tuple(m.input.value_range),
-                                             seed=seed, group=m.strip.group, within_sd=m.strip.within_sd,
-                                             z=m.strip.z, class_mean=np.asarray(m.strip.class_mean) if
-                                             m.strip.class_mean else None, class_std=np.asarray(m.strip.class_std)
-                                             if m.strip.class_std else None))
+                st = m.strip
+                by_class = {"class_mean": np.asarray(st.class_mean), "class_std": np.asarray(st.class_std)} \
+                    if st.class_mean else {}
+                detectors.append(StripScreen(self.pool, st.n, st.blend_rule, tuple(m.input.value_range), seed=seed,
+                                             group=st.group if sequential else None, within_sd=st.within_sd,
+                                             z=st.z, **by_class))
             elif name == "activation":
                 af = m.activation_filter
                 detectors.append(ActivationFilter(np.asarray(af.neurons), np.asarray(af.weights) if af.weights

@@ -193,13 +193,9 @@ class ServingState:
             self._check_upstream_serves_the_bundle()
         width = decision.features.shape[1]
         for d in self.screen.detectors:
-            need = d.min_features() if hasattr(d, "min_features") else None
-            if d.name in ("knn", "mahalanobis"):
-                need = (d.reference if d.name == "knn" else d.means).shape[1]
-                if width != need:
-                    raise ReloadFailed(f"model returns {width} features; the {d.name} detector was fitted on {need}")
-            elif need is not None and width < need:
-                raise ReloadFailed(f"model returns {width} features; the activation filter watches neuron {need - 1}")
+            problem = d.features_error(width)
+            if problem:
+                raise ReloadFailed(f"model returns {width} features; {problem}")
 
     def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3) -> None:
         """The thresholds only hold for the bundle's model: compare the upstream's logits with it."""

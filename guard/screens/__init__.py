@@ -4,8 +4,9 @@ numpy only. The offline calibration calls exactly this code on the exported
 model, so a calibrated score means the same thing when the guard serves it.
 
 Each detector (:mod:`.strip`, :mod:`.activation`, :mod:`.density`) is a small
-class with one shape: ``extra_rows(x)`` (what it adds to the model batch: STRIP's
-blends, nothing for the others), ``scores(view)`` (one number per input, from the
+class with one shape: ``adds_rows`` / ``extra_rows(x)`` (what it adds to the
+model batch: STRIP's blends, nothing for the others), ``features_error(width)``,
+``scores(view)`` (one number per input, from the
 model's outputs on the batch) and ``side`` (which tail is suspicious). None owns a
 false-rejection budget: :class:`.verdict.OneBudget` turns their scores into
 conformal p-values against the same clean calibration images and combines them

@@ -22,6 +22,7 @@ class ActivationFilter:
     name = "activation"
     score_name = "activation_score"
     side = "high"
+    adds_rows = False
 
     def __post_init__(self) -> None:
         self.neurons = np.asarray(self.neurons, dtype=np.int64)
@@ -30,9 +31,6 @@ class ActivationFilter:
             if self.weights.shape != (len(self.neurons),):
                 raise ValueError(f"{len(self.weights)} filter weights for {len(self.neurons)} neurons")
 
-    def extra_rows(self, x: np.ndarray) -> None:
-        return None
-
     def feature_scores(self, features: np.ndarray) -> np.ndarray:
         chosen = features.reshape(len(features), -1)[:, self.neurons]
         return chosen.mean(axis=1) if self.weights is None else chosen @ self.weights
@@ -40,5 +38,7 @@ class ActivationFilter:
     def scores(self, view) -> np.ndarray:
         return self.feature_scores(view.features)
 
-    def min_features(self) -> int:
-        return int(self.neurons.max()) + 1
+    def features_error(self, width: int) -> str | None:
+        """Why a model with ``width`` features cannot feed this filter (None: it can)."""
+        need = int(self.neurons.max()) + 1
+        return None if width >= need else f"the activation filter watches neuron {need - 1}"

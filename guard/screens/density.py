@@ -33,6 +33,7 @@ class KnnDensity:
     name = "knn"
     score_name = "knn_distance"
     side = "high"
+    adds_rows = False
 
     def __post_init__(self) -> None:
         self.reference = _normalise(np.asarray(self.reference))
@@ -44,8 +45,9 @@ class KnnDensity:
             raise ValueError(f"k-NN needs 1 <= k <= the references of every class present (k={self.k}, "
                              f"smallest class {int(counts[counts > 0].min())})")
 
-    def extra_rows(self, x: np.ndarray) -> None:
-        return None
+    def features_error(self, width: int) -> str | None:
+        d = self.reference.shape[1]
+        return None if width == d else f"the k-NN detector was fitted on {d}"
 
     def feature_scores(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         sims = _normalise(features) @ self.reference.T  # (B, M)
@@ -66,6 +68,7 @@ class MahalanobisDensity:
     name = "mahalanobis"
     score_name = "mahalanobis_distance"
     side = "high"
+    adds_rows = False
 
     def __post_init__(self) -> None:
         self.means = np.asarray(self.means, dtype=np.float64)
@@ -74,8 +77,9 @@ class MahalanobisDensity:
         if self.precision.shape != (d, d):
             raise ValueError(f"Mahalanobis precision is {self.precision.shape}, means have {d} features")
 
-    def extra_rows(self, x: np.ndarray) -> None:
-        return None
+    def features_error(self, width: int) -> str | None:
+        d = self.means.shape[1]
+        return None if width == d else f"the Mahalanobis detector was fitted on {d}"
 
     def feature_scores(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         diff = features.reshape(len(features), -1).astype(np.float64) - self.means[predicted]

@@ -56,12 +56,16 @@ class Screen:
         if budget is not None and tuple(budget.names) != self.names:
             raise ValueError(f"verdict calibrated for {list(budget.names)}, detectors are {list(self.names)}")
         self.budget = budget
+        # a sequential STRIP draws its blends in rounds; it must be the only detector that adds rows
+        self.sequential = next((d for d in self.detectors if getattr(d, "group", None)), None)
+        if self.sequential is not None and sum(d.adds_rows for d in self.detectors) > 1:
+            raise ValueError("sequential STRIP cannot share the batch with another detector's extra rows")
 
     def model_batch(self, x: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
         """The inputs, then each detector's extra rows, as one float32 batch; and where each detector's rows lie."""
         parts, spans, at = [np.asarray(x, dtype=np.float32)], {}, len(x)
         for d in self.detectors:
-            rows = d.extra_rows(x)
+            rows = d.extra_rows(x) if d.adds_rows else None
             if rows is not None and len(rows):
                 spans[id(d)] = (at, at + len(rows))
                 parts.append(rows)
@@ -74,9 +78,8 @@ class Screen:
         With a sequential STRIP and a verdict, STRIP's blends come in rounds
         instead and each input stops once its verdict is settled.
         """
-        strip = next((d for d in self.detectors if getattr(d, "group", None)), None)
-        if judge and self.budget is not None and strip is not None:
-            return self._run_sequential(infer, x, strip)
+        if judge and self.budget is not None and self.sequential is not None:
+            return self._run_sequential(infer, x, self.sequential)
         batch, spans = self.model_batch(x)
         logits, features = infer(batch)
         view = ModelView(logits, features, len(x), spans)
@@ -86,8 +89,6 @@ class Screen:
         return ScreenResult(view.logits, view.features, scores, judgement, np.full(len(x), 1 + extra))
 
     def _run_sequential(self, infer: Infer, x: np.ndarray, strip) -> ScreenResult:
-        if any(d is not strip and d.extra_rows(x[:1]) is not None for d in self.detectors):
-            raise ValueError("sequential STRIP cannot share the batch with another detector's extra rows")
         b, n, g, s = len(x), strip.n, strip.group, self.detectors.index(strip)
         order = strip.draw(b)
         logits, features = infer(np.concatenate([np.asarray(x, dtype=np.float32), strip.blends(x, order[:, :g])]))

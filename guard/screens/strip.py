@@ -44,6 +44,7 @@ class StripScreen:
     name = "strip"
     score_name = "strip_entropy"
     side = "low"
+    adds_rows = True
 
     def __post_init__(self) -> None:
         if self.rule not in BLEND_RULES:
@@ -66,6 +67,9 @@ class StripScreen:
         if self.class_mean is None:
             return entropy
         return (entropy - self.class_mean[predicted]) / self.class_std[predicted]
+
+    def features_error(self, width: int) -> str | None:
+        return None
 
     def draw(self, b: int) -> np.ndarray:
         """n distinct pool indices for each of b inputs, (b, n)."""

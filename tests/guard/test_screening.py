@@ -131,6 +131,13 @@ def test_an_expert_override_refuses_on_its_own_rate_too() -> None:
     assert not plain.judge(x).flagged[0] and override.judge(x).flagged[0]
 
 
+def _images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Toy clean images: dim, with the trigger pixel (0, 0) off."""
+    x = rng.random((n, 1, 4, 4)).astype(np.float32) * 0.5
+    x[:, 0, 0, 0] = 0.0
+    return x
+
+
 def _infer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A toy model: class 0 whenever pixel (0, 0) is bright (the 'trigger'), else by mean brightness."""
     flat = x.reshape(len(x), -1)
@@ -143,9 +150,7 @@ def test_screen_flags_triggered_inputs_and_passes_clean_ones() -> None:
     rng = np.random.default_rng(1)
 
     def images(n: int) -> np.ndarray:
-        x = rng.random((n, 1, 4, 4)).astype(np.float32) * 0.5
-        x[:, 0, 0, 0] = 0.0
-        return x
+        return _images(rng, n)
 
     pool, calibration, clean = images(50), images(200), images(20)
     triggered = clean.copy()
@@ -197,9 +202,7 @@ def test_sequential_strip_reaches_the_fixed_n_verdict_with_fewer_passes() -> Non
     rng = np.random.default_rng(7)
 
     def images(n: int) -> np.ndarray:
-        x = rng.random((n, 1, 4, 4)).astype(np.float32) * 0.5
-        x[:, 0, 0, 0] = 0.0
-        return x
+        return _images(rng, n)
 
     pool, calibration, clean = images(60), images(300), images(200)
     triggered = clean[:50].copy()
