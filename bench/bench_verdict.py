@@ -44,6 +44,7 @@ from bench_scan import ZOO  # noqa: E402
 
 from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
+from guard.screens import OneBudget  # noqa: E402
 from offline.attacks import backdoor_targets, load_trigger  # noqa: E402
 from offline.attacks.training import train_backdoored_model  # noqa: E402
 from offline.calibrate import CalibrationSettings  # noqa: E402
@@ -69,8 +70,8 @@ SMALL = ("badnets-3x3-top-right", "blend-0.2", "clean-1")
 def triggered(case: Path, data: Dataset, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The true trigger on images whose backdoor class differs from their label, and that class."""
     desc = json.loads((case / "attack.json").read_text())
-    if desc.get("attack", "none") == "none" or (desc.get("trigger") is None and not desc.get("trigger_delta_file")
-                                                 and desc.get("target_image_index") is None):
+    if desc.get("attack") == "none" or (desc.get("trigger") is None and not desc.get("trigger_delta_file")
+                                         and desc.get("target_image_index") is None):
         return np.zeros((0, *x.shape[1:]), np.float32), np.zeros(0, np.int64)
     if desc.get("trigger") is None and desc.get("target_image_index") is not None:  # clean-label: one image
         return data.x[[desc["target_image_index"]]], np.array([desc["target"]])
@@ -81,13 +82,37 @@ def triggered(case: Path, data: Dataset, x: np.ndarray, y: np.ndarray) -> tuple[
     return trigger.apply(x[keep]).astype(np.float32), goal[keep]
 
 
-def measure(bundle_dir: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.ndarray) -> dict[str, Any]:
+def resampled_frr(screen, infer, x_calib: np.ndarray, x_test: np.ndarray, repeats: int = 40) -> dict[str, float]:
+    """The clean refusal rate over random calibration / test partitions of the job's two clean parts.
+
+    One test split of a few hundred images measures a 1 % rate to +-1.1 points (95 %); the detectors stay as
+    fitted, the verdict is recalibrated on each partition's calibration share and judged on the rest, so the
+    mean is the procedure's expected FRR and the spread what one split can show.
+    """
+    budget = screen.budget
+    scores, answered = screen.score(infer, np.concatenate([x_calib, x_test]))
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(repeats):
+        order = rng.permutation(len(scores))
+        c, t = order[:len(x_calib)], order[len(x_calib):]
+        again = OneBudget(budget.names, budget.sides, scores[c], budget.frr, budget.rule, budget.classes,
+                          answered[c])
+        rates.append(float(again.judge(scores[t], answered[t]).flagged.mean()))
+    return {"mean": float(np.mean(rates)), "sd": float(np.std(rates)), "max": float(np.max(rates))}
+
+
+def measure(bundle_dir: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.ndarray,
+            x_calib: np.ndarray | None = None) -> dict[str, Any]:
     """Refusals and attacks through, fixed-n and sequential STRIP on the same blends, and passes per input."""
     bundle = GuardBundle.load(bundle_dir)
     backend = EmbeddedBackend(bundle.model_path, INPUT_NAME)
     out: dict[str, Any] = {"detectors": bundle.manifest.verdict.detectors,
                            "strip_n": bundle.manifest.strip.n if bundle.manifest.strip else None,
                            "guarantee": bundle.manifest.verdict.guarantee.model_dump()}
+    if x_calib is not None:
+        out["frr_resampled"] = resampled_frr(bundle.screen(seed=7, sequential=False), backend.infer, x_calib,
+                                             x_clean)
     for mode in ("fixed", "sequential"):
         screen = bundle.screen(seed=7, sequential=mode == "sequential")
 
@@ -132,12 +157,16 @@ def zoo(out: Path) -> list[dict[str, Any]]:
 def guard_only(case: Path, name: str, part: str) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_dataset(str(case / "clean.npz"))
-    _, _, test = split_clean(data, GUARD_ONLY)
+    _, calib, test = split_clean(data, GUARD_ONLY)
     run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only", settings=GUARD_ONLY,
               work_dir=case / "work", progress=False, say=lambda _: None)
     x_trig, goal = triggered(case, data, test.x, test.y)
-    row = {"part": part, "model": name, "attack": json.loads((case / "attack.json").read_text()).get("attack", "none"),
-           **measure(case / "guard-only", test.x, x_trig, goal), "seconds": round(time.perf_counter() - started, 1)}
+    desc = json.loads((case / "attack.json").read_text())
+    attack = desc.get("attack") or (desc.get("trigger") or {}).get("kind") or \
+        ("invisible" if desc.get("trigger_delta_file") else "none")
+    row = {"part": part, "model": name, "attack": attack,
+           **measure(case / "guard-only", test.x, x_trig, goal, calib.x),
+           "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(row), flush=True)
     return row
 
@@ -178,18 +207,23 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Guard-only bundles (`bench/bench_verdict.py`): budget 1 % in total, default detectors; *through* = "
         "true-trigger inputs answered with the attacker's class through the guard; FRR = clean test inputs "
         "refused; bound = the 95 % bound the job printed for its calibration size; passes = model rows per input "
-        "(the input and its STRIP blends), sequential.",
+        "(the input and its STRIP blends), sequential; resampled = the mean (and largest) FRR over 40 random "
+        "calibration / test partitions of the same clean images, the verdict recalibrated on each (one test split "
+        "of 300 measures 1 % to +-1.1 points).",
         "",
-        "| part | model | detectors | n | FRR % (bound) | through % fixed | through % sequential | FRR % fixed | "
-        "passes clean / triggered |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| part | model | detectors | n | FRR % (bound) | FRR % resampled (max) | through % fixed | "
+        "through % sequential | FRR % fixed | passes clean / triggered |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f, s = r["fixed"], r["sequential"]
         name = r["model"] + (f" ({r['given']} given, {r['unseen']} unseen)" if r["part"] == "small" else "")
         through_s = _pct(s["through"]) if s["through"] is not None else "-"
+        rs = r.get("frr_resampled")
+        resampled = f"{_pct(rs['mean'])} ({_pct(rs['max'])})" if rs else "-"
         lines.append(f"| {r['part']} | {name} | {'+'.join(r['detectors'])} | {r['strip_n'] or '-'} | "
-                     f"{_pct(s['frr'])} ({_pct(r['guarantee']['frr_upper_95'])}) | {_pct(f['through'])} | "
+                     f"{_pct(s['frr'])} ({_pct(r['guarantee']['frr_upper_95'])}) | {resampled} | "
+                     f"{_pct(f['through'])} | "
                      f"{through_s} | {_pct(f['frr'])} | {s['passes_clean']:.1f} / "
                      f"{'-' if s['passes_triggered'] is None else format(s['passes_triggered'], '.1f')} |")
     seq = [r for r in rows if r["strip_n"]]
@@ -230,6 +264,9 @@ def main() -> None:
     if args.only:
         rows = [r for r in rows if args.only in r["model"]]
     name = "verdict" if args.variant == "default" else f"verdict-{args.variant}"
+    if (out / f"{name}.json").exists() and not args.only:  # keep the rows of the parts not rerun
+        kept = [r for r in json.loads((out / f"{name}.json").read_text()) if r["part"] not in parts]
+        rows = sorted(kept + rows, key=lambda r: ("zoo", "matrix", "small").index(r["part"]))
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     (out / f"{name}.md").write_text(markdown(rows))
     print(markdown(rows))

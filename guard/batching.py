@@ -41,6 +41,7 @@ class AdaptiveBatcher:
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self.waiting_inputs = 0  # inputs submitted and not yet taken into a batch
 
     @property
     def depth(self) -> int:
@@ -57,6 +58,7 @@ class AdaptiveBatcher:
         self.start()
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(x, future, time.perf_counter()))
+        self.waiting_inputs += len(x)
         return await future
 
     async def close(self) -> None:
@@ -105,6 +107,7 @@ class AdaptiveBatcher:
                 first = item
             batch, stopped = await self._collect(first)
             stop = stop or stopped
+            self.waiting_inputs -= sum(len(p.x) for p in batch)
             batch = [p for p in batch if not p.future.cancelled()]
             if not batch:
                 continue

@@ -249,11 +249,14 @@ class GuardBundle:
     """A verified bundle: the manifest plus its checksum-verified arrays."""
 
     def __init__(self, root: Path, manifest: GuardManifest, pool: np.ndarray,
-                 arrays: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+                 arrays: dict[str, dict[str, np.ndarray]] | None = None, sha256: str | None = None,
+                 signed: Any = None) -> None:
         self.root = root
         self.manifest = manifest
         self.pool = pool
         self.arrays = arrays or {}
+        self._sha256 = sha256
+        self.signed = signed  # guard.signing.Signed when verified against trusted keys
 
     @property
     def model_path(self) -> Path:
@@ -261,12 +264,16 @@ class GuardBundle:
 
     @property
     def sha256(self) -> str:
-        """Identity of the bundle: the checksum of its manifest."""
-        return sha256_file(self.root / MANIFEST)
+        """Identity of the bundle: the checksum of the manifest it was loaded from."""
+        return self._sha256 or sha256_file(self.root / MANIFEST)
 
     @classmethod
-    def load(cls, root: str | Path) -> GuardBundle:
-        """Read, validate and verify a bundle directory; raise :class:`BundleError` if it fails."""
+    def load(cls, root: str | Path, trusted: dict | None = None) -> GuardBundle:
+        """Read, validate and verify a bundle directory; raise :class:`BundleError` if it fails.
+
+        ``trusted`` (key id -> key, from ``guard.signing.trusted_keys``): the
+        manifest must also carry a valid signature by one of those keys.
+        """
         root = Path(root)
         manifest_path = root / MANIFEST
         if not root.is_dir():
@@ -274,7 +281,16 @@ class GuardBundle:
         if not manifest_path.is_file():
             raise BundleError(f"{manifest_path}: missing; not a guard bundle")
         try:
-            raw = json.loads(manifest_path.read_text())
+            data = manifest_path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{manifest_path}: unreadable ({exc})") from exc
+        signed = None
+        if trusted is not None:  # before anything else is read: an unsigned bundle gets no further
+            from guard.signing import verify
+
+            signed = verify(root, trusted, data)
+        try:
+            raw = json.loads(data.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from exc
         if isinstance(raw, dict) and raw.get("schema_version") not in (None, SCHEMA_VERSION):
@@ -316,7 +332,7 @@ class GuardBundle:
             arrays["mahalanobis"] = _npz(root, manifest.mahalanobis.file, "Mahalanobis statistics", {
                 "means": lambda a: a.ndim == 2 and len(a) == k,
                 "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
-        return cls(root, manifest, pool, arrays)
+        return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed)
 
     def screen(self, seed: int = 0, sequential: bool = True, **alone: float | None):
         """The bundle's detectors and their one verdict, ready to screen (``guard.screens.Screen``).
@@ -432,12 +448,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Path | bytes | np.ndarray],
-                 extra_dirs: dict[str, Path] | None = None) -> Path:
+                 extra_dirs: dict[str, Path] | None = None, signing_key: Any = None) -> Path:
     """Write a complete bundle to ``dest`` atomically.
 
     ``files`` maps names inside the bundle to a source path, raw bytes or an
     array (saved as ``.npy``). The manifest's checksums must match them: the
     bundle is loaded and verified before it replaces anything at ``dest``.
+    ``signing_key`` (an Ed25519 private key): ``guard.json.sig`` is written
+    with it and verified too.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -454,12 +472,19 @@ def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Pat
                 shutil.copyfile(content, target)
         for name, src in (extra_dirs or {}).items():
             shutil.copytree(src, _inside(staging, name))
-        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+        manifest_bytes = manifest.model_dump_json(indent=2).encode()
+        (staging / MANIFEST).write_bytes(manifest_bytes)
+        trusted = None
+        if signing_key is not None:
+            from guard.signing import SIGNATURE, key_id, sign
+
+            (staging / SIGNATURE).write_bytes(sign(manifest_bytes, signing_key))
+            trusted = {key_id(signing_key.public_key()): (signing_key.public_key(), "the signing key")}
         for path in staging.rglob("*"):
             if path.is_file():
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
-        GuardBundle.load(staging)  # never publish a bundle the guard would refuse
+        GuardBundle.load(staging, trusted)  # never publish a bundle the guard would refuse
         _fsync_dir(staging)
         if dest.exists():
             retired = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))

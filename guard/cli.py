@@ -15,7 +15,11 @@ from guard import __version__
 _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--bundle", dict(help="guard bundle directory (TROJAN_GUARD_BUNDLE)")),
     ("--host", dict(help="address to bind (default 0.0.0.0)")),
-    ("--port", dict(type=int, help="gRPC port: Open Inference Protocol, health, reflection, admin (default 8001)")),
+    ("--port", dict(type=int, help="gRPC port: Open Inference Protocol, health, reflection (default 8001)")),
+    ("--admin-address", dict(help="listener of the admin service (Status, ReloadBundle): HOST:PORT or unix:PATH, "
+                                  "never the client port (default 127.0.0.1:8003; 'off' turns it off)")),
+    ("--admin-token-file", dict(help="admin calls must carry 'authorization: Bearer TOKEN', TOKEN this file's "
+                                     "content (at least 16 characters)")),
     ("--metrics-port", dict(type=int, help="Prometheus /metrics HTTP port, 0 turns it off (default 8002)")),
     ("--model-name", dict(help="model name clients use (default: the bundle's)")),
     ("--policy", dict(choices=("enforce", "flag", "shadow"),
@@ -36,10 +40,18 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
                                              "requests that queued while the model ran the previous one)")),
     ("--max-request-inputs", dict(type=int, help="inputs one request may carry (default 64); larger requests "
                                                  "get RESOURCE_EXHAUSTED")),
+    ("--max-queue", dict(type=int, help="inputs that may wait to be screened (default 256); a request beyond it "
+                                        "is shed at once with RESOURCE_EXHAUSTED, counted in "
+                                        "trojan_guard_request_errors_total{reason=\"overloaded\"}")),
     ("--evidence-dir", dict(help="keep flagged inputs here (append-only, fsync-ed; default: off)")),
     ("--evidence-max-bytes", dict(type=int, help="evidence kept before the oldest segments go (default 1 GiB)")),
     ("--tls-cert", dict(help="PEM certificate chain: serve gRPC over TLS")),
     ("--tls-key", dict(help="PEM private key for --tls-cert")),
+    ("--tls-client-ca", dict(help="PEM CA certificates: require client certificates signed by them (mTLS)")),
+    ("--trusted-key", dict(action="append", help="Ed25519 public key (PEM, from 'trojan-forensics keygen') whose "
+                                                 "signature a bundle must carry; repeat for key rotation")),
+    ("--allow-rollback", dict(action="store_const", const=True, help="allow a reload to a bundle created before "
+                                                                      "the serving one (refused by default)")),
     ("--watch-bundle-s", dict(type=float, help="check the bundle every this many seconds and reload when its "
                                                "guard.json changed, e.g. after a patch job rewrote it (default 0: "
                                                "off; SIGHUP and the admin RPC always reload)")),
@@ -57,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trojan-guard",
         description="Runtime guard against backdoored image classifiers: screens inference requests "
-                    "with STRIP entropy and the Neural Cleanse activation filter, using a guard bundle "
-                    "written by 'trojan-forensics patch'.",
+                    "with STRIP, clean-feature densities and the Neural Cleanse activation filter, combined "
+                    "into one verdict at one false-rejection budget, using a guard bundle written by "
+                    "'trojan-forensics patch'.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,14 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
                                          "declared input and outputs, and print a summary.")
     inspect.add_argument("bundle", help="bundle directory")
     inspect.add_argument("--json", action="store_true", help="print guard.json instead of the summary")
+    inspect.add_argument("--trusted-key", action="append", default=[],
+                         help="Ed25519 public key (PEM): also verify guard.json.sig against it (repeatable); a "
+                              "missing or bad signature exits 2")
 
     serve = sub.add_parser(
         "serve", help="start the gRPC sidecar that screens every inference request",
         description="Serve the Open Inference Protocol (KServe v2 gRPC, as Triton does) and screen every "
-                    "request with the bundle's STRIP and activation-filter thresholds before answering. "
-                    "Health (grpc.health.v1: '', liveness, readiness), reflection and the admin service "
-                    "(trojan_guard.admin.v1.GuardAdmin: Status, ReloadBundle) share the gRPC port; "
-                    "Prometheus metrics are on the metrics port. SIGHUP reloads the bundle; SIGTERM drains "
+                    "request with the bundle's detectors and its one calibrated verdict before answering. "
+                    "Health (grpc.health.v1: '', liveness, readiness) and reflection share the gRPC port; "
+                    "the admin service (trojan_guard.admin.v1.GuardAdmin: Status, ReloadBundle) has its own "
+                    "listener (--admin-address, loopback by default); Prometheus metrics are on the metrics "
+                    "port. SIGHUP reloads the bundle; SIGTERM drains "
                     "in-flight requests and stops. Every flag also reads TROJAN_GUARD_<FLAG> "
                     "(e.g. TROJAN_GUARD_PORT).")
     for flag, kwargs in _SERVE_FLAGS:
@@ -91,17 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inspect(path: str, as_json: bool) -> None:
+def _inspect(path: str, as_json: bool, keys: list[str]) -> None:
     from guard.backends import EmbeddedBackend
     from guard.bundle import BundleError, GuardBundle
+    from guard.signing import signer, trusted_keys
 
-    bundle = GuardBundle.load(path)
+    bundle = GuardBundle.load(path, trusted_keys([Path(k) for k in keys]) if keys else None)
     m = bundle.manifest
     try:
         EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features)
     except Exception as exc:  # onnxruntime raises several types for a bad graph
         raise BundleError(f"{bundle.model_path}: onnxruntime cannot serve it ({exc})") from exc
-    print(m.model_dump_json(indent=2) if as_json else bundle.describe())
+    if as_json:
+        print(m.model_dump_json(indent=2))
+        return
+    print(bundle.describe())
+    if bundle.signed is not None:
+        print(f"signature   verified: guard.json signed by key {bundle.signed.key_id} ({bundle.signed.key_file})")
+    else:
+        kid = signer(bundle.root)
+        print(f"signature   by key {kid}, not verified (give --trusted-key PUB)" if kid else
+              "signature   none: the bundle is unsigned ('trojan-forensics patch --signing-key KEY' signs it)")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -159,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "inspect":
-            _inspect(args.bundle, args.json)
+            _inspect(args.bundle, args.json, args.trusted_key)
         elif args.command == "serve":
             _serve(args)
         elif args.command == "evidence":

@@ -24,7 +24,16 @@ from guard import __version__
 from guard.backends import EmbeddedBackend, UpstreamBackend
 from guard.batching import AdaptiveBatcher
 from guard.bundle import BundleError, GuardBundle
-from guard.errors import GuardError, InvalidInput, NotReady, ReloadFailed, ScreeningFailed, UpstreamError
+from guard.errors import (
+    GuardError,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    ReloadFailed,
+    ScreeningFailed,
+    UntrustedBundle,
+    UpstreamError,
+)
 from guard.evidence import EvidenceStore
 from guard.metrics import GuardMetrics, threshold_buckets
 from guard.screens import Judgement, ScreenResult
@@ -258,9 +267,16 @@ class Guard:
                  metrics: GuardMetrics | None = None) -> None:
         self.settings = settings
         self.bundle_path = Path(settings.bundle)
-        self._first = bundle or GuardBundle.load(self.bundle_path)
-        self.metrics = metrics or make_metrics(self._first)
-        self.model_name = settings.model_name or self._first.manifest.model.name
+        self.trusted = None  # key id -> public key: bundles must be signed by one of them
+        if settings.trusted_key:
+            from guard.signing import trusted_keys, verify
+
+            self.trusted = trusted_keys(settings.trusted_key)
+        self.first_bundle = bundle or GuardBundle.load(self.bundle_path, self.trusted)
+        if self.trusted is not None and self.first_bundle.signed is None:
+            self.first_bundle.signed = verify(self.first_bundle.root, self.trusted)
+        self.metrics = metrics or make_metrics(self.first_bundle)
+        self.model_name = settings.model_name or self.first_bundle.manifest.model.name
         # model runs and evidence writes leave the event loop; one model thread keeps batches in order
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="guard-model")
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="guard-evidence")
@@ -307,7 +323,7 @@ class Guard:
         delay = 0.5
         while True:
             try:
-                state = await self._load(self._first)
+                state = await self._load(self.first_bundle)
                 break
             except UpstreamError as exc:
                 log.warning("warm-up: %s; retrying in %.1f s", exc, delay)
@@ -323,7 +339,8 @@ class Guard:
             target = Path(path) if path else self.bundle_path
             loop = asyncio.get_running_loop()
             try:
-                bundle = await loop.run_in_executor(None, GuardBundle.load, target)
+                bundle = await loop.run_in_executor(None, GuardBundle.load, target, self.trusted)
+                self._check_not_rollback(bundle, target)
                 if self.state is not None and bundle.manifest.input != self.state.bundle.manifest.input:
                     raise ReloadFailed(f"{target}: input spec {bundle.manifest.input} differs from the serving "
                                        f"bundle's; start a new guard for a different model input")
@@ -332,7 +349,7 @@ class Guard:
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload of %s refused, still serving %s: %s", target,
                           self.state.sha256[:12] if self.state else "nothing", exc)
-                if isinstance(exc, ReloadFailed):
+                if isinstance(exc, ReloadFailed | UntrustedBundle):
                     raise
                 raise ReloadFailed(f"bundle {target} refused; still serving the previous bundle: {exc}") from exc
             old, self.state, self.bundle_path = self.state, state, target
@@ -343,6 +360,20 @@ class Guard:
             if old is not None:
                 await old.close()  # finishes the requests it already queued
             return (old.sha256 if old else ""), state.sha256
+
+    def _check_not_rollback(self, bundle: GuardBundle, target: Path) -> None:
+        """With signed bundles, a reload to one created before the serving bundle is a rollback."""
+        if self.trusted is None or self.settings.allow_rollback or self.state is None:
+            return
+        new, serving = bundle.manifest.provenance.created, self.state.bundle.manifest.provenance.created
+        try:
+            older = datetime.fromisoformat(new) < datetime.fromisoformat(serving)
+        except (TypeError, ValueError):
+            older = True  # a signed bundle with an unreadable creation time is not trusted to be newer
+        if older:
+            raise UntrustedBundle(f"bundle {target} refused as a rollback: created {new}, before the serving "
+                                  f"bundle ({serving}); still serving the previous bundle (--allow-rollback "
+                                  f"permits it)")
 
     @staticmethod
     def validate(x: np.ndarray, state: ServingState) -> None:
@@ -360,6 +391,10 @@ class Guard:
         """Screen one request's inputs and apply the policy; raises :class:`Refused` under enforce."""
         state = self.current_state()
         self.validate(x, state)
+        waiting = state.batcher.waiting_inputs
+        if waiting and waiting + len(x) > self.settings.max_queue:
+            raise Overloaded(f"the guard is overloaded: {waiting} inputs are waiting to be screened (--max-queue "
+                             f"{self.settings.max_queue}); retry with backoff")
         decision = await state.batcher.submit(x)
         self._record(state, decision)
         if decision.flagged:

@@ -66,3 +66,24 @@ class ReloadFailed(GuardError):
 
     code = "FAILED_PRECONDITION"
     reason = "reload_failed"
+
+
+class Unauthenticated(GuardError):
+    """An admin call without the bearer token of ``--admin-token-file``."""
+
+    code = "UNAUTHENTICATED"
+    reason = "unauthenticated"
+
+
+class Overloaded(GuardError):
+    """More inputs waiting than ``--max-queue``: the request is shed at once instead of queued."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"
+
+
+class UntrustedBundle(GuardError):
+    """A bundle without a valid signature by a trusted key, or older than the one serving."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "untrusted_bundle"

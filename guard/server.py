@@ -1,4 +1,9 @@
-"""The gRPC sidecar: Open Inference Protocol, health, reflection, admin; metrics over HTTP.
+"""The gRPC sidecar: Open Inference Protocol, health, reflection; the admin service; metrics over HTTP.
+
+Ports by trust: the client port serves inference, health and reflection only
+(the admin methods answer UNIMPLEMENTED there); the admin service has a
+listener of its own (loopback or a unix socket by default, optionally with a
+bearer token); metrics are read-only HTTP.
 
 This module only translates between gRPC and the data plane (``guard.dataplane``):
 every :class:`guard.errors.GuardError` is mapped to its gRPC status here, once.
@@ -7,6 +12,7 @@ every :class:`guard.errors.GuardError` is mapped to its gRPC status here, once.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import time
@@ -24,7 +30,7 @@ from guard import __version__
 from guard.bundle import MANIFEST, GuardBundle, sha256_file
 from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
 from guard.dataplane import Guard, Refused
-from guard.errors import GuardError, InvalidInput, ModelNotFound
+from guard.errors import GuardError, InvalidInput, ModelNotFound, Unauthenticated
 from guard.proto import guard_admin_pb2 as admin_pb
 from guard.proto import inference_pb2 as pb
 from guard.settings import GuardSettings
@@ -33,7 +39,7 @@ log = logging.getLogger("trojan_guard")
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 ADMIN_SERVICE = "trojan_guard.admin.v1.GuardAdmin"
-HEALTH_NAMES = ("", "readiness", INFERENCE_SERVICE, ADMIN_SERVICE)  # SERVING once warmed up; liveness always
+HEALTH_NAMES = ("", "readiness", INFERENCE_SERVICE)  # SERVING once warmed up; liveness always
 
 
 class _Garbage:
@@ -173,59 +179,106 @@ def _unary(fn: Callable[..., Awaitable[Any]], request_type: Any, response_type: 
                                                response_serializer=response_type.SerializeToString)
 
 
-def _handlers(inference: InferenceServicer, admin: AdminServicer) -> list[grpc.GenericRpcHandler]:
+def _inference_handlers(inference: InferenceServicer) -> list[grpc.GenericRpcHandler]:
     methods = {name: _unary(getattr(inference, name), getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"),
                             on_error=inference.guard.count_error if name == "ModelInfer" else None)
                for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
                             "ModelInfer")}
-    admin_methods = {
-        "Status": _unary(admin.Status, admin_pb.StatusRequest, admin_pb.StatusResponse),
-        "ReloadBundle": _unary(admin.ReloadBundle, admin_pb.ReloadBundleRequest, admin_pb.ReloadBundleResponse),
+    return [grpc.method_handlers_generic_handler(INFERENCE_SERVICE, methods)]
+
+
+def _admin_handlers(admin: AdminServicer, token: str | None) -> list[grpc.GenericRpcHandler]:
+    """The admin methods; with a token, each call must carry ``authorization: Bearer <token>``."""
+
+    def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if token is not None:
+                given = dict(context.invocation_metadata() or ()).get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    log.warning("admin %s refused: %s bearer token", fn.__name__, "wrong" if given else "no")
+                    raise Unauthenticated("admin calls need 'authorization: Bearer <token>' metadata with the "
+                                          "token of --admin-token-file")
+            return await fn(request, context)
+
+        call.__name__ = fn.__name__
+        return call
+
+    methods = {
+        "Status": _unary(guarded(admin.Status), admin_pb.StatusRequest, admin_pb.StatusResponse),
+        "ReloadBundle": _unary(guarded(admin.ReloadBundle), admin_pb.ReloadBundleRequest,
+                               admin_pb.ReloadBundleResponse),
     }
-    return [grpc.method_handlers_generic_handler(INFERENCE_SERVICE, methods),
-            grpc.method_handlers_generic_handler(ADMIN_SERVICE, admin_methods)]
+    return [grpc.method_handlers_generic_handler(ADMIN_SERVICE, methods)]
+
+
+def _admin_token(settings: GuardSettings) -> str | None:
+    if settings.admin_token_file is None:
+        return None
+    try:
+        token = settings.admin_token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OSError(f"cannot read --admin-token-file {settings.admin_token_file} ({exc})") from exc
+    if len(token) < 16:
+        raise OSError(f"--admin-token-file {settings.admin_token_file}: the token must be at least 16 characters")
+    return token
+
+
+def _server_credentials(settings: GuardSettings) -> grpc.ServerCredentials | None:
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
                 started: Callable[[int, int], None] | None = None) -> None:
     """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle."""
-    bundle = bundle or GuardBundle.load(settings.bundle)
     guard = Guard(settings, bundle)
-    limit = max_message_bytes(bundle, settings)
+    limit = max_message_bytes(guard.first_bundle, settings)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", max(limit, 64 << 20)),
         ("grpc.so_reuseport", 0),
     ])
     inference = InferenceServicer(guard)
-    admin = AdminServicer(guard, inference)
-    server.add_generic_rpc_handlers(_handlers(inference, admin))
+    server.add_generic_rpc_handlers(_inference_handlers(inference))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
     for name in HEALTH_NAMES:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
 
     address = f"{settings.host}:{settings.port}"
     try:
-        if settings.tls_cert and settings.tls_key:
-            credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(),
-                                                        settings.tls_cert.read_bytes())])
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
+        credentials = _server_credentials(settings)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)") from exc
+    admin_server = None
+    if settings.admin_address != "off":
+        admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        admin_server.add_generic_rpc_handlers(_admin_handlers(AdminServicer(guard, inference), _admin_token(settings)))
+        reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), admin_server)
+        try:
+            admin_server.add_insecure_port(settings.admin_address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the admin listener {settings.admin_address} (in use, or not an address "
+                          f"of this host; --admin-address off turns it off)") from exc
     try:
         metrics_server = guard.metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port else None
     except OSError as exc:
         raise OSError(f"cannot bind the metrics port {settings.host}:{settings.metrics_port} ({exc})") from exc
     await server.start()
-    log.info("gRPC on %s:%d (%s), metrics on http://%s:%d/metrics", settings.host, port,
-             "TLS" if settings.tls_cert else "plaintext", settings.host, settings.metrics_port)
+    if admin_server is not None:
+        await admin_server.start()
+    log.info("gRPC on %s:%d (%s), admin on %s%s, metrics on http://%s:%d/metrics", settings.host, port,
+             "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
+             settings.admin_address, " (token)" if settings.admin_token_file else "", settings.host,
+             settings.metrics_port)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -292,6 +345,8 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
         inference.draining = True
         await health.enter_graceful_shutdown()
         await server.stop(settings.grace_s)
+        if admin_server is not None:
+            await admin_server.stop(0)
         await guard.close()
         if metrics_server is not None:
             metrics_server[0].shutdown()

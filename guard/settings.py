@@ -19,7 +19,11 @@ class GuardSettings(BaseSettings):
 
     bundle: Path = Field(description="guard bundle directory written by 'trojan-forensics patch'")
     host: str = Field("0.0.0.0", description="address the gRPC and metrics ports bind to")
-    port: int = Field(8001, ge=0, le=65535, description="gRPC port (Open Inference Protocol, health, admin)")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port (Open Inference Protocol, health, reflection)")
+    admin_address: str = Field("127.0.0.1:8003", description="listener of the admin service (Status, "
+                               "ReloadBundle): HOST:PORT or unix:PATH, never the client port; 'off': none")
+    admin_token_file: Path | None = Field(None, description="admin calls must carry 'authorization: Bearer "
+                                          "<the file's content>'")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics HTTP port")
     model_name: str | None = Field(None, description="name clients use; default: the bundle's model name")
     policy: Policy | None = Field(None, description="enforce | flag | shadow; default: the bundle's policy")
@@ -33,11 +37,17 @@ class GuardSettings(BaseSettings):
     max_delay_ms: float = Field(
         0.0, ge=0, description="extra wait for a batch to fill up; with 0 a batch takes what queued meanwhile")
     max_request_inputs: int = Field(64, ge=1, description="inputs one request may carry")
+    max_queue: int = Field(256, ge=1, description="inputs waiting for a batch; a request beyond it is shed "
+                           "at once with RESOURCE_EXHAUSTED")
     evidence_dir: Path | None = Field(None, description="where flagged inputs are kept; off when unset")
     evidence_max_bytes: int = Field(1 << 30, ge=1 << 16, description="evidence kept on disk before rotation")
     evidence_segment_bytes: int = Field(64 << 20, ge=1 << 12)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed")
+    trusted_key: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM); when given, "
+                                    "a bundle must carry a guard.json.sig by one of them")
+    allow_rollback: bool = Field(False, description="allow a reload to a bundle created before the serving one")
     grace_s: float = Field(10.0, ge=0, description="how long shutdown waits for in-flight requests")
     watch_bundle_s: float = Field(0.0, ge=0, description="reload when the bundle's guard.json changes, checked "
                                                        "this often (0: only on SIGHUP or the admin RPC)")
@@ -53,6 +63,11 @@ class GuardSettings(BaseSettings):
             raise ValueError("--backend upstream needs --upstream HOST:PORT")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
+        if self.admin_address != "off" and not (self.admin_address.startswith("unix:")
+                                                or self.admin_address.rpartition(":")[2].isdigit()):
+            raise ValueError(f"--admin-address '{self.admin_address}' must be HOST:PORT, unix:PATH or off")
         if self.evidence_segment_bytes > self.evidence_max_bytes:
             raise ValueError("--evidence-segment-bytes must not exceed --evidence-max-bytes")
         return self

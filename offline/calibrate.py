@@ -76,6 +76,10 @@ def _stats(scores: np.ndarray) -> dict[str, float]:
             "min": float(scores.min()), "max": float(scores.max())}
 
 
+# bumped when calibration changes what it computes, so a kept work directory recalibrates
+CALIBRATION_VERSION = 2
+
+
 def _auroc(clean: np.ndarray, suspicious: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -182,31 +186,38 @@ def fit_density(features: np.ndarray, predicted: np.ndarray, num_classes: int
     return means, LedoitWolf().fit(f - means[predicted]).precision_
 
 
-def _filter(backend: EmbeddedBackend, s: CalibrationSettings, x_calib: np.ndarray, y_calib: np.ndarray,
-            x_fit: np.ndarray, y_fit: np.ndarray, target: int, mask: np.ndarray, pattern: np.ndarray
-            ) -> tuple[ActivationFilter, list[dict[str, Any]], str]:
-    """The activation filter that best separates clean from reversed-trigger calibration images."""
+def _filter(backend: EmbeddedBackend, s: CalibrationSettings, x_fit: np.ndarray, y_fit: np.ndarray, target: int,
+            mask: np.ndarray, pattern: np.ndarray) -> tuple[ActivationFilter, list[dict[str, Any]], str]:
+    """The activation filter that best separates clean from reversed-trigger images, all on the fit split.
+
+    Candidates are fitted on one half of the fit split and chosen by their
+    separation on the other; the calibration images stay out of it, so their
+    scores remain exchangeable with clean traffic's (a filter chosen where the
+    calibration images score low would refuse more fresh clean inputs than
+    the budget allows).
+    """
     if s.filter_score not in FILTER_SCORES:
         raise ForensicsError(f"unknown filter score '{s.filter_score}' (one of {', '.join(FILTER_SCORES)})")
-    stamped = stamp(x_calib[y_calib != target], mask[None], pattern).astype(np.float32)
-    clean_features, stamped_features = backend.infer(x_calib)[1], backend.infer(stamped)[1]
+    order = np.random.default_rng(s.seed).permutation(len(x_fit))
+    halves = order[: len(order) // 2], order[len(order) // 2:]
+
+    def features(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = x_fit[idx], y_fit[idx]
+        return backend.infer(x)[1], backend.infer(stamp(x[y != target], mask[None], pattern).astype(np.float32))[1]
+
+    (clean_a, stamped_a), (clean_b, stamped_b) = features(halves[0]), features(halves[1])
+    if min(len(clean_a), len(stamped_a), len(clean_b), len(stamped_b)) < 2:
+        raise ForensicsError("the activation filter needs at least 4 clean fit images, 4 of them of other classes "
+                             "than the target")
     candidates: list[tuple[str, float | None, ActivationFilter]] = []
     if s.filter_score in ("auto", "mean"):
         for share in [s.filter_top_share] if s.filter_top_share else s.filter_candidates:
-            candidates.append(("mean", share, ActivationFilter(
-                choose_activation_neurons(clean_features, stamped_features, share))))
+            candidates.append(("mean", share, ActivationFilter(choose_activation_neurons(clean_a, stamped_a, share))))
     if s.filter_score in ("auto", "lda"):
-        fit_clean = backend.infer(x_fit)[1]
-        fit_stamped = backend.infer(stamp(x_fit[y_fit != target], mask[None], pattern).astype(np.float32))[1]
-        if min(len(fit_clean), len(fit_stamped)) >= 2:
-            weights = discriminant(fit_clean, fit_stamped)
-            candidates.append(("lda", None, ActivationFilter(np.arange(len(weights)), weights)))
-        elif s.filter_score == "lda":
-            raise ForensicsError("the filter's discriminant needs at least 2 clean images and 2 of other "
-                                 "classes than the target to fit on")
+        weights = discriminant(clean_a, stamped_a)
+        candidates.append(("lda", None, ActivationFilter(np.arange(len(weights)), weights)))
     tried = [{"score": kind, "top_share": share, "neurons": len(af.neurons),
-              "reversed_trigger_auroc": round(_auroc(af.feature_scores(clean_features),
-                                                     af.feature_scores(stamped_features)), 4)}
+              "reversed_trigger_auroc": round(_auroc(af.feature_scores(clean_b), af.feature_scores(stamped_b)), 4)}
              for kind, share, af in candidates]
     best = max(t["reversed_trigger_auroc"] for t in tried)
     pick = next(i for i, t in enumerate(tried) if t["reversed_trigger_auroc"] >= best - 0.005)
@@ -241,8 +252,10 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
             raise ForensicsError(f"STRIP's candidate n {list(s.strip_candidates)} all exceed the pool of "
                                  f"{len(pool)} images; raise --pool-size or set --strip-n")
         probe = StripScreen(pool, max(candidates), s.blend_rule, seed=s.seed)
-        per_blend = np.concatenate([probe.per_blend(backend.infer(probe.extra_rows(x_calib[i:i + 64]))[0])
-                                    for i in range(0, len(x_calib), 64)])
+        # chosen on the fit split, so the calibration scores stay exchangeable with clean traffic's
+        x_probe = x_fit[np.random.default_rng(s.seed).permutation(len(x_fit))[:len(x_calib)]]
+        per_blend = np.concatenate([probe.per_blend(backend.infer(probe.extra_rows(x_probe[i:i + 64]))[0])
+                                    for i in range(0, len(x_probe), 64)])
         n, selection["strip_n"] = choose_strip_n(per_blend, candidates)
         class_mean = class_std = None
         if s.strip_by_class:
@@ -273,7 +286,7 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
         sections["mahalanobis"] = {"file": "mahalanobis.npz", "sha256": sha256_file(out_dir / "mahalanobis.npz"),
                                    "alone_frr": None}
     if use_filter:
-        af, selection["filter"], kind = _filter(backend, s, x_calib, y_calib, x_fit, y_fit, target, mask, pattern)
+        af, selection["filter"], kind = _filter(backend, s, x_fit, y_fit, target, mask, pattern)
         detectors.append(af)
         sections["activation_filter"] = {"neurons": [int(v) for v in af.neurons], "filter_score": kind,
                                          "weights": [] if af.weights is None else [float(v) for v in af.weights],

@@ -257,12 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy", choices=("enforce", "flag", "shadow"), default="enforce",
                    help="what the guard does with a flagged request unless its --policy overrides: refuse it "
                         "(enforce), answer with the verdict (flag), or only count it (shadow) (%(default)s)")
+    g.add_argument("--signing-key", default=None,
+                   help="Ed25519 private key from 'trojan-forensics keygen': sign guard.json (which holds every "
+                        "file's SHA-256) into guard.json.sig, for 'trojan-guard serve --trusted-key'")
     pa.add_argument("--true-trigger", default=None,
                     help="evaluation mode: attack.json from 'trojan-forensics train'; its trigger's ASR is reported")
     pa.add_argument("--work-dir", default=None, help="where phases keep results (default: OUT.work)")
     pa.add_argument("--fresh", action="store_true", help="ignore finished phases of an earlier run")
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     _config_args(pa)
+
+    kg = sub.add_parser("keygen", help="write an Ed25519 key pair for signing guard bundles",
+                        description="Write DIR/bundle-signing.key (private, mode 0600: keep it with the patch "
+                                    "job, e.g. in a Kubernetes Secret) and DIR/bundle-signing.pub (give it to "
+                                    "'trojan-guard serve --trusted-key'). Refuses to overwrite a key.")
+    kg.add_argument("--out", required=True, help="directory for the key pair")
 
     rp = sub.add_parser("report", help="write the forensic report (HTML + JSON) of a bundle",
                         description="Build the forensic report from a bundle written by 'patch' (which also "
@@ -447,6 +456,17 @@ def _attack_verdict(attack: str, result: Any, train: Any, test: Any, seed: int) 
             "meets_bar": not missed, "missed": missed}
 
 
+def _cmd_keygen(args: argparse.Namespace) -> None:
+    from guard.signing import SignatureError, key_id, keygen, load_public_key
+
+    try:
+        private, public = keygen(args.out)
+    except (SignatureError, OSError) as exc:
+        raise ForensicsError(f"keygen: {exc}") from exc
+    print(f"key {key_id(load_public_key(public))}: private {private} (sign with 'patch --signing-key {private}'), "
+          f"public {public} (serve with 'trojan-guard serve --trusted-key {public}')")
+
+
 def _cmd_poison_rate(args: argparse.Namespace) -> list[dict[str, Any]]:
     from offline.attacks.rates import poison_rate_table
 
@@ -600,6 +620,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                                         filter_score=args.filter_score, filter_top_share=args.filter_top_share,
                                         strip_frr=args.strip_frr, filter_fpr=args.filter_fpr),
         calibration_fraction=args.calibration_fraction, model_name=args.model_name, policy=args.policy,
+        signing_key=args.signing_key,
     )
     return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
                      true_trigger_file=args.true_trigger, work_dir=args.work_dir, fresh=args.fresh,
@@ -672,6 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_audit(args)
         elif args.command == "demo":
             _cmd_demo(args)
+        elif args.command == "keygen":
+            _cmd_keygen(args)
         elif args.command == "poison-rate":
             _cmd_poison_rate(args)
     except ForensicsError as exc:

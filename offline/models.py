@@ -351,6 +351,9 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
             layer = features_layer or default_features_layer(list(net.named_modules()))
             model = ForensicModel(net, layer, output_index=output_index)
     elif path.suffix.lower() in (".pt", ".pth", ".ts"):
+        from offline.triage import triage_model
+
+        triage_model(path)  # before torch sees the file: a pickle carrying code is refused here
         try:
             net = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:

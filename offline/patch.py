@@ -25,7 +25,7 @@ import torch
 from guard.backends import EmbeddedBackend
 from guard.bundle import GuardBundle, GuardManifest, sha256_file, write_bundle
 from offline.attacks import AnyTrigger, load_trigger, stamp
-from offline.calibrate import CalibrationSettings, calibrate, evaluate
+from offline.calibrate import CALIBRATION_VERSION, CalibrationSettings, calibrate, evaluate
 from offline.data import Dataset
 from offline.errors import DataError, ForensicsError
 from offline.export import INPUT_NAME, OPSET, export_onnx
@@ -49,6 +49,7 @@ class PatchSettings:
     split_seed: int = 0
     model_name: str = "model"
     policy: str = "enforce"
+    signing_key: str | None = None  # Ed25519 private key (PEM): guard.json is signed into guard.json.sig
 
 
 def load_true_trigger(path: str | Path) -> tuple[AnyTrigger, int]:
@@ -91,6 +92,15 @@ def auto_calibration_fraction(size: int, want: int = 500) -> float:
 
 def calibration_share(data: Dataset, s: PatchSettings) -> float:
     return s.calibration_fraction or auto_calibration_fraction(len(data))
+
+
+def _signing_key(path: str):
+    from guard.signing import SignatureError, load_private_key
+
+    try:
+        return load_private_key(path)
+    except SignatureError as exc:
+        raise ForensicsError(f"--signing-key: {exc}") from exc
 
 
 def split_clean(data: Dataset, s: PatchSettings, share: float | None = None) -> tuple[Dataset, Dataset, Dataset]:
@@ -166,6 +176,7 @@ def run_patch(
     if fresh and work.exists():
         shutil.rmtree(work)
     started = time.perf_counter()
+    signing_key = _signing_key(s.signing_key) if s.signing_key else None  # a bad key fails now, not in an hour
     case = load_case(model_path, data_spec, features_layer)
     true_trigger, true_target = (load_true_trigger(true_trigger_file) if true_trigger_file else (None, None))
     fit, calib, test = split_clean(case.data, s)
@@ -181,7 +192,7 @@ def run_patch(
                       SCAN_SHARE, s.split_seed)
     fp_repair = _digest(fp_scan, asdict(s.repair), str(true_trigger_file), len(calib))
     fp_export = _digest(fp_repair, OPSET)
-    fp_calibrate = _digest(fp_export, asdict(s.calibration))
+    fp_calibrate = _digest(fp_export, asdict(s.calibration), CALIBRATION_VERSION)
     fp_evaluate = _digest(fp_calibrate)
 
     def header(i: int, phase: str, reused: bool) -> None:
@@ -343,7 +354,12 @@ def run_patch(
                           ("evaluate", eval_result)):
         write_json_atomic(report_dir / f"{phase}.json", result)
     build_report(report_dir, manifest.model_dump(), true_trigger_file)
-    write_bundle(out, manifest, files, extra_dirs={"report": report_dir})
+    write_bundle(out, manifest, files, extra_dirs={"report": report_dir}, signing_key=signing_key)
+    if signing_key is not None:
+        from guard.signing import key_id
+
+        say(f"      guard.json signed by key {key_id(signing_key.public_key())} (guard.json.sig); serve with "
+            f"--trusted-key on its public key")
     summary = {
         "bundle": str(out), "flagged": flagged, "suspect_class": suspect,
         "repair": repair_result["summary"], "evaluation": eval_result,

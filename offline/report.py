@@ -67,6 +67,17 @@ def _model_triage(scan: dict[str, Any]) -> dict[str, Any]:
                               "torch_version": scan.get("environment", {}).get("torch")}
     if path.is_file():
         triage["size_bytes"] = path.stat().st_size
+        from offline.errors import ModelLoadError
+        from offline.triage import triage_model
+
+        try:  # what was scanned for code before the job loaded the file, and what was found
+            found = triage_model(path)
+            triage["code_scan"] = {k: found[k] for k in ("scanner", "scanned", "findings")} | (
+                {"note": found["note"]} if "note" in found else {})
+        except ModelLoadError as exc:
+            triage["code_scan"] = {"refused": str(exc)}
+        if "refused" in triage["code_scan"]:
+            return triage  # never load a file that carries code, not even to count its parameters
         try:
             if triage["format"] == "ONNX":
                 import onnx
@@ -84,6 +95,15 @@ def _model_triage(scan: dict[str, Any]) -> dict[str, Any]:
     else:
         triage["note"] = "model file not available where the scan ran; figures from scan.json"
     return triage
+
+
+def _code_scan(c: dict[str, Any]) -> str:
+    if "refused" in c:
+        return c["refused"]
+    if not c.get("scanner"):
+        return c.get("note", "not scanned")
+    found = "; ".join(f"{f['severity']} {f['global']} in {f['where']}" for f in c.get("findings", []))
+    return f"{c['scanner']}: {len(c.get('scanned', []))} pickle(s) scanned, " + (found or "no code found")
 
 
 def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_file: str | Path | None = None
@@ -272,6 +292,7 @@ border-bottom:1px solid #ddd;text-align:right}} tr.flag{{background:#fdecea;font
 SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 <li>size: {tri.get('size_bytes', 'n/a')} bytes; parameters: {tri.get('parameters', 'n/a')};
 {'opset ' + str(tri['opset']) + '; ' if 'opset' in tri else ''}torch {e(str(tri.get('torch_version')))}</li>
+<li>code scan: {e(_code_scan(tri.get('code_scan') or {}))}</li>
 <li>classes: {tri.get('classes')}; features layer: {e(str(tri.get('features_layer')))}</li>
 <li>clean data: {e(str(data.get('source')))} ({data.get('images')} images)</li></ul>
 <h2>2. Detection</h2><p>{e(str(r['detection']['method']))}: a class is flagged when its anomaly index (MAD over the

@@ -71,6 +71,50 @@ def test_guard_runs_as_a_sidecar_with_probes_and_only_its_port_is_exposed() -> N
     assert {"bundles", "evidence"} <= mounts and flags["bundle"].startswith("/bundles/")
 
 
+def _loopback(address: str) -> bool:
+    return address.startswith("unix:") or address.rpartition(":")[0] in ("127.0.0.1", "localhost", "[::1]")
+
+
+def test_nothing_but_the_guard_is_reachable_from_outside_the_pod() -> None:
+    docs = _manifests()
+    deployment, policy = docs["deployment.yaml"], docs["networkpolicy.yaml"]
+    pod = _pod(deployment)
+    guard = next(c for c in pod["initContainers"] if c["name"] == "trojan-guard")
+    flags = _flags(guard["args"])
+    named = {p["name"]: p["containerPort"] for p in guard["ports"]}
+    # the policy selects the guarded pods and admits the gRPC port from clients, metrics from monitoring only
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    admitted = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            admitted[named.get(port["port"], port["port"])] = rule["from"]
+    assert set(admitted) == {int(flags["port"]), int(flags["metrics-port"])}
+    assert admitted[int(flags["metrics-port"])] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # every other listener in the pod binds loopback: Triton's three, the guard's admin
+    triton = next(c for c in pod["containers"] if c["name"] == "triton")
+    t = _flags(triton["args"])
+    for kind in ("http", "grpc", "metrics"):
+        assert t[f"{kind}-address"] == "127.0.0.1", kind
+    assert "ports" not in triton
+    for probe in ("readinessProbe", "livenessProbe"):  # kubelet dials the pod IP, so Triton's probes are exec
+        assert "127.0.0.1:9000" in " ".join(triton[probe]["exec"]["command"])
+    assert _loopback(flags["admin-address"])
+    assert {p["containerPort"] for c in [*pod["initContainers"], *pod["containers"]] for p in c.get("ports", [])} \
+        == {int(flags["port"]), int(flags["metrics-port"])}
+    # bundles must be signed: the guard and the model-repository copy trust the key from the Secret
+    key = flags["trusted-key"]
+    assert key.startswith("/keys/") and "--trusted-key " + key in " ".join(pod["initContainers"][0]["args"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["signing-public-key"]["secret"]["items"] == [{"key": "bundle-signing.pub",
+                                                                 "path": "bundle-signing.pub"}]
+    job = _pod(docs["patch-job.yaml"])
+    assert _flags(job["containers"][0]["args"])["signing-key"] == "/keys/bundle-signing.key"
+    assert {v["name"]: v for v in job["volumes"]}["signing-key"]["secret"]["secretName"] == \
+        volumes["signing-public-key"]["secret"]["secretName"]
+
+
 def test_patch_job_calls_a_valid_patch_command_writing_the_bundle_the_guard_reads() -> None:
     docs = _manifests()
     job = _pod(docs["patch-job.yaml"])["containers"][0]

@@ -30,10 +30,11 @@ class GuardProcess:
 
     def __init__(self, bundle: Path, log_dir: Path, *flags: str, wait: bool = True,
                  env: dict[str, str] | None = None, tls_root: bytes | None = None) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.admin_port = free_port(), free_port(), free_port()
         self.log_path = log_dir / f"guard-{self.port}.log"
+        admin = () if "--admin-address" in flags else ("--admin-address", f"127.0.0.1:{self.admin_port}")
         self.cmd = [sys.executable, "-m", "guard.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-                    "--port", str(self.port), "--metrics-port", str(self.metrics_port), *flags]
+                    "--port", str(self.port), "--metrics-port", str(self.metrics_port), *admin, *flags]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env={**os.environ, **(env or {})})
@@ -41,6 +42,7 @@ class GuardProcess:
                                             options=[("grpc.ssl_target_name_override", "localhost")])
                         if tls_root else grpc.insecure_channel(self.target))
         self.stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.admin_channel = grpc.insecure_channel(f"127.0.0.1:{self.admin_port}")
         if wait:
             self.wait_ready()
 
@@ -100,6 +102,7 @@ class GuardProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.channel.close()
+        self.admin_channel.close()
         self._log.close()
         return self.proc.returncode
 

@@ -62,6 +62,27 @@ def test_named_features_layer(tmp_path: Path, mnist_splits) -> None:
     assert scripted.features(torch.from_numpy(x)).shape == (8, 256)
 
 
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_model_file_carrying_code_is_refused_before_it_is_loaded(tmp_path: Path, mnist_splits) -> None:
+    x = mnist_splits[1].x[:8]
+    marker = tmp_path / "pwned"
+    torch.save({"weights": torch.zeros(3), "extra": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ModelLoadError, match=r"carries code .* CRITICAL posix\.system in .*evil\.pt"):
+        load_model(tmp_path / "evil.pt", x)
+    assert not marker.exists()
+    torch.save(torch.nn.Linear(784, 10).state_dict(), tmp_path / "weights.pt")  # no code, but a pickle
+    with pytest.raises(ModelLoadError, match=r"torch\.save pickle.*torch\.jit\.script\(model\)\.save"):
+        load_model(tmp_path / "weights.pt", x)
+
+
 def test_bad_model_files(tmp_path: Path, mnist_splits) -> None:
     x = mnist_splits[1].x[:8]
     with pytest.raises(ModelLoadError, match="not found"):

@@ -1,0 +1,312 @@
+"""Nobody gets around the guard or into it: admin isolation, signed bundles, mTLS, overload shedding."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from guard.bundle import MANIFEST, GuardBundle, sha256_file
+from guard.proto import guard_admin_pb2 as admin_pb
+from guard.proto import guard_admin_pb2_grpc, inference_pb2_grpc
+from guard.proto import inference_pb2 as pb
+from guard.signing import SIGNATURE, SignatureError, keygen, load_private_key, sign, trusted_keys, verify
+
+from .conftest import ROOT, GuardProcess, logits_of, request
+
+pytestmark = pytest.mark.slow
+
+
+def _admin(channel: grpc.Channel) -> guard_admin_pb2_grpc.GuardAdminStub:
+    return guard_admin_pb2_grpc.GuardAdminStub(channel)
+
+
+def test_admin_answers_only_on_its_own_listener(guard_server: GuardProcess) -> None:
+    for call in (lambda a: a.Status(admin_pb.StatusRequest(), timeout=5),
+                 lambda a: a.ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path="/tmp"), timeout=5)):
+        with pytest.raises(grpc.RpcError) as info:
+            call(_admin(guard_server.channel))  # the client port
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    status = _admin(guard_server.admin_channel).Status(admin_pb.StatusRequest(), timeout=5)
+    assert status.ready and status.model_name == "model"
+
+
+def test_admin_token_on_a_unix_socket(guard_only_bundle: Path, tmp_path: Path,
+                                      traffic: dict[str, np.ndarray]) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("s3cret-token-0123456789\n")
+    socket = tmp_path / "admin.sock"
+    server = GuardProcess(guard_only_bundle, tmp_path, "--admin-address", f"unix:{socket}",
+                          "--admin-token-file", str(token))
+    try:
+        with grpc.insecure_channel(f"unix:{socket}") as channel:
+            admin = _admin(channel)
+            for metadata in ((), (("authorization", "Bearer wrong-token-0123456789"),),
+                             (("authorization", "s3cret-token-0123456789"),)):
+                with pytest.raises(grpc.RpcError) as info:
+                    admin.ReloadBundle(admin_pb.ReloadBundleRequest(), metadata=metadata, timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "--admin-token-file" in info.value.details()
+            good = (("authorization", "Bearer s3cret-token-0123456789"),)
+            assert admin.Status(admin_pb.StatusRequest(), metadata=good, timeout=5).ready
+            assert admin.ReloadBundle(admin_pb.ReloadBundleRequest(), metadata=good, timeout=30).bundle_sha256
+        assert server.metric("trojan_guard_bundle_reloads_total", result="ok") == 1  # only the authorised one
+        assert int(logits_of(server.infer(traffic["clean_x"][:1])).argmax()) == int(traffic["clean_y"][0])
+    finally:
+        assert server.stop() == 0
+
+
+# --- signed bundles -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in ("ours", "theirs"):
+        out[f"{name}_key"], out[f"{name}_pub"] = keygen(root / name)
+    return out
+
+
+def _resign(bundle: Path, key: Path, **provenance: str) -> None:
+    """Rewrite guard.json (provenance fields changed) and sign it with ``key``: a legitimately signed bundle."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["provenance"].update(provenance)
+    data = json.dumps(manifest, indent=2).encode()
+    (bundle / MANIFEST).write_bytes(data)
+    (bundle / SIGNATURE).write_bytes(sign(data, load_private_key(key)))
+
+
+@pytest.fixture(scope="module")
+def signed_bundle(case_dir: Path, guard_only_bundle: Path, keys: dict[str, Path]) -> Path:
+    """The guard-only bundle written again by the patch job with --signing-key (every phase reused)."""
+    from offline.patch import PatchSettings, run_patch
+    from offline.repair import RepairSettings
+
+    lines: list[str] = []
+    out = case_dir / "signed"
+    run_patch(case_dir / "model.pt", str(case_dir / "clean.npz"), out,
+              settings=PatchSettings(recover_restarts=1, repair=RepairSettings(method="none"),
+                                     signing_key=str(keys["ours_key"])),
+              true_trigger_file=case_dir / "attack.json", work_dir=case_dir / "bundle.work",
+              progress=False, say=lines.append)
+    assert any("signed by key" in line for line in lines), lines
+    assert verify(out, trusted_keys([keys["ours_pub"]])).key_file == str(keys["ours_pub"])
+    return out
+
+
+def test_signatures_catch_what_checksums_cannot(signed_bundle: Path, keys: dict[str, Path], tmp_path: Path) -> None:
+    trusted = trusted_keys([keys["ours_pub"]])
+    assert GuardBundle.load(signed_bundle, trusted).signed is not None
+    # rotation: any of several trusted keys will do
+    assert GuardBundle.load(signed_bundle, trusted_keys([keys["theirs_pub"], keys["ours_pub"]])).signed
+
+    def variant(name: str) -> Path:
+        path = tmp_path / name
+        shutil.copytree(signed_bundle, path)
+        return path
+
+    # a pool file changed and its checksum regenerated: consistent, but not what was signed
+    forged = variant("forged")
+    pool = np.load(forged / "clean_pool.npy")
+    pool[0] = 1.0
+    np.save(forged / "clean_pool.npy", pool)
+    manifest = json.loads((forged / MANIFEST).read_text())
+    manifest["clean_pool"]["sha256"] = sha256_file(forged / "clean_pool.npy")
+    (forged / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    GuardBundle.load(forged)  # the checksums agree
+    with pytest.raises(SignatureError, match="does not match guard.json"):
+        GuardBundle.load(forged, trusted)
+
+    other = variant("other-key")
+    _resign(other, keys["theirs_key"])
+    with pytest.raises(SignatureError, match="not among the trusted keys"):
+        GuardBundle.load(other, trusted)
+
+    truncated = variant("truncated")
+    doc = json.loads((truncated / SIGNATURE).read_text())
+    doc["signature"] = doc["signature"][:40]
+    (truncated / SIGNATURE).write_text(json.dumps(doc))
+    with pytest.raises(SignatureError, match="truncated|unreadable"):
+        GuardBundle.load(truncated, trusted)
+    cut = variant("cut")
+    (cut / SIGNATURE).write_bytes((cut / SIGNATURE).read_bytes()[:30])
+    with pytest.raises(SignatureError, match="unreadable signature"):
+        GuardBundle.load(cut, trusted)
+
+    unsigned = variant("unsigned")
+    (unsigned / SIGNATURE).unlink()
+    with pytest.raises(SignatureError, match="unsigned"):
+        GuardBundle.load(unsigned, trusted)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "guard.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_inspect_says_who_signed(signed_bundle: Path, guard_only_bundle: Path, keys: dict[str, Path]) -> None:
+    ok = _cli("inspect", str(signed_bundle), "--trusted-key", str(keys["ours_pub"]))
+    assert ok.returncode == 0, ok.stderr
+    assert "signature   verified: guard.json signed by key" in ok.stdout
+    assert "not verified" in _cli("inspect", str(signed_bundle)).stdout
+    assert "unsigned" in _cli("inspect", str(guard_only_bundle)).stdout
+    bad = _cli("inspect", str(signed_bundle), "--trusted-key", str(keys["theirs_pub"]))
+    assert bad.returncode == 2 and "not among the trusted keys" in bad.stderr
+
+
+def test_serve_with_trusted_keys_refuses_unsigned_forged_and_rolled_back_bundles(
+        signed_bundle: Path, guard_only_bundle: Path, keys: dict[str, Path], tmp_path: Path,
+        traffic: dict[str, np.ndarray]) -> None:
+    pub = str(keys["ours_pub"])
+    # at start: exit 2 and one line naming the reason
+    unsigned = subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(guard_only_bundle),
+                               "--trusted-key", pub, "--port", "0", "--metrics-port", "0", "--admin-address", "off"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert unsigned.returncode == 2
+    lines = unsigned.stderr.strip().splitlines()
+    assert len(lines) == 1 and "guard.json.sig: missing; the bundle is unsigned" in lines[0], unsigned.stderr
+
+    older = tmp_path / "older"
+    shutil.copytree(signed_bundle, older)
+    _resign(older, keys["ours_key"], created="2020-01-01T00:00:00+00:00")  # signed, but older
+    other = tmp_path / "other"
+    shutil.copytree(signed_bundle, other)
+    _resign(other, keys["theirs_key"])
+    server = GuardProcess(signed_bundle, tmp_path, "--trusted-key", pub)
+    try:
+        admin = _admin(server.admin_channel)
+        for path, reason in ((guard_only_bundle, "unsigned"), (other, "not among the trusted keys"),
+                             (older, "rollback")):
+            with pytest.raises(grpc.RpcError) as info:
+                admin.ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path=str(path)), timeout=30)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert reason in info.value.details() and "still serving the previous bundle" in info.value.details()
+        status = admin.Status(admin_pb.StatusRequest(), timeout=5)
+        assert status.bundle_path == str(signed_bundle) and status.reloads == 0
+        assert int(logits_of(server.infer(traffic["clean_x"][:1])).argmax()) == int(traffic["clean_y"][0])
+    finally:
+        assert server.stop() == 0
+    server = GuardProcess(signed_bundle, tmp_path, "--trusted-key", pub, "--allow-rollback")
+    try:
+        reply = _admin(server.admin_channel).ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path=str(older)),
+                                                          timeout=30)
+        assert reply.bundle_sha256 == GuardBundle.load(older).sha256
+    finally:
+        assert server.stop() == 0
+
+
+# --- TLS and client certificates ------------------------------------------------------------------------------
+
+def _ca(tmp_path: Path, name: str):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def pem(obj) -> bytes:
+        if hasattr(obj, "private_bytes"):
+            return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+        return obj.public_bytes(serialization.Encoding.PEM)
+
+    def cert(subject: str, key, issuer_name, issuer_key, ca: bool, san: str | None = None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca_cert = cert(f"{name} CA", ca_key, ca_name, ca_key, True)
+
+    def issue(subject: str, san: str | None = None) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return pem(cert(subject, key, ca_name, ca_key, False, san)), pem(key)
+
+    ca_path = tmp_path / f"{name}-ca.pem"
+    ca_path.write_bytes(pem(ca_cert))
+    return ca_path, issue
+
+
+def test_tls_and_client_certificates(guard_only_bundle: Path, tmp_path: Path,
+                                     traffic: dict[str, np.ndarray]) -> None:
+    ca, issue = _ca(tmp_path, "ours")
+    _, issue_untrusted = _ca(tmp_path, "theirs")
+    server_cert, server_key = issue("localhost", san="localhost")
+    (tmp_path / "tls.crt").write_bytes(server_cert)
+    (tmp_path / "tls.key").write_bytes(server_key)
+    tls = ("--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"))
+    x = traffic["clean_x"][5:6]
+
+    def call(target: str, client: tuple[bytes, bytes] | None) -> grpc.StatusCode | int:
+        creds = grpc.ssl_channel_credentials(ca.read_bytes(), *(reversed(client) if client else ()))
+        with grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+            try:
+                reply = inference_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request(x), timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+        return int(logits_of(reply).argmax())
+
+    server = GuardProcess(guard_only_bundle, tmp_path, *tls, tls_root=ca.read_bytes())
+    try:  # TLS without client certificates
+        assert call(server.target, None) == int(traffic["clean_y"][5])
+        with grpc.insecure_channel(server.target) as plain, pytest.raises(grpc.RpcError) as info:
+            inference_pb2_grpc.GRPCInferenceServiceStub(plain).ServerLive(pb.ServerLiveRequest(), timeout=3)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        assert server.stop() == 0
+
+    server = GuardProcess(guard_only_bundle, tmp_path, *tls, "--tls-client-ca", str(ca), wait=False)
+    try:  # mTLS: health needs a client certificate too, so wait on the log
+        import time
+        deadline = time.monotonic() + 90
+        while "serving model" not in server.log:
+            assert server.proc.poll() is None and time.monotonic() < deadline, server.log
+            time.sleep(0.2)
+        assert call(server.target, issue("client")) == int(traffic["clean_y"][5])
+        assert call(server.target, issue_untrusted("intruder")) == grpc.StatusCode.UNAVAILABLE
+        assert call(server.target, None) == grpc.StatusCode.UNAVAILABLE
+        assert call(server.target, issue("client again")) == int(traffic["clean_y"][5])  # still serving
+    finally:
+        assert server.stop() == 0
+
+
+# --- overload -------------------------------------------------------------------------------------------------
+
+def test_a_flood_beyond_max_queue_is_shed_at_once_and_the_guard_serves_on(
+        guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
+    server = GuardProcess(guard_only_bundle, tmp_path, "--max-queue", "4", "--max-batch", "1")
+    try:
+        x = traffic["clean_x"]
+
+        def send(i: int) -> str:
+            try:
+                server.stub.ModelInfer(request(x[i % 60:i % 60 + 1]), timeout=60)
+                return "OK"
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "overloaded" in exc.details() and "--max-queue 4" in exc.details()
+                return exc.code().name
+
+        with ThreadPoolExecutor(48) as pool:
+            codes = list(pool.map(send, range(96)))
+        shed = codes.count("RESOURCE_EXHAUSTED")
+        assert shed > 0 and codes.count("OK") >= 5, codes
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"}, codes  # a clean refusal may occur
+        assert server.metric("trojan_guard_request_errors_total", reason="overloaded") == shed
+        assert int(logits_of(server.infer(x[7:8])).argmax()) == int(traffic["clean_y"][7])
+    finally:
+        assert server.stop() == 0
