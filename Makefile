@@ -39,7 +39,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_repair.py
 	$(PY) bench/bench_audit.py
 	$(PY) bench/bench_matrix.py --jobs 2
+	$(PY) bench/bench_verdict.py
 	$(PY) bench/bench_guard.py
+	$(PY) bench/bench_overload.py
+	$(PY) bench/bench_fuzz.py
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

@@ -1,6 +1,6 @@
 """The guard's serving cost, and its STRIP against ART's, side by side in one run.
 
-Run: ``.venv/bin/python bench/bench_guard.py [--seconds 8] [--out bench-out/guard]``
+Run: ``.venv/bin/python bench/bench_guard.py [--seconds 8] [--parts a,a2,b,c] [--out bench-out/guard]``
 (``make bench`` installs adversarial-robustness-toolbox into .venv first).
 
 Model: the zoo's BadNets 3x3 top-left patch (target 1, seed 31), which no
@@ -28,6 +28,12 @@ B. ART's STRIP (``art.defences.transformer.poisoning.STRIP``) on the same
    blends (summed, divided by N) after averaging the two images (alpha 0.5);
    ours is the mean over blends of each blend's entropy (the paper's rule),
    blending by the bundle's rule. ART's own normal-fit threshold is reported too.
+C. The cost of the detectors: bundles of the same model and scan calibrated
+   with the previous guard's screens (STRIP at a fixed n=20 plus the activation
+   filter, each at its own budget), the default (sequential STRIP, k-NN, the
+   filter) and every detector (plus Mahalanobis; sequential and fixed-n
+   STRIP), each served by ``trojan-guard serve`` and driven at concurrency 1
+   and 8: p50 and throughput, and their ratios against the previous guard.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from guard.client import local_guard  # noqa: E402
 from guard.proto import inference_pb2 as pb  # noqa: E402
 from guard.screens import Screen, StripScreen, quantile_threshold, softmax  # noqa: E402
 from offline.data import load_dataset  # noqa: E402
-from offline.patch import PatchSettings, run_patch  # noqa: E402
+from offline.patch import PatchSettings, run_patch, split_clean  # noqa: E402
 from offline.repair import RepairSettings  # noqa: E402
 
 MODEL = "patch-3x3-top-left-white"
@@ -230,15 +236,57 @@ def part_b(bundle_dir: Path, calib_x: np.ndarray, test_x: np.ndarray, triggered_
         "art": art_time * 1000, "ours_single": our_t1 * 1000, "ours_batched": our_tb * 1000}}
 
 
+# part C: bundles of the same model and scan, calibrated differently (name, CalibrationSettings keywords)
+VARIANTS = (
+    ("previous: STRIP n=20 + filter, two budgets", dict(detectors=("strip",), strip_n=20, strip_group=0,
+                                                        strip_by_class=False, filter="always", strip_frr=0.01,
+                                                        filter_fpr=0.05)),
+    ("default: sequential STRIP + k-NN + filter", {}),
+    ("every detector: + Mahalanobis", dict(detectors=("strip", "knn", "mahalanobis"))),
+    ("every detector, STRIP fixed n", dict(detectors=("strip", "knn", "mahalanobis"), strip_group=0)),
+)
+
+
+def part_c(case: Path, images: np.ndarray, seconds: float) -> dict:
+    """The guard's cost per request with each set of detectors, through gRPC, in one run."""
+    from offline.calibrate import CalibrationSettings
+
+    rows = {}
+    for i, (name, kwargs) in enumerate(VARIANTS):
+        bundle = case / "variants" / str(i)
+        run_patch(case / "model.pt", str(case / "clean.npz"), bundle,
+                  settings=PatchSettings(repair=RepairSettings(method="none"),
+                                         calibration=CalibrationSettings(**kwargs)),
+                  work_dir=case / "work", progress=False, say=lambda _: None)
+        m = GuardBundle.load(bundle).manifest
+        with local_guard(bundle, "--policy", "flag") as client:
+            singles = [x[None] for x in images[:64]]
+            for x in singles[:5]:
+                client.infer(x)
+            rows[name] = {"detectors": m.verdict.detectors, "strip_n": m.strip.n if m.strip else None,
+                          **{f"c{c}": drive(lambda x: client.infer(x), singles, c, seconds) for c in (1, 8)}}
+    base = rows[VARIANTS[0][0]]
+    print(f"\nC. the guard's cost per request by detectors ({seconds:.0f} s per cell; ratios against the previous "
+          f"guard, STRIP n=20 fixed plus the filter)")
+    print(f"{'bundle':<46} {'c1 p50':>8} {'c1 p99':>8} {'c8 req/s':>9} | {'p50 ratio':>9} {'rate ratio':>10}")
+    for name, r in rows.items():
+        print(f"{name:<46} {r['c1']['p50_ms']:>6.2f}ms {r['c1']['p99_ms']:>6.2f}ms {r['c8']['per_s']:>9.0f} | "
+              f"{r['c1']['p50_ms'] / base['c1']['p50_ms']:>8.2f}x {r['c8']['per_s'] / base['c8']['per_s']:>9.2f}x")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out/guard")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each latency cell")
-    parser.add_argument("--skip-art", action="store_true", help="only part A")
+    parser.add_argument("--skip-art", action="store_true", help="skip part B")
+    parser.add_argument("--parts", default="a,a2,b,c", help="comma-separated parts to run (%(default)s)")
     args = parser.parse_args()
     out = Path(args.out)
+    parts = args.parts.split(",")
     name, trigger, target, seed = next(z for z in ZOO if z[0] == MODEL)
-    case = out / name
+    verdict_case = ROOT / "bench-out" / "verdict" / name  # bench_verdict.py builds the same model
+    case = verdict_case if (verdict_case / "model.pt").exists() and not (out / name).exists() else out / name
     bundle_dir = case / "guard-only"
     if not (bundle_dir / "guard.json").exists():
         print(f"building the guard-only bundle of {name} (train, scan, calibrate; a few minutes)")
@@ -247,16 +295,21 @@ def main() -> None:
                   settings=PatchSettings(repair=RepairSettings(method="none")), work_dir=case / "work",
                   progress=False, say=lambda _: None)
     data = load_dataset(str(case / "clean.npz"))
-    rest, test = data.split(0.2, seed=0)  # the patch job's splits
-    _, calib = rest.split(0.25, seed=1)
+    _, calib, test = split_clean(data, PatchSettings())  # the patch job's splits
     keep = test.y != target
     triggered = trigger.apply(test.x[keep]).astype(np.float32)
-    result = {"model": name, "a": part_a(bundle_dir, test.x, args.seconds)}
-    heavy = heavier_bundle(bundle_dir, out / "heavier" / "bundle")
-    result["a2"] = part_a(heavy, test.x, args.seconds, levels=(1, 8),
-                          title="A2. heavier model (about 4 M multiply-adds per image), one image per request")
-    if not args.skip_art:
+    result: dict = {"model": name}
+    if "a" in parts:
+        result["a"] = part_a(bundle_dir, test.x, args.seconds)
+    if "a2" in parts:
+        heavy = heavier_bundle(bundle_dir, out / "heavier" / "bundle")
+        result["a2"] = part_a(heavy, test.x, args.seconds, levels=(1, 8),
+                              title="A2. heavier model (about 4 M multiply-adds per image), one image per request")
+    if "b" in parts and not args.skip_art:
         result["b"] = part_b(bundle_dir, calib.x, test.x, triggered)
+    if "c" in parts:
+        result["c"] = part_c(case, test.x, args.seconds)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
     print(f"\nwritten: {out / 'result.json'}")
 

@@ -63,7 +63,9 @@ class GuardClient:
                         if root_cert else grpc.insecure_channel(target, options=options))
         self.stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.model, self.input_name, self.timeout_s = model, input_name, timeout_s
+        self.target = target
         self.metrics_url = ""
+        self.pid: int | None = None  # of the guard process, when local_guard started it
 
     def wait_ready(self, timeout_s: float = 60.0, alive=lambda: True) -> None:
         """Block until the guard's readiness health check says SERVING."""
@@ -118,12 +120,14 @@ def local_guard(bundle: str | Path, *flags: str, port: int = 0, metrics_port: in
     log's tail when ``log_path`` is given) if it exits or is not ready in time.
     """
     port, metrics_port = port or free_port(), metrics_port or free_port()
+    admin = () if "--admin-address" in flags else ("--admin-address", f"127.0.0.1:{free_port()}")
     cmd = [sys.executable, "-m", "guard.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), *flags]
+           "--port", str(port), "--metrics-port", str(metrics_port), *admin, *flags]
     with open(log_path or os.devnull, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     client = GuardClient(f"127.0.0.1:{port}")
     client.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    client.pid = proc.pid
     try:
         try:
             client.wait_ready(ready_timeout_s, alive=lambda: proc.poll() is None)

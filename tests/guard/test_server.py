@@ -34,17 +34,18 @@ def test_tritonclient_gets_clean_images_answered_and_triggered_ones_refused(
         assert run.returncode == 0, run.stderr
         return json.loads(run.stdout)
 
-    clean = send(traffic["clean_x"][:40])
+    clean = send(traffic["clean_x"])
     assert clean["live"] and clean["ready"] and clean["model_ready"] and not clean["unknown_model_ready"]
     assert clean["input"] == {"name": "input", "datatype": "FP32", "shape": ["-1", "1", "28", "28"]}
-    answered = [(r, y) for r, y in zip(clean["results"], traffic["clean_y"][:40], strict=True) if r["status"] == "OK"]
-    assert len(answered) >= 37, clean["results"]  # calibrated for 1 % FRR; the split saw 2.3 %
+    answered = [(r, y) for r, y in zip(clean["results"], traffic["clean_y"], strict=True) if r["status"] == "OK"]
+    # one budget of 1 %: 0.6 of these 60 expected refused; 2 is the 95 % bound of what a 1 % rate refuses here
+    assert len(answered) >= len(traffic["clean_x"]) - 2, clean["results"]
     assert sum(r["class"] == y for r, y in answered) >= 0.95 * len(answered)
     assert all(r["verdict"] == "clean" and not r["flagged"] for r, _ in answered)
 
     triggered = send(traffic["triggered_x"][:40])
     refused = [r for r in triggered["results"] if r["status"] == "StatusCode.PERMISSION_DENIED"]
-    assert len(refused) >= 37, triggered["results"]  # about 0.6 % pass: STRIP blends are random
+    assert len(refused) >= 39, triggered["results"]  # the guard-only bundle lets none of 270 through (demo)
     assert "refused by trojan-guard" in refused[0]["message"]
 
     after = guard_server.metrics()
@@ -53,7 +54,7 @@ def test_tritonclient_gets_clean_images_answered_and_triggered_ones_refused(
         key = ("trojan_guard_requests_total", (("action", action), ("model", "model"), ("verdict", verdict)))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    clean_refused = 40 - len(answered)
+    clean_refused = len(traffic["clean_x"]) - len(answered)
     assert delta("clean", "answered") == len(answered) + sum(r["status"] == "OK" for r in triggered["results"])
     assert delta("flagged", "refused") == len(refused) + clean_refused
 

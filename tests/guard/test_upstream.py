@@ -77,8 +77,8 @@ def test_an_upstream_serving_another_model_is_refused(mlserver: MLServer, patche
     """The repaired bundle's thresholds mean nothing in front of the unrepaired model MLServer serves."""
     run = subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(patched[0]), "--host",
                           "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0", "--backend", "upstream",
-                          "--upstream", f"127.0.0.1:{mlserver.grpc_port}", "--upstream-model", "digits"],
-                         capture_output=True, text=True, timeout=60)
+                          "--upstream", f"127.0.0.1:{mlserver.grpc_port}", "--upstream-model", "digits",
+                          "--admin-address", "off"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2, run.stderr
     assert "is not the bundle's model: logits differ" in run.stderr
 
