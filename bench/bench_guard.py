@@ -94,8 +94,9 @@ def drive(call, items: list, concurrency: int, seconds: float) -> dict:
             "p99_ms": float(np.percentile(lat, 99)), "per_s": lat.size / elapsed}
 
 
-def heavier_bundle(src: Path, out: Path) -> Path:
-    """``src`` with its model swapped for a heavier CNN (same input, logits and 64 features)."""
+def heavier_bundle(src: Path, out: Path, width: int = 32) -> Path:
+    """``src`` with its model swapped for a heavier CNN (same input, logits and 64 features); ``width``: the
+    first convolution's channels (32: about 4 M multiply-adds per image; 64: about 15 M)."""
     import torch
     from torch import nn
 
@@ -107,10 +108,10 @@ def heavier_bundle(src: Path, out: Path) -> Path:
         return out
     bundle = GuardBundle.load(src)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(64 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, len(bundle.manifest.class_names)))
-    onnx_path = out.parent / "heavier.onnx"
+    net = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(2 * width * 7 * 7, 64), nn.ReLU(), nn.Linear(64, len(bundle.manifest.class_names)))
+    onnx_path = out.parent / f"heavier-{width}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(ForensicModel(net.eval(), "8"), onnx_path, bundle.pool[:16])
     m = bundle.manifest
