@@ -146,12 +146,38 @@ def runtime_rows(case: Path, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs: dict[str, Any]) -> dict:
+# the matrix's trained models, kept in the repository: model.pt, attack.json and the trigger's files (~100 kB each)
+KEPT = Path(__file__).resolve().parent / "models"
+KEPT_FILES = ("model.pt", "attack.json", "trigger_*", "*.pt")
+
+
+def build_case(case: Path, entry: tuple[str, str, int, int, dict[str, Any]]) -> tuple[dict[str, Any], Any, float]:
+    """The model of a matrix entry in ``case``: from ``bench/models/<name>`` when kept there, else trained (and
+    then kept). The held-out clean split is rebuilt from its seed; ``train.npz`` exists only for a model trained
+    in this run. Returns attack.json's content, the attack's result (None when reused) and the build seconds."""
+    name, attack, target, seed, kwargs = entry
     started = time.perf_counter()
     train, held_out = load_mnist().split(0.3, seed=0)
+    kept = KEPT / name
+    if (kept / "model.pt").is_file() and (kept / "attack.json").is_file():
+        case.mkdir(parents=True, exist_ok=True)
+        for f in kept.iterdir():
+            shutil.copy2(f, case / f.name)
+        held_out.save_npz(case / "clean.npz")
+        return json.loads((case / "attack.json").read_text()), None, time.perf_counter() - started
     result = build_attack(attack, train, held_out, target, seed, **kwargs)
     built = time.perf_counter() - started
     summary = save_case(case, attack, result, train, held_out, "mnist")
+    kept.mkdir(parents=True, exist_ok=True)
+    for pattern in KEPT_FILES:
+        for f in case.glob(pattern):
+            shutil.copy2(f, kept / f.name)
+    return summary, result, built
+
+
+def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs: dict[str, Any]) -> dict:
+    started = time.perf_counter()
+    summary, result, built = build_case(case, (name, attack, target, seed, kwargs))
     backdoored = attack != "none"
     rule, true_target = summary["label_rule"], summary["target"]
     row: dict[str, Any] = {"model": name, "attack": attack, "target": "c+1" if rule == "all-to-all" else true_target,
@@ -176,7 +202,7 @@ def model_row(case: Path, name: str, attack: str, target: int, seed: int, kwargs
                     else round(float(ti[true_target]), 2), "max_index": round(float(ti.max()), 2),
                     "seconds": round(time.perf_counter() - t0, 1)}
 
-    if backdoored and len(result.poison_idx):
+    if backdoored and result is not None and len(result.poison_idx):
         poisoned = np.load(case / "train.npz")
         found = audit(model, poisoned["x"], poisoned["y"])
         row["audit"] = {"flagged_labels": found["flagged_classes"],
@@ -315,6 +341,8 @@ def main() -> None:
     parser.add_argument("--runtime-only", action="store_true",
                         help="keep the kept rows' model and data columns and redo only the patch jobs and their "
                              "run-time figures (after a change to the guard; the scans are reused)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="only train the models that bench/models/ does not keep yet (and keep them)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="models built and scanned at once, one process each with one torch thread "
                              "(default: %(default)s, with torch's own thread count)")
@@ -322,6 +350,14 @@ def main() -> None:
     out = Path(args.out)
     started = time.perf_counter()
     entries = [e for e in MATRIX if not args.only or args.only in e[0]]
+    if args.build_only:
+        for e in entries:
+            if not (KEPT / e[0] / "model.pt").is_file():
+                print(f"training {e[0]}", flush=True)
+                summary = build_case(out / "matrix" / e[0], e)[0]
+                print(f"kept {e[0]}: accuracy {summary['clean_accuracy']:.3f}, "
+                      f"ASR {summary.get('attack_success_rate')}", flush=True)
+        return
     todo = [e for e in entries if args.fresh or not (out / "matrix" / e[0] / "row.json").is_file()]
     print(f"{len(entries)} models, {len(entries) - len(todo)} kept from an earlier run, {len(todo)} to run "
           f"({args.jobs} at once)", flush=True)

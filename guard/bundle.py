@@ -145,7 +145,7 @@ class Guarantee(_Strict):
 
 class VerdictSpec(_Strict):
     frr: float = Field(gt=0, lt=1, description="the share of clean traffic the guard may refuse, in total")
-    rule: Literal["fisher", "min"] = "fisher"
+    rule: Literal["cauchy", "fisher", "min"] = "fisher"
     detectors: list[Literal["strip", "activation", "knn", "mahalanobis"]] = Field(min_length=1)
     classes: list[int] = Field(default_factory=list, description="only inputs the model answers with one of "
                                "these classes can be refused (the suspected targets); empty: every input")

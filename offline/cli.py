@@ -100,7 +100,7 @@ def _restarts_arg(parser: argparse.ArgumentParser) -> None:
 # the guard's detectors and verdict rules (guard.screens, offline.calibrate), named here so that --help
 # does not load onnxruntime
 DETECTORS = ("strip", "knn", "mahalanobis")
-COMBINE_RULES = ("fisher", "min")
+COMBINE_RULES = ("cauchy", "fisher", "min")
 FILTER_USE = ("auto", "always", "off")
 
 

@@ -4,7 +4,8 @@ Every detector is scored on the same clean calibration images. For an input
 ``t`` the guard forms the bag of the n calibration images plus ``t``; within
 the bag each point gets, per detector, the rank p-value of its score (the share
 of the bag at least as suspicious), and the detectors' p-values are combined
-into one statistic (Fisher's rule, -sum log p, or the min-p rule, -min log p).
+into one statistic (:data:`COMBINE_RULES`: Fisher's -sum log p, the min-p rule
+-min log p, or the Cauchy combination of Liu & Xie with p-values clipped at 1/2).
 The input's combined p-value is the share of the bag whose statistic is at
 least as large as its own. The statistic is a symmetric function of the bag, so
 for a clean input (exchangeable with the calibration images) the combined
@@ -25,7 +26,15 @@ import numpy as np
 
 from guard.screens.common import answered_with
 
-COMBINE_RULES = ("fisher", "min")
+# How the detectors' p-values combine into the bag's statistic, each a symmetric function of one point's p-values:
+# - fisher: -sum log p. Every detector counts, so an unremarkable p-value dilutes a strong one: a rank p-value
+#   bottoms out at 1/(n+1), and one detector at its floor adds at most log(n+1) against the others' share.
+# - min: -min log p. One detector is enough; the price is a factor of up to D on each detector's p-value.
+# - cauchy: mean of tan((1/2 - p) pi) over p clipped at 1/2 (Liu & Xie, JASA 2020). Its tail is as heavy
+#   as the smallest p-value's, so one strong detector is enough as under min, several moderate ones add up as
+#   under Fisher, and a p-value above 1/2 (a detector blind to this trigger, or looking at its other tail)
+#   adds nothing instead of pulling the sum back.
+COMBINE_RULES = ("cauchy", "fisher", "min")
 SIDES = ("low", "high")
 _CHUNK = 256
 
@@ -98,8 +107,9 @@ class OneBudget:
         self.n = len(self._c)
         self._sorted = np.sort(self._c, axis=0)
         self_counts = self._at_least(self._c)  # (n, D), each image counts itself
-        self._log_without = np.log(self_counts / (self.n + 1))
-        self._log_with = np.log((self_counts + 1) / (self.n + 1))
+        # each calibration image's per-detector evidence in the bag, without and with the input above it
+        self._e_without = self._evidence(self_counts / (self.n + 1))
+        self._e_with = self._evidence((self_counts + 1) / (self.n + 1))
         self.guarantee = guarantee(self.n, self.rate)
 
     def _orient(self, scores: np.ndarray) -> np.ndarray:
@@ -112,8 +122,14 @@ class OneBudget:
         return np.stack([self.n - np.searchsorted(self._sorted[:, d], oriented[:, d], side="left")
                          for d in range(len(self.names))], axis=1).astype(np.float64)
 
-    def _statistic(self, log_p: np.ndarray) -> np.ndarray:
-        return -log_p.sum(axis=-1) if self.rule == "fisher" else -log_p.min(axis=-1)
+    def _evidence(self, p: np.ndarray) -> np.ndarray:
+        """Each p-value as the rule's evidence against a clean input (larger: more suspicious)."""
+        if self.rule == "cauchy":
+            return np.tan((0.5 - np.minimum(p, 0.5)) * np.pi)
+        return -np.log(p)
+
+    def _statistic(self, evidence: np.ndarray) -> np.ndarray:
+        return evidence.max(axis=-1) if self.rule == "min" else evidence.sum(axis=-1)
 
     def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Judgement:
         """The verdict on raw scores (B, D); ``predicted`` (B,) is needed when the budget is scoped."""
@@ -123,8 +139,8 @@ class OneBudget:
         for lo in range(0, len(s), _CHUNK):
             part = s[lo:lo + _CHUNK]
             # the calibration images' statistics in the bag that holds this input: (b, n)
-            bag = self._statistic(np.where(part[:, None, :] >= self._c[None], self._log_with, self._log_without))
-            own = self._statistic(np.log(p_each[lo:lo + _CHUNK]))
+            bag = self._statistic(np.where(part[:, None, :] >= self._c[None], self._e_with, self._e_without))
+            own = self._statistic(self._evidence(p_each[lo:lo + _CHUNK]))
             combined[lo:lo + _CHUNK] = (1 + (bag >= own[:, None] - 1e-9).sum(axis=1)) / (self.n + 1)
         flagged = combined <= self.rate + 1e-12
         if self.classes:

@@ -66,7 +66,7 @@ def test_thresholds_and_p_values() -> None:
     assert p[0] < 0.001 and 0.4 < p[1] < 0.6 and p[2] > 0.99
 
 
-@pytest.mark.parametrize("rule", ["fisher", "min"])
+@pytest.mark.parametrize("rule", ["cauchy", "fisher", "min"])
 def test_one_budget_refuses_clean_inputs_at_most_at_its_rate(rule: str) -> None:
     """The conformal guarantee: over calibration draws, clean refusals average at most floor(R(n+1))/(n+1),
     whatever the detectors' dependence (here two correlated columns and one independent)."""
@@ -101,6 +101,22 @@ def test_one_budget_refuses_strong_evidence_from_either_detector() -> None:
     alone = np.array([[-6.0, 0.0]])
     assert not fisher.judge(alone).flagged[0]
     assert OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01, "min").judge(alone).flagged[0]
+
+
+def test_cauchy_lets_one_detector_refuse_even_when_another_looks_the_other_way() -> None:
+    """WaNet and all-to-all triggers sit in STRIP's high-entropy tail (its p-value near 1) while k-NN has them
+    beyond every clean image: Fisher's sum is pulled back under the threshold, the Cauchy rule is not; and two
+    moderate signals that min-p alone would pass add up under Cauchy as under Fisher."""
+    cal = np.random.default_rng(1).normal(size=(500, 2))
+    rules = {r: OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01, r) for r in ("cauchy", "fisher", "min")}
+    wanet_like = np.array([[2.5, 6.0]])  # STRIP: far on the clean side; k-NN: beyond every clean image
+    assert not rules["fisher"].judge(wanet_like).flagged[0]
+    assert rules["cauchy"].judge(wanet_like).flagged[0] and rules["min"].judge(wanet_like).flagged[0]
+    both = np.array([[-2.3, 2.3]])  # each about the 1 % tail alone: not enough for min-p's factor of two
+    assert rules["cauchy"].judge(both).flagged[0] and rules["fisher"].judge(both).flagged[0]
+    assert not rules["min"].judge(both).flagged[0]
+    clean = np.random.default_rng(2).normal(size=(20000, 2))
+    assert rules["cauchy"].judge(clean).flagged.mean() <= 0.0125
 
 
 def test_one_budget_refuses_budgets_its_calibration_cannot_express() -> None:
