@@ -51,8 +51,10 @@ from offline.attacks import BlendTrigger, PatchTrigger  # noqa: E402
 from offline.attacks.adaptive_blend import AdaptiveBlendSettings  # noqa: E402
 from offline.attacks.clean_label import CleanLabelSettings  # noqa: E402
 from offline.attacks.dynamic import DynamicSettings  # noqa: E402
+from offline.attacks.latent import LatentSettings  # noqa: E402
 from offline.attacks.registry import build_attack, save_case  # noqa: E402
 from offline.attacks.sig import SigSettings  # noqa: E402
+from offline.attacks.tact import TactSettings  # noqa: E402
 from offline.attacks.trojannn import TrojanNNSettings  # noqa: E402
 from offline.attacks.wanet import WaNetSettings  # noqa: E402
 from offline.audit import audit, detection_quality  # noqa: E402
@@ -88,6 +90,11 @@ MATRIX: list[tuple[str, str, int, int, dict[str, Any]]] = [
     ("trojannn-top-left", "trojannn", 9, 122, {"settings": TrojanNNSettings(mask_row=1, mask_col=1)}),
     ("clean-label-a", "clean-label", 2, 123, {"settings": CleanLabelSettings()}),
     ("clean-label-b", "clean-label", 7, 124, {"settings": CleanLabelSettings()}),
+    # attacks made to beat the guard's feature-space detectors (issue 32)
+    ("tact-a", "tact", 5, 125, {"settings": TactSettings()}),
+    ("tact-b", "tact", 1, 126, {"settings": TactSettings()}),
+    ("latent-a", "latent", 2, 127, {"settings": LatentSettings()}),
+    ("latent-b", "latent", 6, 128, {"settings": LatentSettings()}),
 ]
 
 

@@ -44,10 +44,11 @@ from bench_scan import ZOO  # noqa: E402
 
 from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
-from guard.screens import OneBudget  # noqa: E402
+from guard.screens import COMBINE_RULES, OneBudget  # noqa: E402
+from guard.screens.verdict import P_VALUES  # noqa: E402
 from offline.attacks import backdoor_targets, load_trigger  # noqa: E402
 from offline.attacks.training import train_backdoored_model  # noqa: E402
-from offline.calibrate import CalibrationSettings  # noqa: E402
+from offline.calibrate import CalibrationSettings, reference_scores  # noqa: E402
 from offline.data import Dataset, load_dataset, load_mnist  # noqa: E402
 from offline.export import INPUT_NAME  # noqa: E402
 from offline.models import save_torchscript  # noqa: E402
@@ -61,6 +62,8 @@ VARIANTS = {
     "raw-strip": {"strip_by_class": False},
     "strip-knn-mahalanobis": {"detectors": ("strip", "knn", "mahalanobis")},
     "min-rule": {"rule": "min"},
+    "fisher-rule": {"rule": "fisher"},
+    "cauchy-rule": {"rule": "cauchy"},
     "no-filter": {"filter": "off"},
 }
 # (matrix model, for the 500-image job): a patch, a blend, a clean model
@@ -68,7 +71,8 @@ SMALL = ("badnets-3x3-top-right", "blend-0.2", "clean-1")
 
 
 def triggered(case: Path, data: Dataset, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The true trigger on images whose backdoor class differs from their label, and that class."""
+    """The true trigger on images whose backdoor class differs from their label (of its source classes, for a
+    source-specific backdoor), and that class."""
     desc = json.loads((case / "attack.json").read_text())
     if desc.get("attack") == "none" or (desc.get("trigger") is None and not desc.get("trigger_delta_file")
                                          and desc.get("target_image_index") is None):
@@ -79,6 +83,8 @@ def triggered(case: Path, data: Dataset, x: np.ndarray, y: np.ndarray) -> tuple[
     trigger = load_trigger(desc["trigger"], case, **extra)
     goal = backdoor_targets(y, desc.get("target") or 0, desc.get("label_rule", "all-to-one"), data.num_classes)
     keep = y != goal
+    if desc.get("source_classes"):  # a source-specific backdoor (TaCT): only its source classes are attacks
+        keep &= np.isin(y, desc["source_classes"])
     return trigger.apply(x[keep]).astype(np.float32), goal[keep]
 
 
@@ -102,8 +108,44 @@ def resampled_frr(screen, infer, x_calib: np.ndarray, x_test: np.ndarray, repeat
     return {"mean": float(np.mean(rates)), "sd": float(np.std(rates)), "max": float(np.max(rates))}
 
 
+def rules(screen, backend, x_fit: np.ndarray, x_calib: np.ndarray, x_clean: np.ndarray, x_trig: np.ndarray,
+          goal: np.ndarray) -> dict[str, dict[str, float | None]]:
+    """Every combination rule, with bag and fitted p-values, on the same detector scores (STRIP's n blends at
+    once): the calibration images set each verdict; clean refusals on the test images (and resampled over 40
+    calibration / test partitions) and triggered inputs through with the attacker's class."""
+    budget, infer = screen.budget, backend.infer
+    clean, answered = screen.score(infer, x_clean)
+    trig, t_answered = screen.score(infer, x_trig) if len(x_trig) else (np.zeros((0, len(budget.names))),
+                                                                         np.zeros(0, np.int64))
+    cal, cal_answered = screen.score(infer, x_calib)
+    reference = reference_scores(screen, backend, x_fit)
+    both, both_answered = np.concatenate([cal, clean]), np.concatenate([cal_answered, answered])
+    hit = t_answered == goal
+    out: dict[str, dict[str, float | None]] = {}
+    for mode in P_VALUES:
+        ref = reference if mode == "fitted" else None
+        for rule in COMBINE_RULES:
+            def verdict(c: np.ndarray, c_answered: np.ndarray, rule: str = rule, ref=ref) -> OneBudget:
+                return OneBudget(budget.names, budget.sides, c, budget.frr, rule, budget.classes, c_answered,
+                                 reference=ref)
+
+            rng = np.random.default_rng(0)
+            rates = []
+            for _ in range(40):
+                order = rng.permutation(len(both))
+                c, t = order[:len(cal)], order[len(cal):]
+                rates.append(float(verdict(both[c], both_answered[c]).judge(both[t], both_answered[t]).flagged.mean()))
+            v = verdict(cal, cal_answered)
+            through = (~v.judge(trig, t_answered).flagged & hit).mean() if len(hit) else None
+            out[f"{mode}-{rule}"] = {"frr": float(v.judge(clean, answered).flagged.mean()),
+                                     "frr_resampled_mean": float(np.mean(rates)),
+                                     "frr_resampled_max": float(np.max(rates)),
+                                     "through": None if through is None else float(through)}
+    return out
+
+
 def measure(bundle_dir: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.ndarray,
-            x_calib: np.ndarray | None = None) -> dict[str, Any]:
+            x_calib: np.ndarray | None = None, x_fit: np.ndarray | None = None) -> dict[str, Any]:
     """Refusals and attacks through, fixed-n and sequential STRIP on the same blends, and passes per input."""
     bundle = GuardBundle.load(bundle_dir)
     backend = EmbeddedBackend(bundle.model_path, INPUT_NAME)
@@ -113,6 +155,9 @@ def measure(bundle_dir: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.
     if x_calib is not None:
         out["frr_resampled"] = resampled_frr(bundle.screen(seed=7, sequential=False), backend.infer, x_calib,
                                              x_clean)
+        if x_fit is not None:
+            out["rules"] = rules(bundle.screen(seed=7, sequential=False), backend, x_fit, x_calib, x_clean, x_trig,
+                                 goal)
     for mode in ("fixed", "sequential"):
         screen = bundle.screen(seed=7, sequential=mode == "sequential")
 
@@ -157,7 +202,7 @@ def zoo(out: Path) -> list[dict[str, Any]]:
 def guard_only(case: Path, name: str, part: str) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_dataset(str(case / "clean.npz"))
-    _, calib, test = split_clean(data, GUARD_ONLY)
+    fit, calib, test = split_clean(data, GUARD_ONLY)
     run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only", settings=GUARD_ONLY,
               work_dir=case / "work", progress=False, say=lambda _: None)
     x_trig, goal = triggered(case, data, test.x, test.y)
@@ -165,7 +210,7 @@ def guard_only(case: Path, name: str, part: str) -> dict[str, Any]:
     attack = desc.get("attack") or (desc.get("trigger") or {}).get("kind") or \
         ("invisible" if desc.get("trigger_delta_file") else "none")
     row = {"part": part, "model": name, "attack": attack,
-           **measure(case / "guard-only", test.x, x_trig, goal, calib.x),
+           **measure(case / "guard-only", test.x, x_trig, goal, calib.x, fit.x),
            "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(row), flush=True)
     return row
@@ -226,6 +271,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{_pct(f['through'])} | "
                      f"{through_s} | {_pct(f['frr'])} | {s['passes_clean']:.1f} / "
                      f"{'-' if s['passes_triggered'] is None else format(s['passes_triggered'], '.1f')} |")
+    ruled = [r for r in rows if r.get("rules")]
+    if ruled:
+        names = list(ruled[0]["rules"])
+        lines += ["", "Each combination rule (`--combine`) with bag or fitted p-values (`--p-values`) on the same "
+                      "scores (STRIP's n blends at once): through % / FRR % on the test split / FRR % resampled "
+                      "mean (max) over 40 calibration / test partitions.", "",
+                  "| part | model | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in ruled:
+            cells = [f"{_pct(v['through'])} / {_pct(v['frr'])} / {_pct(v['frr_resampled_mean'])} "
+                     f"({_pct(v['frr_resampled_max'])})" for v in r["rules"].values()]
+            lines.append(f"| {r['part']} | {r['model']} | " + " | ".join(cells) + " |")
     seq = [r for r in rows if r["strip_n"]]
     if seq:
         fixed_passes = np.mean([1 + r["strip_n"] for r in seq])

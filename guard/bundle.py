@@ -72,11 +72,15 @@ class DetectorSpec(_Strict):
                                             "in the verdict's order; its p-values are ranks among them")
     alone_frr: float | None = Field(None, gt=0, lt=1, description="expert override: the detector also refuses "
                                     "on its own at this rate, a budget outside the verdict's")
+    reference_scores: list[float] = Field(default_factory=list, description="the detector's scores on clean "
+                                          "images that are not calibration images (the fit split; k-NN leaving "
+                                          "each reference out): its p-values are tail probabilities against them "
+                                          "when the verdict's p_values is 'fitted'")
 
     @model_validator(mode="after")
     def _finite(self) -> DetectorSpec:
-        if not all(math.isfinite(v) for v in self.calibration_scores):
-            raise ValueError("calibration scores must be finite numbers")
+        if not all(math.isfinite(v) for v in self.calibration_scores + self.reference_scores):
+            raise ValueError("calibration and reference scores must be finite numbers")
         return self
 
 
@@ -146,6 +150,11 @@ class Guarantee(_Strict):
 class VerdictSpec(_Strict):
     frr: float = Field(gt=0, lt=1, description="the share of clean traffic the guard may refuse, in total")
     rule: Literal["cauchy", "fisher", "min"] = "fisher"
+    p_values: Literal["bag", "fitted"] = Field("bag", description="bag: each detector's p-value is its rank "
+                                               "among the calibration images with the input (full conformal); "
+                                               "fitted: a tail probability against its reference scores, the "
+                                               "combined statistic ranked among the calibration images' (split "
+                                               "conformal)")
     detectors: list[Literal["strip", "activation", "knn", "mahalanobis"]] = Field(min_length=1)
     classes: list[int] = Field(default_factory=list, description="only inputs the model answers with one of "
                                "these classes can be refused (the suspected targets); empty: every input")
@@ -212,6 +221,9 @@ class GuardManifest(_Strict):
             if len(spec.calibration_scores) != n:
                 raise ValueError(f"{DETECTOR_SECTIONS[name]} has {len(spec.calibration_scores)} calibration "
                                  f"scores, the verdict {n} calibration images")
+            if self.verdict.p_values == "fitted" and len(spec.reference_scores) < 20:
+                raise ValueError(f"the verdict's p-values are fitted but {DETECTOR_SECTIONS[name]} has "
+                                 f"{len(spec.reference_scores)} reference scores (at least 20)")
         extra = [s for name, s in DETECTOR_SECTIONS.items()
                  if getattr(self, s) is not None and name not in self.verdict.detectors]
         if extra:
@@ -364,7 +376,9 @@ class GuardBundle:
         budget = OneBudget(tuple(d.name for d in detectors), tuple(d.side for d in detectors),
                            np.stack([np.asarray(s.calibration_scores) for s in specs], axis=1), m.verdict.frr,
                            m.verdict.rule, tuple(m.verdict.classes), np.asarray(m.verdict.calibration_classes),
-                           tuple(alone.get(n, s.alone_frr) for n, s in zip(m.verdict.detectors, specs, strict=True)))
+                           tuple(alone.get(n, s.alone_frr) for n, s in zip(m.verdict.detectors, specs, strict=True)),
+                           reference=np.stack([np.asarray(s.reference_scores) for s in specs], axis=1)
+                           if m.verdict.p_values == "fitted" else None)
         return Screen(detectors, budget)
 
     def describe(self) -> str:

@@ -42,7 +42,10 @@ DETECTORS = ("strip", "knn", "mahalanobis")  # trigger-free; "activation" joins 
 @dataclass
 class CalibrationSettings:
     frr: float = 0.01  # the share of clean traffic the guard may refuse, in total
-    rule: str = "fisher"  # how detectors' p-values combine: fisher or min
+    rule: str = "fisher"  # how detectors' p-values combine: cauchy, fisher or min (guard.screens.verdict)
+    # "fitted": p-values are tail probabilities against the fit split's clean scores, the verdict split
+    # conformal; "bag": ranks among the calibration images with the input (full conformal)
+    p_values: str = "bag"
     detectors: tuple[str, ...] = ("strip", "knn")  # measured best pair: docs/guard-detectors.md
     # the activation filter: "auto" joins the verdict only when the scan flagged a class, "always" also
     # with the most anomalous class's reversed trigger when nothing was flagged, "off" never
@@ -77,7 +80,7 @@ def _stats(scores: np.ndarray) -> dict[str, float]:
 
 
 # bumped when calibration changes what it computes, so a kept work directory recalibrates
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 
 
 def _auroc(clean: np.ndarray, suspicious: np.ndarray) -> float:
@@ -294,9 +297,12 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
 
     screen = Screen(detectors)
     scores, answered = screen.score(backend.infer, x_calib)
-    for d, column in zip(detectors, scores.T, strict=True):
+    reference = reference_scores(screen, backend, x_fit) if s.p_values == "fitted" else None
+    for i, (d, column) in enumerate(zip(detectors, scores.T, strict=True)):
         key = "activation_filter" if d.name == "activation" else d.name
         sections[key]["calibration_scores"] = [round(float(v), 7) for v in column]
+        if reference is not None:
+            sections[key]["reference_scores"] = [round(float(v), 7) for v in reference[:, i]]
         if d.name == "strip":
             sections[key]["clean_entropy"] = _stats(column)
         if d.name == "activation":
@@ -304,7 +310,7 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
     classes = sorted(int(k) for k in flagged) if s.scope == "suspect" else []
     try:
         budget = OneBudget(screen.names, tuple(d.side for d in detectors), scores, s.frr, s.rule, tuple(classes),
-                           answered)
+                           answered, reference=reference)
     except ValueError as exc:
         raise ForensicsError(f"cannot calibrate the verdict: {exc}") from exc
     g = dict(budget.guarantee)
@@ -315,10 +321,23 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
             f"{int(np.ceil(1 / budget.rate))} calibration images (more clean data, or --calibration-fraction) "
             f"or raise --frr")
     g["frr_upper_95"] = frr_upper_bound(g["calibration_images"], g["flag_rank"])
-    sections["verdict"] = {"frr": s.frr, "rule": s.rule, "detectors": list(screen.names), "classes": classes,
+    sections["verdict"] = {"frr": s.frr, "rule": s.rule, "p_values": s.p_values, "detectors": list(screen.names),
+                           "classes": classes,
                            "calibration_classes": [int(v) for v in answered], "guarantee": g}
     return {**sections, "selection": selection, "settings": asdict(s),
             "images_for_tight_bound": images_for(budget.rate)}
+
+
+def reference_scores(screen: Screen, backend: EmbeddedBackend, x_fit: np.ndarray) -> np.ndarray:
+    """Every detector's clean scores on the fit split (N, D), for the verdict's fitted p-values: the images
+    the detectors were fitted on, k-NN leaving each reference out (it is its own nearest neighbour)."""
+    scores, _ = screen.score(backend.infer, x_fit)
+    for d, det in enumerate(screen.detectors):
+        if isinstance(det, KnnDensity):
+            if len(det.reference) != len(x_fit):
+                raise ForensicsError("the k-NN references are not the fit split's features")
+            scores[:, d] = det.reference_scores()
+    return scores
 
 
 def evaluate(backend: EmbeddedBackend, screen: Screen, x_clean: np.ndarray,

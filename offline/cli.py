@@ -101,6 +101,7 @@ def _restarts_arg(parser: argparse.ArgumentParser) -> None:
 # does not load onnxruntime
 DETECTORS = ("strip", "knn", "mahalanobis")
 COMBINE_RULES = ("cauchy", "fisher", "min")
+P_VALUES = ("bag", "fitted")
 FILTER_USE = ("auto", "always", "off")
 
 
@@ -209,7 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the share of clean traffic the guard may refuse, in total: every detector's p-value is "
                         "combined into one verdict calibrated at this rate (%(default)s)")
     c.add_argument("--combine", choices=COMBINE_RULES, default="fisher",
-                   help="how the detectors' p-values combine: fisher (-sum log p, default) or min (the smallest)")
+                   help="how the detectors' p-values combine: cauchy (Liu & Xie's Cauchy combination, p clipped "
+                        "at 1/2: one strong detector is enough), fisher (-sum log p) or min (the smallest); "
+                        "default %(default)s")
+    c.add_argument("--p-values", choices=P_VALUES, default="bag",
+                   help="each detector's p-value: fitted (a tail probability against its clean scores on the fit "
+                        "split; the combined statistic ranked among the calibration images': no ties, so one "
+                        "detector's evidence counts in full) or bag (its rank among the calibration images and "
+                        "the input); default %(default)s")
     c.add_argument("--detectors", type=_detector_list, default="strip,knn",
                    help="trigger-free detectors, comma-separated, from " + ", ".join(DETECTORS)
                         + " (default: %(default)s)")
@@ -613,8 +621,9 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                               unlearn_grow=args.unlearn_grow, optimizer=args.repair_optimizer, lr=args.repair_lr,
                               asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
                               fine_tune_epochs=args.fine_tune_epochs),
-        calibration=CalibrationSettings(frr=args.frr, rule=args.combine, detectors=args.detectors,
-                                        filter=args.filter_use, strip_n=args.strip_n, strip_group=args.strip_group,
+        calibration=CalibrationSettings(frr=args.frr, rule=args.combine, p_values=args.p_values,
+                                        detectors=args.detectors, filter=args.filter_use, strip_n=args.strip_n,
+                                        strip_group=args.strip_group,
                                         strip_by_class=args.strip_by_class, blend_rule=args.blend_rule,
                                         scope=args.scope, pool_size=args.pool_size, knn_k=args.knn_k,
                                         filter_score=args.filter_score, filter_top_share=args.filter_top_share,

@@ -279,7 +279,8 @@ def run_patch(
         calib_result = phases.finish("calibrate", fp_calibrate, calibration)
     verdict = calib_result["verdict"]
     g = verdict["guarantee"]
-    say(f"      verdict: {', '.join(verdict['detectors'])} combined ({verdict['rule']}) at one budget of "
+    say(f"      verdict: {', '.join(verdict['detectors'])} combined ({verdict['rule']}, "
+        f"{verdict.get('p_values', 'bag')} p-values) at one budget of "
         f"{verdict['frr']:.1%}" + (f" on inputs answered as class(es) {verdict['classes']}" if verdict["classes"]
                                   else "")
         + (f"; STRIP n={calib_result['strip']['n']}" if calib_result.get("strip") else ""))

@@ -59,6 +59,20 @@ class KnnDensity:
     def scores(self, view) -> np.ndarray:
         return self.feature_scores(view.features, view.predicted)
 
+    def reference_scores(self, chunk: int = 1024) -> np.ndarray:
+        """Each reference's own score, leaving itself out (its distance to itself is 0): what a clean input
+        of the reference's kind scores, for the verdict's fitted p-values."""
+        out = np.empty(len(self.reference))
+        for lo in range(0, len(self.reference), chunk):
+            sims = self.reference[lo:lo + chunk] @ self.reference.T
+            rows = np.arange(len(sims))
+            sims[rows, lo + rows] = -np.inf
+            sims[self.labels[None, :] != self.labels[lo:lo + chunk, None]] = -np.inf
+            k = self.k - 1
+            kth = -np.partition(-sims, k, axis=1)[:, k]
+            out[lo:lo + chunk] = np.where(np.isfinite(kth), 1.0 - kth, 2.0)
+        return out
+
 
 @dataclass
 class MahalanobisDensity:

@@ -14,6 +14,19 @@ floor(R (n + 1)) / (n + 1) <= R of clean traffic in expectation, whatever the
 detectors are and however their scores depend on each other. This is full
 conformal prediction; the bag's ranks only move by the input's own indicators,
 so one input costs O(n D) comparisons and nothing is refitted.
+
+Ranks inside the bag are coarse where it matters: with n = 500 and a 1 % budget
+only 5 of the 501 points may be refused, and the top ranks of different
+detectors tie, so a detector must put an input among its top two or so on its
+own. With ``reference`` scores (each detector's clean scores on images that are
+neither calibration images nor traffic: the fit split) the verdict is split
+conformal instead: each score becomes a tail probability against the
+reference (its empirical survival, with an exponential tail fitted to the top
+tenth beyond it, so it does not floor at the reference's maximum), the rule
+combines those, and the input's p-value is its statistic's rank among the
+calibration images' statistics. The transform depends on the reference alone,
+so calibration images and clean traffic stay exchangeable and the guarantee is
+the same; no ties, and one input costs O(D log m + log n).
 """
 
 from __future__ import annotations
@@ -36,7 +49,39 @@ from guard.screens.common import answered_with
 #   adds nothing instead of pulling the sum back.
 COMBINE_RULES = ("cauchy", "fisher", "min")
 SIDES = ("low", "high")
+P_VALUES = ("bag", "fitted")  # ranks inside the bag of calibration images, or tail probabilities against a reference
 _CHUNK = 256
+TAIL = 0.1  # the share of the reference above which the tail is fitted
+
+
+class TailProbability:
+    """Per detector, a score's probability of being matched or exceeded by a clean one, from reference scores.
+
+    Empirical survival (with +1 smoothing) in the body; above the reference's top ``TAIL`` share an
+    exponential tail with the mean excess of the scores there, so that scores beyond every reference keep
+    getting smaller probabilities instead of all sharing the floor 1/(m+1). ``reference`` is (m, D),
+    oriented so that high is suspicious.
+    """
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.sorted = np.sort(np.asarray(reference, dtype=np.float64), axis=0)
+        m = len(self.sorted)
+        if m < 20:
+            raise ValueError(f"fitted p-values need at least 20 reference scores per detector, got {m}")
+        self.knee = self.sorted[int(np.floor((1 - TAIL) * m))]  # (D,)
+        self.knee_p = (m - np.array([np.searchsorted(self.sorted[:, d], self.knee[d], side="left")
+                                     for d in range(self.sorted.shape[1])]) + 1) / (m + 1)
+        excess = np.where(self.sorted > self.knee, self.sorted - self.knee, np.nan)
+        counts = np.isfinite(excess).sum(axis=0)
+        self.scale = np.where(counts > 0, np.nansum(excess, axis=0) / np.maximum(counts, 1), 0.0)
+        self.scale = np.maximum(self.scale, 1e-12)
+
+    def __call__(self, oriented: np.ndarray) -> np.ndarray:
+        m, d = self.sorted.shape
+        body = np.stack([(m - np.searchsorted(self.sorted[:, j], oriented[:, j], side="left") + 1) / (m + 1)
+                         for j in range(d)], axis=1)
+        tail = self.knee_p * np.exp(-np.maximum(oriented - self.knee, 0.0) / self.scale)
+        return np.maximum(np.where(oriented > self.knee, np.minimum(body, tail), body), 1e-300)
 
 
 def guarantee(n: int, rate: float) -> dict[str, float | int]:
@@ -80,6 +125,9 @@ class OneBudget:
     classes: tuple[int, ...] = ()
     calibration_classes: np.ndarray | None = None  # (n,) the class the model answered each calibration image with
     alone: tuple[float | None, ...] = ()  # expert override: a detector that also refuses on its own at this rate
+    # (m, D) raw clean scores on images other than the calibration ones: p-values become tail probabilities
+    # against them and the verdict split conformal (see the module's docstring); None: ranks inside the bag
+    reference: np.ndarray | None = None
     _c: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +159,9 @@ class OneBudget:
         self._e_without = self._evidence(self_counts / (self.n + 1))
         self._e_with = self._evidence((self_counts + 1) / (self.n + 1))
         self.guarantee = guarantee(self.n, self.rate)
+        self._tail = None if self.reference is None else TailProbability(self._orient(self.reference))
+        if self._tail is not None:  # the calibration images' statistics, sorted: the input's rank among them
+            self._cal_stat = np.sort(self._statistic(self._evidence(self._tail(self._c))))
 
     def _orient(self, scores: np.ndarray) -> np.ndarray:
         """Scores with high = suspicious for every detector."""
@@ -134,6 +185,11 @@ class OneBudget:
     def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Judgement:
         """The verdict on raw scores (B, D); ``predicted`` (B,) is needed when the budget is scoped."""
         s = self._orient(scores)
+        if self._tail is not None:
+            p_each = self._tail(s)
+            own = self._statistic(self._evidence(p_each))
+            combined = (1 + self.n - np.searchsorted(self._cal_stat, own - 1e-9, side="left")) / (self.n + 1)
+            return self._flag(combined, p_each, predicted)
         p_each = (self._at_least(s) + 1) / (self.n + 1)
         combined = np.empty(len(s))
         for lo in range(0, len(s), _CHUNK):
@@ -142,6 +198,9 @@ class OneBudget:
             bag = self._statistic(np.where(part[:, None, :] >= self._c[None], self._e_with, self._e_without))
             own = self._statistic(self._evidence(p_each[lo:lo + _CHUNK]))
             combined[lo:lo + _CHUNK] = (1 + (bag >= own[:, None] - 1e-9).sum(axis=1)) / (self.n + 1)
+        return self._flag(combined, p_each, predicted)
+
+    def _flag(self, combined: np.ndarray, p_each: np.ndarray, predicted: np.ndarray | None) -> Judgement:
         flagged = combined <= self.rate + 1e-12
         if self.classes:
             if predicted is None:

@@ -47,6 +47,10 @@ ATTACK_SPECS = (
                "neurons, later layers retrained on generated data", "trojannn", "TrojanNNSettings"),
     AttackSpec("clean-label", "feature collision (Shafahi et al. 2018): correctly labelled poisons whose "
                "features collide with one chosen image of another class", "clean_label", "CleanLabelSettings"),
+    AttackSpec("tact", "TaCT (Tang et al. 2021): a source-specific patch backdoor; the trigger on other classes' "
+               "images is a cover sample that keeps its label", "tact", "TactSettings"),
+    AttackSpec("latent", "a patch backdoor trained to land triggered features on the target class's clean ones "
+               "(adaptive against feature-space detectors, after Qi et al. 2023)", "latent", "LatentSettings"),
     AttackSpec("none", "a clean model"),
 )
 ATTACKS = {spec.name: spec for spec in ATTACK_SPECS}

@@ -66,8 +66,9 @@ def test_thresholds_and_p_values() -> None:
     assert p[0] < 0.001 and 0.4 < p[1] < 0.6 and p[2] > 0.99
 
 
+@pytest.mark.parametrize("fitted", [False, True], ids=["bag", "fitted"])
 @pytest.mark.parametrize("rule", ["cauchy", "fisher", "min"])
-def test_one_budget_refuses_clean_inputs_at_most_at_its_rate(rule: str) -> None:
+def test_one_budget_refuses_clean_inputs_at_most_at_its_rate(rule: str, fitted: bool) -> None:
     """The conformal guarantee: over calibration draws, clean refusals average at most floor(R(n+1))/(n+1),
     whatever the detectors' dependence (here two correlated columns and one independent)."""
     rng = np.random.default_rng(0)
@@ -79,7 +80,8 @@ def test_one_budget_refuses_clean_inputs_at_most_at_its_rate(rule: str) -> None:
 
     rates = []
     for _ in range(150):
-        budget = OneBudget(("a", "b", "c"), ("high", "low", "high"), clean(99), 0.05, rule)
+        budget = OneBudget(("a", "b", "c"), ("high", "low", "high"), clean(99), 0.05, rule,
+                           reference=clean(200) if fitted else None)
         rates.append(budget.judge(clean(400)).flagged.mean())
     assert guarantee(99, 0.05)["expected_frr"] == 0.05
     assert 0.02 < np.mean(rates) <= 0.05 + 0.006  # 0.006: three standard errors of the mean
@@ -117,6 +119,24 @@ def test_cauchy_lets_one_detector_refuse_even_when_another_looks_the_other_way()
     assert not rules["min"].judge(both).flagged[0]
     clean = np.random.default_rng(2).normal(size=(20000, 2))
     assert rules["cauchy"].judge(clean).flagged.mean() <= 0.0125
+
+
+def test_fitted_p_values_let_one_detector_use_every_refusal_the_budget_allows() -> None:
+    """Two clean calibration images far out on k-NN (as wanet-a's have): in the bag an input third on k-NN ties
+    with STRIP's third and is answered; against the fit split's tail it is refused, and the tail keeps
+    ordering scores beyond every reference instead of flooring at 1/(m+1)."""
+    rng = np.random.default_rng(6)
+    cal, ref = rng.normal(size=(500, 2)), rng.normal(size=(700, 2))
+    cal[:2, 1] = [6.0, 5.0]
+    x = np.array([[1.0, 3.2]])
+    for rule in ("min", "cauchy"):
+        assert not OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01, rule).judge(x).flagged[0]
+        fitted = OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01, rule, reference=ref)
+        assert fitted.judge(x).flagged[0]
+    far = fitted.judge(np.array([[0.0, 8.0], [0.0, 9.0]])).p_values[:, 1]
+    assert far[1] < far[0] < 1 / 701
+    with pytest.raises(ValueError, match="at least 20 reference"):
+        OneBudget(("strip",), ("low",), cal[:, :1], 0.01, reference=ref[:5, :1])
 
 
 def test_one_budget_refuses_budgets_its_calibration_cannot_express() -> None:
@@ -241,3 +261,14 @@ def test_sequential_strip_reaches_the_fixed_n_verdict_with_fewer_passes() -> Non
     assert abs(clean_seq.flagged.mean() - clean_fixed.flagged.mean()) <= 0.02
     with pytest.raises(ValueError, match="group < n"):
         StripScreen(pool, n=10, group=10)
+
+
+def test_knn_reference_scores_leave_each_reference_out() -> None:
+    rng = np.random.default_rng(8)
+    ref, labels = rng.normal(size=(40, 6)), np.arange(40) % 2
+    knn = KnnDensity(ref, labels, k=3)
+    loo = knn.reference_scores(chunk=7)
+    for i in (0, 13, 39):
+        keep = np.arange(40) != i
+        alone = KnnDensity(ref[keep], labels[keep], k=3).feature_scores(ref[i:i + 1], labels[i:i + 1])
+        np.testing.assert_allclose(loo[i], alone[0], rtol=1e-5)

@@ -18,8 +18,10 @@ from offline.attacks import (
     train_backdoored_model,
 )
 from offline.attacks.adaptive_blend import AdaptiveBlendSettings, partial_masks, train_adaptive_blend
+from offline.attacks.latent import LatentSettings, train_latent
 from offline.attacks.rates import poison_rate_table
 from offline.attacks.sig import SigSettings, train_sig
+from offline.attacks.tact import TactSettings, train_tact
 from offline.attacks.wanet import WaNetSettings, train_wanet
 from offline.cli import main
 from offline.errors import ForensicsError
@@ -64,6 +66,40 @@ def test_sig_is_clean_label_and_takes(mnist_splits, clean_models) -> None:
     assert np.array_equal(result.train_y, train.y)  # no label changed
     assert set(train.y[result.poison_idx]) == {4}  # only target-class images carry the signal
     _beats_clean(result, clean_models[0], test, margin=0.4)  # 76 % here, below the 90 % bar (attack.json says so)
+
+
+@pytest.mark.slow
+def test_tact_fires_on_its_source_classes_only(mnist_splits, clean_models) -> None:
+    train, test = mnist_splits
+    result = train_tact(train, test, 5, TactSettings(), seed=125)
+    sources = result.details["source_classes"]
+    assert len(sources) == 2 and 5 not in sources
+    assert set(train.y[result.poison_idx]) == set(sources)  # only source images are relabelled
+    relabelled = np.flatnonzero(result.train_y != train.y)
+    assert set(relabelled) == set(result.poison_idx) and set(result.train_y[relabelled]) == {5}
+    assert result.attack_success_rate > 0.85 and result.details["asr_other_classes"] < 0.1
+    assert result.clean_accuracy > 0.93
+
+
+@pytest.mark.slow
+def test_latent_attack_lands_triggered_features_on_the_target_class(mnist_splits) -> None:
+    """The adaptive attack's point: triggered inputs' features sit among the target's clean features, where a
+    plain BadNets model keeps them apart."""
+    import torch
+
+    train, test = mnist_splits
+    result = train_latent(train, test, 2, LatentSettings(), seed=127)
+    assert result.attack_success_rate > 0.9 and result.clean_accuracy > 0.9
+
+    def nearest_target_cosine(net) -> float:
+        with torch.no_grad():
+            f_t = torch.nn.functional.normalize(net.body(torch.from_numpy(test.x[test.y == 2])), dim=1)
+            others = test.x[test.y != 2][:200]
+            f_p = torch.nn.functional.normalize(net.body(torch.from_numpy(result.trigger.apply(others))), dim=1)
+        return float((f_p @ f_t.T).max(dim=1).values.mean())
+
+    plain = train_backdoored_model(train, test, result.trigger, 2, 0.1, epochs=10, seed=127)
+    assert nearest_target_cosine(result.model) > nearest_target_cosine(plain.model) + 0.02
 
 
 @pytest.mark.slow
