@@ -84,6 +84,10 @@ def model_rows(case: Path, name: str) -> dict[str, Any]:
     with torch.no_grad():
         pred = {k: model(torch.from_numpy(v)).argmax(1).numpy() for k, v in parts.items()}
     feats = {k: layer_outputs(model, v, layers) for k, v in parts.items()}
+    for k, v in parts.items():  # the input itself, as a layer
+        f = v.reshape(len(v), -1).astype(np.float32)
+        feats[k]["input"] = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    layers = ["input", *layers]
     hit = pred["trig"] == goal
     scores: dict[str, dict[str, np.ndarray]] = {}
     for layer in layers:

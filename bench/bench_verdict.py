@@ -45,7 +45,7 @@ from bench_scan import ZOO  # noqa: E402
 from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
 from guard.screens import COMBINE_RULES, OneBudget  # noqa: E402
-from guard.screens.verdict import P_VALUES  # noqa: E402
+from guard.screens.verdict import FITTED_ONLY, P_VALUES  # noqa: E402
 from offline.attacks import backdoor_targets, load_trigger  # noqa: E402
 from offline.attacks.training import train_backdoored_model  # noqa: E402
 from offline.calibrate import CalibrationSettings, reference_scores  # noqa: E402
@@ -125,6 +125,9 @@ def rules(screen, backend, x_fit: np.ndarray, x_calib: np.ndarray, x_clean: np.n
     for mode in P_VALUES:
         ref = reference if mode == "fitted" else None
         for rule in COMBINE_RULES:
+            if ref is None and rule in FITTED_ONLY:
+                continue
+
             def verdict(c: np.ndarray, c_answered: np.ndarray, rule: str = rule, ref=ref) -> OneBudget:
                 return OneBudget(budget.names, budget.sides, c, budget.frr, rule, budget.classes, c_answered,
                                  reference=ref)

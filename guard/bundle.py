@@ -149,7 +149,7 @@ class Guarantee(_Strict):
 
 class VerdictSpec(_Strict):
     frr: float = Field(gt=0, lt=1, description="the share of clean traffic the guard may refuse, in total")
-    rule: Literal["cauchy", "fisher", "min"] = "fisher"
+    rule: Literal["cauchy", "fisher", "fisher-cauchy", "min"] = "fisher"
     p_values: Literal["bag", "fitted"] = Field("bag", description="bag: each detector's p-value is its rank "
                                                "among the calibration images with the input (full conformal); "
                                                "fitted: a tail probability against its reference scores, the "

@@ -42,10 +42,12 @@ DETECTORS = ("strip", "knn", "mahalanobis")  # trigger-free; "activation" joins 
 @dataclass
 class CalibrationSettings:
     frr: float = 0.01  # the share of clean traffic the guard may refuse, in total
-    rule: str = "fisher"  # how detectors' p-values combine: cauchy, fisher or min (guard.screens.verdict)
+    # how detectors' p-values combine: cauchy, fisher or min (guard.screens.verdict); measured in
+    # docs/guard-detectors.md
+    rule: str = "fisher-cauchy"
     # "fitted": p-values are tail probabilities against the fit split's clean scores, the verdict split
     # conformal; "bag": ranks among the calibration images with the input (full conformal)
-    p_values: str = "bag"
+    p_values: str = "fitted"
     detectors: tuple[str, ...] = ("strip", "knn")  # measured best pair: docs/guard-detectors.md
     # the activation filter: "auto" joins the verdict only when the scan flagged a class, "always" also
     # with the most anomalous class's reversed trigger when nothing was flagged, "off" never

@@ -100,7 +100,7 @@ def _restarts_arg(parser: argparse.ArgumentParser) -> None:
 # the guard's detectors and verdict rules (guard.screens, offline.calibrate), named here so that --help
 # does not load onnxruntime
 DETECTORS = ("strip", "knn", "mahalanobis")
-COMBINE_RULES = ("cauchy", "fisher", "min")
+COMBINE_RULES = ("cauchy", "fisher", "fisher-cauchy", "min")
 P_VALUES = ("bag", "fitted")
 FILTER_USE = ("auto", "always", "off")
 
@@ -209,11 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--frr", type=_fraction, default=0.01,
                    help="the share of clean traffic the guard may refuse, in total: every detector's p-value is "
                         "combined into one verdict calibrated at this rate (%(default)s)")
-    c.add_argument("--combine", choices=COMBINE_RULES, default="fisher",
-                   help="how the detectors' p-values combine: cauchy (Liu & Xie's Cauchy combination, p clipped "
-                        "at 1/2: one strong detector is enough), fisher (-sum log p) or min (the smallest); "
-                        "default %(default)s")
-    c.add_argument("--p-values", choices=P_VALUES, default="bag",
+    c.add_argument("--combine", choices=COMBINE_RULES, default="fisher-cauchy",
+                   help="how the detectors' p-values combine: fisher (-sum log p: detectors that agree a little "
+                        "add up), cauchy (Liu & Xie's Cauchy combination, p clipped at 1/2: one strong detector "
+                        "is enough), fisher-cauchy (the more significant of the two; needs --p-values fitted) or "
+                        "min (the smallest); default %(default)s")
+    c.add_argument("--p-values", choices=P_VALUES, default="fitted",
                    help="each detector's p-value: fitted (a tail probability against its clean scores on the fit "
                         "split; the combined statistic ranked among the calibration images': no ties, so one "
                         "detector's evidence counts in full) or bag (its rank among the calibration images and "
@@ -694,6 +695,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = _cmd_train(args)
             print(json.dumps(summary, indent=2))
             print(f"model: {Path(args.out) / 'model.pt'}, clean held-out data: {Path(args.out) / 'clean.npz'}")
+            if summary.get("missed"):
+                print(f"warning: the {args.attack} attack on target {args.target} fell short of its bar: "
+                      f"{'; '.join(summary['missed'])}. Whether it takes depends on the target and seed "
+                      f"(docs/coverage-matrix.md lists what the matrix's models reached); a stronger trigger "
+                      f"(its --{args.attack}-* flags) or more epochs usually helps", file=sys.stderr)
         elif args.command == "patch":
             _cmd_patch(args)
         elif args.command == "report":

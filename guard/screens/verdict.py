@@ -47,7 +47,12 @@ from guard.screens.common import answered_with
 #   as the smallest p-value's, so one strong detector is enough as under min, several moderate ones add up as
 #   under Fisher, and a p-value above 1/2 (a detector blind to this trigger, or looking at its other tail)
 #   adds nothing instead of pulling the sum back.
-COMBINE_RULES = ("cauchy", "fisher", "min")
+# - fisher-cauchy (fitted p-values only): the more significant of the two, each statistic first turned into a
+#   tail probability among the reference images' own statistics. Fisher wins where several detectors agree a
+#   little (adaptive-blend, invisible triggers), Cauchy where one is sure and another looks the other way
+#   (WaNet, all-to-all); this pays at most a factor of two for not knowing which.
+COMBINE_RULES = ("cauchy", "fisher", "fisher-cauchy", "min")
+FITTED_ONLY = ("fisher-cauchy",)
 SIDES = ("low", "high")
 P_VALUES = ("bag", "fitted")  # ranks inside the bag of calibration images, or tail probabilities against a reference
 _CHUNK = 256
@@ -160,8 +165,13 @@ class OneBudget:
         self._e_with = self._evidence((self_counts + 1) / (self.n + 1))
         self.guarantee = guarantee(self.n, self.rate)
         self._tail = None if self.reference is None else TailProbability(self._orient(self.reference))
-        if self._tail is not None:  # the calibration images' statistics, sorted: the input's rank among them
-            self._cal_stat = np.sort(self._statistic(self._evidence(self._tail(self._c))))
+        if self._tail is None and self.rule in FITTED_ONLY:
+            raise ValueError(f"the {self.rule} rule needs fitted p-values (reference scores)")
+        if self._tail is not None:
+            if self.rule in FITTED_ONLY:  # each rule's statistic as a tail probability among the reference's
+                self._rule_tail = TailProbability(self._rules(self._tail(self._orient(self.reference))))
+            # the calibration images' statistics, sorted: the input's rank among them
+            self._cal_stat = np.sort(self._fitted_statistic(self._tail(self._c)))
 
     def _orient(self, scores: np.ndarray) -> np.ndarray:
         """Scores with high = suspicious for every detector."""
@@ -182,12 +192,23 @@ class OneBudget:
     def _statistic(self, evidence: np.ndarray) -> np.ndarray:
         return evidence.max(axis=-1) if self.rule == "min" else evidence.sum(axis=-1)
 
+    @staticmethod
+    def _rules(p: np.ndarray) -> np.ndarray:
+        """Fisher's and Cauchy's statistics of each row of p-values: (B, 2)."""
+        return np.stack([-np.log(p).sum(axis=-1), np.tan((0.5 - np.minimum(p, 0.5)) * np.pi).sum(axis=-1)],
+                        axis=-1)
+
+    def _fitted_statistic(self, p: np.ndarray) -> np.ndarray:
+        if self.rule in FITTED_ONLY:
+            return -np.log(self._rule_tail(self._rules(p)).min(axis=-1))
+        return self._statistic(self._evidence(p))
+
     def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Judgement:
         """The verdict on raw scores (B, D); ``predicted`` (B,) is needed when the budget is scoped."""
         s = self._orient(scores)
         if self._tail is not None:
             p_each = self._tail(s)
-            own = self._statistic(self._evidence(p_each))
+            own = self._fitted_statistic(p_each)
             combined = (1 + self.n - np.searchsorted(self._cal_stat, own - 1e-9, side="left")) / (self.n + 1)
             return self._flag(combined, p_each, predicted)
         p_each = (self._at_least(s) + 1) / (self.n + 1)

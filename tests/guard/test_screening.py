@@ -66,8 +66,8 @@ def test_thresholds_and_p_values() -> None:
     assert p[0] < 0.001 and 0.4 < p[1] < 0.6 and p[2] > 0.99
 
 
-@pytest.mark.parametrize("fitted", [False, True], ids=["bag", "fitted"])
-@pytest.mark.parametrize("rule", ["cauchy", "fisher", "min"])
+@pytest.mark.parametrize("rule, fitted", [(r, f) for r in ("cauchy", "fisher", "min") for f in (False, True)]
+                         + [("fisher-cauchy", True)])
 def test_one_budget_refuses_clean_inputs_at_most_at_its_rate(rule: str, fitted: bool) -> None:
     """The conformal guarantee: over calibration draws, clean refusals average at most floor(R(n+1))/(n+1),
     whatever the detectors' dependence (here two correlated columns and one independent)."""
@@ -119,6 +119,22 @@ def test_cauchy_lets_one_detector_refuse_even_when_another_looks_the_other_way()
     assert not rules["min"].judge(both).flagged[0]
     clean = np.random.default_rng(2).normal(size=(20000, 2))
     assert rules["cauchy"].judge(clean).flagged.mean() <= 0.0125
+
+
+def test_fisher_cauchy_refuses_what_either_rule_refuses() -> None:
+    """The default: one sure detector against a contrary one (WaNet) as Cauchy, three detectors that each agree
+    a little (an invisible trigger) as Fisher; and only with fitted p-values."""
+    rng = np.random.default_rng(9)
+    names, sides = ("strip", "knn", "activation"), ("low", "high", "high")
+    cal, ref = rng.normal(size=(500, 3)), rng.normal(size=(800, 3))
+    rules = {r: OneBudget(names, sides, cal, 0.01, r, reference=ref) for r in ("cauchy", "fisher", "fisher-cauchy")}
+    one_sure = np.array([[2.5, 3.0, -2.0]])
+    all_a_little = np.array([[-1.8, 1.8, 1.8]])
+    assert rules["cauchy"].judge(one_sure).flagged[0] and not rules["fisher"].judge(one_sure).flagged[0]
+    assert rules["fisher"].judge(all_a_little).flagged[0] and not rules["cauchy"].judge(all_a_little).flagged[0]
+    assert rules["fisher-cauchy"].judge(np.r_[one_sure, all_a_little]).flagged.all()
+    with pytest.raises(ValueError, match="needs fitted p-values"):
+        OneBudget(names, sides, cal, 0.01, "fisher-cauchy")
 
 
 def test_fitted_p_values_let_one_detector_use_every_refusal_the_budget_allows() -> None:

@@ -203,3 +203,52 @@ def test_metrics_expose_thresholds_build_info_latency_and_batches(guard_server: 
     # no label per request: every label value comes from a small fixed set
     for (name, labels), _ in m.items():
         assert "id" not in dict(labels) and "request_id" not in dict(labels), name
+
+
+def test_tritonclient_against_a_wanet_model_the_scan_misses(mnist_splits, tmp_path: Path) -> None:
+    """The case a run-time guard exists for: a WaNet backdoor (a smooth warp, no patch) that Neural Cleanse does
+    not flag, so nothing is repaired and no activation filter joins. The guard-only bundle's trigger-free
+    detectors and one verdict must refuse its triggered requests and answer clean ones within the budget."""
+    from offline.attacks.training import backdoor_targets
+    from offline.attacks.wanet import WaNetSettings, train_wanet
+    from offline.models import save_torchscript
+    from offline.neural_cleanse import NeuralCleanseConfig
+    from offline.patch import PatchSettings, run_patch, split_clean
+    from offline.repair import RepairSettings
+
+    train, held_out = mnist_splits
+    wanet = train_wanet(train, held_out, 0, WaNetSettings(), seed=111)  # the coverage matrix's wanet-a
+    save_torchscript(wanet.model, tmp_path / "model.pt")
+    held_out.save_npz(tmp_path / "clean.npz")
+    # a short scan: it misses WaNet either way, and the guard's verdict does not depend on it here
+    settings = PatchSettings(scan=NeuralCleanseConfig(max_steps=20, samples_per_step=256), recover_restarts=1,
+                             repair=RepairSettings(method="none"))
+    run_patch(tmp_path / "model.pt", str(tmp_path / "clean.npz"), tmp_path / "bundle", settings=settings,
+              work_dir=tmp_path / "work", progress=False, say=lambda _: None)
+    manifest = GuardBundle.load(tmp_path / "bundle").manifest
+    assert manifest.activation_filter is None and manifest.verdict.detectors == ["strip", "knn"]
+
+    _, _, test = split_clean(held_out, settings)  # images the job never saw
+    clean_x = test.x[:80]
+    others = test.y != 0
+    trig_x = wanet.trigger.apply(test.x[others][:60]).astype(np.float32)
+    goal = backdoor_targets(test.y[others][:60], 0)
+    server = GuardProcess(tmp_path / "bundle", tmp_path)
+    try:
+        def send(images: np.ndarray) -> list[dict]:
+            np.save(tmp_path / "images.npy", images)
+            run = subprocess.run([sys.executable, str(HERE / "triton_client.py"), server.target, "model",
+                                  str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            return json.loads(run.stdout)["results"]
+
+        clean = send(clean_x)
+        # a 1 % budget: 0.8 of 80 expected; 3 is above its 95 % bound
+        assert sum(r["status"] != "OK" for r in clean) <= 3, clean
+        triggered = send(trig_x)
+        through = [r for r, g in zip(triggered, goal, strict=True) if r["status"] == "OK" and r["class"] == g]
+        refused = [r for r in triggered if r["status"] == "StatusCode.PERMISSION_DENIED"]
+        # the unguarded model obeys the warp on ~94 % of these; the guard lets at most a sixth of that through
+        assert len(through) <= 10 and len(refused) >= 45, triggered
+    finally:
+        server.stop()
