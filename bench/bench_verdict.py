@@ -61,9 +61,8 @@ VARIANTS = {
     "default": {},
     "raw-strip": {"strip_by_class": False},
     "strip-knn-mahalanobis": {"detectors": ("strip", "knn", "mahalanobis")},
-    "min-rule": {"rule": "min"},
-    "fisher-rule": {"rule": "fisher"},
-    "cauchy-rule": {"rule": "cauchy"},
+    # the verdict before issue 32 (every rule on the same scores is in each row's "rules" anyway)
+    "bag-fisher": {"rule": "fisher", "p_values": "bag"},
     "no-filter": {"filter": "off"},
 }
 # (matrix model, for the 500-image job): a patch, a blend, a clean model
@@ -301,7 +300,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="zoo,matrix,small", help="comma-separated: zoo, matrix, small")
-    parser.add_argument("--only", default=None, help="only models whose name contains this")
+    parser.add_argument("--only", default=None, help="only models whose name contains one of these (comma-separated)")
     parser.add_argument("--out", default="bench-out", help="where bench_matrix.py wrote matrix/ (%(default)s)")
     parser.add_argument("--variant", choices=tuple(VARIANTS), default="default",
                         help="calibration settings to measure (default: the patch job's own)")
@@ -316,12 +315,12 @@ def main() -> None:
         rows += zoo(out)
     if "matrix" in parts:
         for case in sorted((out / "matrix").glob("*/model.pt")):
-            if not args.only or args.only in case.parent.name:
+            if not args.only or any(w in case.parent.name for w in args.only.split(",")):
                 rows.append(guard_only(case.parent, case.parent.name, "matrix"))
     if "small" in parts:
         rows += small(out)
     if args.only:
-        rows = [r for r in rows if args.only in r["model"]]
+        rows = [r for r in rows if any(w in r["model"] for w in args.only.split(","))]
     name = "verdict" if args.variant == "default" else f"verdict-{args.variant}"
     if (out / f"{name}.json").exists() and not args.only:  # keep the rows of the parts not rerun
         kept = [r for r in json.loads((out / f"{name}.json").read_text()) if r["part"] not in parts]
