@@ -161,6 +161,12 @@ class VerdictSpec(_Strict):
     calibration_classes: list[int] = Field(description="the class the model answered each calibration image with")
     guarantee: Guarantee
 
+    @model_validator(mode="after")
+    def _rule_fits_p_values(self) -> VerdictSpec:
+        if self.rule == "fisher-cauchy" and self.p_values != "fitted":
+            raise ValueError(f"the {self.rule} rule needs fitted p-values (p_values is {self.p_values!r})")
+        return self
+
 
 def filter_kind(neurons: list[int], weights: list[float]) -> str:
     """What an activation filter scores, in words: a discriminant over the layer, or a mean of neurons."""
