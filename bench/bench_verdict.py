@@ -102,7 +102,7 @@ def resampled_frr(screen, infer, x_calib: np.ndarray, x_test: np.ndarray, repeat
         order = rng.permutation(len(scores))
         c, t = order[:len(x_calib)], order[len(x_calib):]
         again = OneBudget(budget.names, budget.sides, scores[c], budget.frr, budget.rule, budget.classes,
-                          answered[c])
+                          answered[c], reference=budget.reference)
         rates.append(float(again.judge(scores[t], answered[t]).flagged.mean()))
     return {"mean": float(np.mean(rates)), "sd": float(np.std(rates)), "max": float(np.max(rates))}
 
