@@ -402,7 +402,8 @@ class GuardBundle:
             f"scan        {m.scan.method}: flagged {m.scan.flagged_classes or 'none'} "
             f"(max anomaly index {max(m.scan.anomaly_index):.2f} on the {m.scan.anomaly_scale} scale, "
             f"threshold {m.scan.threshold:g})",
-            f"verdict     {', '.join(v.detectors)} combined by {v.rule}'s rule at one budget of {v.frr:.1%} "
+            f"verdict     {', '.join(v.detectors)} combined by the {v.rule} rule ({v.p_values} p-values) at one "
+            f"budget of {v.frr:.1%} "
             f"clean refusals; {g.calibration_images} calibration images guarantee {g.expected_frr:.2%} "
             f"(95 % bound {g.frr_upper_95:.2%})"
             + (f"; refuses only inputs answered as {[m.class_names[k] for k in v.classes]}" if v.classes else ""),

@@ -42,7 +42,7 @@ DETECTORS = ("strip", "knn", "mahalanobis")  # trigger-free; "activation" joins 
 @dataclass
 class CalibrationSettings:
     frr: float = 0.01  # the share of clean traffic the guard may refuse, in total
-    # how detectors' p-values combine: cauchy, fisher or min (guard.screens.verdict); measured in
+    # how detectors' p-values combine: fisher-cauchy, cauchy, fisher or min (guard.screens.verdict); measured in
     # docs/guard-detectors.md
     rule: str = "fisher-cauchy"
     # "fitted": p-values are tail probabilities against the fit split's clean scores, the verdict split
