@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_matrix import KEPT, MATRIX, build_case  # noqa: E402
 from bench_verdict import triggered  # noqa: E402
 
+from guard.screens import KnnDensity  # noqa: E402
 from offline.data import load_dataset  # noqa: E402
 from offline.models import load_model  # noqa: E402
 from offline.patch import PatchSettings, split_clean  # noqa: E402
@@ -54,13 +55,10 @@ def layer_outputs(model, x: np.ndarray, layers: list[str]) -> dict[str, np.ndarr
     return out
 
 
-def knn_distance(ref: np.ndarray, ref_labels: np.ndarray, f: np.ndarray, predicted: np.ndarray, k: int = 5,
-                 same: bool = False) -> np.ndarray:
-    sims = f @ ref.T
-    if same:  # f is ref: an image is not its own neighbour
-        np.fill_diagonal(sims, -np.inf)
-    sims[ref_labels[None, :] != predicted[:, None]] = -np.inf
-    return 1.0 - -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+def knn_distance(ref: np.ndarray, ref_labels: np.ndarray, f: np.ndarray, predicted: np.ndarray, k: int = 5
+                 ) -> np.ndarray:
+    """The guard's k-NN score (cosine distance to the k-th nearest reference of the predicted class)."""
+    return KnnDensity(ref, ref_labels, k).feature_scores(f, predicted)
 
 
 def nearest_rank(ref: np.ndarray, ref_labels: np.ndarray, f: np.ndarray, predicted: np.ndarray) -> np.ndarray:

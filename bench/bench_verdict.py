@@ -87,6 +87,18 @@ def triggered(case: Path, data: Dataset, x: np.ndarray, y: np.ndarray) -> tuple[
     return trigger.apply(x[keep]).astype(np.float32), goal[keep]
 
 
+def _resampled(make, scores: np.ndarray, answered: np.ndarray, n_calib: int, repeats: int = 40) -> list[float]:
+    """Clean refusal rates over random calibration / test partitions of ``scores``: the verdict
+    ``make(calibration scores, their answers)`` recalibrated on each partition's first ``n_calib``."""
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(repeats):
+        order = rng.permutation(len(scores))
+        c, t = order[:n_calib], order[n_calib:]
+        rates.append(float(make(scores[c], answered[c]).judge(scores[t], answered[t]).flagged.mean()))
+    return rates
+
+
 def resampled_frr(screen, infer, x_calib: np.ndarray, x_test: np.ndarray, repeats: int = 40) -> dict[str, float]:
     """The clean refusal rate over random calibration / test partitions of the job's two clean parts.
 
@@ -94,16 +106,10 @@ def resampled_frr(screen, infer, x_calib: np.ndarray, x_test: np.ndarray, repeat
     fitted, the verdict is recalibrated on each partition's calibration share and judged on the rest, so the
     mean is the procedure's expected FRR and the spread what one split can show.
     """
-    budget = screen.budget
+    b = screen.budget
     scores, answered = screen.score(infer, np.concatenate([x_calib, x_test]))
-    rng = np.random.default_rng(0)
-    rates = []
-    for _ in range(repeats):
-        order = rng.permutation(len(scores))
-        c, t = order[:len(x_calib)], order[len(x_calib):]
-        again = OneBudget(budget.names, budget.sides, scores[c], budget.frr, budget.rule, budget.classes,
-                          answered[c], reference=budget.reference)
-        rates.append(float(again.judge(scores[t], answered[t]).flagged.mean()))
+    rates = _resampled(lambda c, a: OneBudget(b.names, b.sides, c, b.frr, b.rule, b.classes, a,
+                                              reference=b.reference), scores, answered, len(x_calib), repeats)
     return {"mean": float(np.mean(rates)), "sd": float(np.std(rates)), "max": float(np.max(rates))}
 
 
@@ -131,12 +137,7 @@ def rules(screen, backend, x_fit: np.ndarray, x_calib: np.ndarray, x_clean: np.n
                 return OneBudget(budget.names, budget.sides, c, budget.frr, rule, budget.classes, c_answered,
                                  reference=ref)
 
-            rng = np.random.default_rng(0)
-            rates = []
-            for _ in range(40):
-                order = rng.permutation(len(both))
-                c, t = order[:len(cal)], order[len(cal):]
-                rates.append(float(verdict(both[c], both_answered[c]).judge(both[t], both_answered[t]).flagged.mean()))
+            rates = _resampled(verdict, both, both_answered, len(cal))
             v = verdict(cal, cal_answered)
             through = (~v.judge(trig, t_answered).flagged & hit).mean() if len(hit) else None
             out[f"{mode}-{rule}"] = {"frr": float(v.judge(clean, answered).flagged.mean()),

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from guard.screens.verdict import FITTED_ONLY
+
 SCHEMA_VERSION = 2
 MANIFEST = "guard.json"
 # detector name -> its manifest section
@@ -163,7 +165,7 @@ class VerdictSpec(_Strict):
 
     @model_validator(mode="after")
     def _rule_fits_p_values(self) -> VerdictSpec:
-        if self.rule == "fisher-cauchy" and self.p_values != "fitted":
+        if self.rule in FITTED_ONLY and self.p_values != "fitted":
             raise ValueError(f"the {self.rule} rule needs fitted p-values (p_values is {self.p_values!r})")
         return self
 

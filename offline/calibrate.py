@@ -331,14 +331,17 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
 
 
 def reference_scores(screen: Screen, backend: EmbeddedBackend, x_fit: np.ndarray) -> np.ndarray:
-    """Every detector's clean scores on the fit split (N, D), for the verdict's fitted p-values: the images
-    the detectors were fitted on, k-NN leaving each reference out (it is its own nearest neighbour)."""
+    """Every detector's clean scores on the fit split (N, D), for the verdict's fitted p-values. A detector
+    whose references are the fit split itself (k-NN: each image is its own nearest neighbour) gives its own
+    ``reference_scores()``, each reference left out."""
     scores, _ = screen.score(backend.infer, x_fit)
     for d, det in enumerate(screen.detectors):
-        if isinstance(det, KnnDensity):
-            if len(det.reference) != len(x_fit):
-                raise ForensicsError("the k-NN references are not the fit split's features")
-            scores[:, d] = det.reference_scores()
+        own = getattr(det, "reference_scores", None)
+        if own is not None:
+            column = own()
+            if len(column) != len(x_fit):
+                raise ForensicsError(f"the {det.name} detector's references are not the fit split's images")
+            scores[:, d] = column
     return scores
 
 

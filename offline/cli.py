@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from guard.screens.verdict import COMBINE_RULES, P_VALUES
 from offline.errors import ForensicsError
 
 # what a simulated attack must reach to count: ASR on held-out non-target images, and the most clean accuracy it
@@ -97,11 +98,9 @@ def _restarts_arg(parser: argparse.ArgumentParser) -> None:
                              "start can settle on a looser one; %(default)s)")
 
 
-# the guard's detectors and verdict rules (guard.screens, offline.calibrate), named here so that --help
-# does not load onnxruntime
+# offline.calibrate's detectors and filter uses, named here so that --help does not load onnxruntime (the
+# verdict's rules come from guard.screens.verdict, which needs numpy only)
 DETECTORS = ("strip", "knn", "mahalanobis")
-COMBINE_RULES = ("cauchy", "fisher", "fisher-cauchy", "min")
-P_VALUES = ("bag", "fitted")
 FILTER_USE = ("auto", "always", "off")
 
 

@@ -59,6 +59,18 @@ _CHUNK = 256
 TAIL = 0.1  # the share of the reference above which the tail is fitted
 
 
+def _survival(sorted_ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per column, the share (+1 smoothed) of the sorted reference at or above each value: (m, D), (B, D)."""
+    m = len(sorted_ref)
+    return np.stack([(m - np.searchsorted(sorted_ref[:, j], x[:, j], side="left") + 1) / (m + 1)
+                     for j in range(sorted_ref.shape[1])], axis=1)
+
+
+def _cauchy_evidence(p: np.ndarray) -> np.ndarray:
+    """Liu & Xie's Cauchy transform of p-values clipped at 1/2: 0 for p >= 1/2, growing as 1/(pi p) near 0."""
+    return np.tan((0.5 - np.minimum(p, 0.5)) * np.pi)
+
+
 class TailProbability:
     """Per detector, a score's probability of being matched or exceeded by a clean one, from reference scores.
 
@@ -74,17 +86,13 @@ class TailProbability:
         if m < 20:
             raise ValueError(f"fitted p-values need at least 20 reference scores per detector, got {m}")
         self.knee = self.sorted[int(np.floor((1 - TAIL) * m))]  # (D,)
-        self.knee_p = (m - np.array([np.searchsorted(self.sorted[:, d], self.knee[d], side="left")
-                                     for d in range(self.sorted.shape[1])]) + 1) / (m + 1)
-        excess = np.where(self.sorted > self.knee, self.sorted - self.knee, np.nan)
-        counts = np.isfinite(excess).sum(axis=0)
-        self.scale = np.where(counts > 0, np.nansum(excess, axis=0) / np.maximum(counts, 1), 0.0)
-        self.scale = np.maximum(self.scale, 1e-12)
+        self.knee_p = _survival(self.sorted, self.knee[None])[0]
+        above = self.sorted > self.knee
+        excess = np.where(above, self.sorted - self.knee, 0.0).sum(axis=0) / np.maximum(above.sum(axis=0), 1)
+        self.scale = np.maximum(excess, 1e-12)
 
     def __call__(self, oriented: np.ndarray) -> np.ndarray:
-        m, d = self.sorted.shape
-        body = np.stack([(m - np.searchsorted(self.sorted[:, j], oriented[:, j], side="left") + 1) / (m + 1)
-                         for j in range(d)], axis=1)
+        body = _survival(self.sorted, oriented)
         tail = self.knee_p * np.exp(-np.maximum(oriented - self.knee, 0.0) / self.scale)
         return np.maximum(np.where(oriented > self.knee, np.minimum(body, tail), body), 1e-300)
 
@@ -158,16 +166,17 @@ class OneBudget:
         self.alone = tuple(self.alone) or (None,) * len(self.names)
         self._c = self._orient(cal)
         self.n = len(self._c)
-        self._sorted = np.sort(self._c, axis=0)
-        self_counts = self._at_least(self._c)  # (n, D), each image counts itself
-        # each calibration image's per-detector evidence in the bag, without and with the input above it
-        self._e_without = self._evidence(self_counts / (self.n + 1))
-        self._e_with = self._evidence((self_counts + 1) / (self.n + 1))
         self.guarantee = guarantee(self.n, self.rate)
         self._tail = None if self.reference is None else TailProbability(self._orient(self.reference))
-        if self._tail is None and self.rule in FITTED_ONLY:
-            raise ValueError(f"the {self.rule} rule needs fitted p-values (reference scores)")
-        if self._tail is not None:
+        if self._tail is None:
+            if self.rule in FITTED_ONLY:
+                raise ValueError(f"the {self.rule} rule needs fitted p-values (reference scores)")
+            self._sorted = np.sort(self._c, axis=0)
+            self_counts = self._at_least(self._c)  # (n, D), each image counts itself
+            # each calibration image's per-detector evidence in the bag, without and with the input above it
+            self._e_without = self._evidence(self_counts / (self.n + 1))
+            self._e_with = self._evidence((self_counts + 1) / (self.n + 1))
+        else:
             if self.rule in FITTED_ONLY:  # each rule's statistic as a tail probability among the reference's
                 self._rule_tail = TailProbability(self._rules(self._tail(self._orient(self.reference))))
             # the calibration images' statistics, sorted: the input's rank among them
@@ -185,9 +194,7 @@ class OneBudget:
 
     def _evidence(self, p: np.ndarray) -> np.ndarray:
         """Each p-value as the rule's evidence against a clean input (larger: more suspicious)."""
-        if self.rule == "cauchy":
-            return np.tan((0.5 - np.minimum(p, 0.5)) * np.pi)
-        return -np.log(p)
+        return _cauchy_evidence(p) if self.rule == "cauchy" else -np.log(p)
 
     def _statistic(self, evidence: np.ndarray) -> np.ndarray:
         return evidence.max(axis=-1) if self.rule == "min" else evidence.sum(axis=-1)
@@ -195,8 +202,7 @@ class OneBudget:
     @staticmethod
     def _rules(p: np.ndarray) -> np.ndarray:
         """Fisher's and Cauchy's statistics of each row of p-values: (B, 2)."""
-        return np.stack([-np.log(p).sum(axis=-1), np.tan((0.5 - np.minimum(p, 0.5)) * np.pi).sum(axis=-1)],
-                        axis=-1)
+        return np.stack([-np.log(p).sum(axis=-1), _cauchy_evidence(p).sum(axis=-1)], axis=-1)
 
     def _fitted_statistic(self, p: np.ndarray) -> np.ndarray:
         if self.rule in FITTED_ONLY:

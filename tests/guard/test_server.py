@@ -23,16 +23,21 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 
 
+def triton(server: GuardProcess, images: np.ndarray, tmp_path: Path) -> dict:
+    """The images sent one request each by the unmodified tritonclient.grpc (its own process); what it got."""
+    np.save(tmp_path / "images.npy", images)
+    run = subprocess.run([sys.executable, str(HERE / "triton_client.py"), server.target, "model",
+                          str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
 def test_tritonclient_gets_clean_images_answered_and_triggered_ones_refused(
         guard_server: GuardProcess, traffic: dict[str, np.ndarray], tmp_path: Path) -> None:
     before = guard_server.metrics()
 
     def send(images: np.ndarray) -> dict:
-        np.save(tmp_path / "images.npy", images)
-        run = subprocess.run([sys.executable, str(HERE / "triton_client.py"), guard_server.target, "model",
-                              str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
-        return json.loads(run.stdout)
+        return triton(guard_server, images, tmp_path)
 
     clean = send(traffic["clean_x"])
     assert clean["live"] and clean["ready"] and clean["model_ready"] and not clean["unknown_model_ready"]
@@ -236,11 +241,7 @@ def test_tritonclient_against_a_wanet_model_the_scan_misses(mnist_splits, tmp_pa
     server = GuardProcess(tmp_path / "bundle", tmp_path)
     try:
         def send(images: np.ndarray) -> list[dict]:
-            np.save(tmp_path / "images.npy", images)
-            run = subprocess.run([sys.executable, str(HERE / "triton_client.py"), server.target, "model",
-                                  str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=120)
-            assert run.returncode == 0, run.stderr
-            return json.loads(run.stdout)["results"]
+            return triton(server, images, tmp_path)["results"]
 
         clean = send(clean_x)
         # a 1 % budget: 0.8 of 80 expected; 3 is above its 95 % bound
