@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -22,22 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
+from guard.screens.activation import filter_kind  # noqa: F401  (re-exported for the report)
+from guard.screens.registry import BY_NAME, DETECTORS
+from guard.screens.spec import BundleReader
+from guard.screens.spec import Strict as _Strict
 from guard.screens.verdict import FITTED_ONLY
 
 SCHEMA_VERSION = 2
 MANIFEST = "guard.json"
-# detector name -> its manifest section
-DETECTOR_SECTIONS = {"strip": "strip", "activation": "activation_filter", "knn": "knn", "mahalanobis": "mahalanobis"}
 
 
 class BundleError(Exception):
     """A bundle that cannot be used, with the file and the reason."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSpec(_Strict):
@@ -61,83 +58,8 @@ class OutputSpec(_Strict):
     features: str = "features"
 
 
-class CleanStats(_Strict):
-    count: int
-    mean: float
-    std: float
-    min: float
-    max: float
-
-
-class DetectorSpec(_Strict):
-    calibration_scores: list[float] = Field(description="the detector's scores on the clean calibration images, "
-                                            "in the verdict's order; its p-values are ranks among them")
-    alone_frr: float | None = Field(None, gt=0, lt=1, description="expert override: the detector also refuses "
-                                    "on its own at this rate, a budget outside the verdict's")
-    reference_scores: list[float] = Field(default_factory=list, description="the detector's scores on clean "
-                                          "images that are not calibration images (the fit split; k-NN leaving "
-                                          "each reference out): its p-values are tail probabilities against them "
-                                          "when the verdict's p_values is 'fitted'")
-
-    @model_validator(mode="after")
-    def _finite(self) -> DetectorSpec:
-        if not all(math.isfinite(v) for v in self.calibration_scores + self.reference_scores):
-            raise ValueError("calibration and reference scores must be finite numbers")
-        return self
-
-
 class PoolSpec(_Strict):
     file: str = Field(description=".npy (P, C, H, W) float32 clean images: STRIP's overlays, the warm-up input")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class StripSpec(DetectorSpec):
-    n: int = Field(ge=1)
-    blend_rule: Literal["add", "average"] = "add"
-    clean_entropy: CleanStats
-    group: int | None = Field(None, ge=1, description="sequential screening: blends per round, stopping once "
-                              "the verdict is settled; null: all n at once")
-    within_sd: float = Field(0.0, ge=0, description="spread of one clean input's blend entropies around its mean")
-    z: float = Field(3.0, gt=0, description="how sure a sequential stop must be, in predicted-mean deviations")
-    class_mean: list[float] = Field(default_factory=list, description="clean blend entropy per predicted class: "
-                                    "the score is the entropy standardised within the class; empty: raw entropy")
-    class_std: list[float] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _group_below_n(self) -> StripSpec:
-        if self.group is not None and self.group >= self.n:
-            raise ValueError(f"strip.group {self.group} must be below n={self.n}")
-        if len(self.class_mean) != len(self.class_std) or any(not v > 0 for v in self.class_std) or not all(
-                math.isfinite(v) for v in self.class_mean):
-            raise ValueError("strip.class_mean and class_std must pair up, with finite means and positive spreads")
-        return self
-
-
-class ActivationFilterSpec(DetectorSpec):
-    layer: str
-    neurons: list[int] = Field(min_length=1)
-    clean_score: CleanStats
-    weights: list[float] = Field(default_factory=list, description="score = weighted sum of the neurons' "
-                                 "activations (a linear discriminant); empty: their mean")
-
-    @model_validator(mode="after")
-    def _weights_match(self) -> ActivationFilterSpec:
-        if self.weights and len(self.weights) != len(self.neurons):
-            raise ValueError(f"activation_filter has {len(self.weights)} weights for {len(self.neurons)} neurons")
-        if not all(math.isfinite(w) for w in self.weights):
-            raise ValueError("activation_filter weights must be finite numbers")
-        return self
-
-
-class KnnSpec(DetectorSpec):
-    reference_file: str = Field(description=".npy (M, D) float32: clean features-layer outputs")
-    reference_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    labels: list[int] = Field(min_length=1, description="the class the model answered each reference with")
-    k: int = Field(ge=1)
-
-
-class MahalanobisSpec(DetectorSpec):
-    file: str = Field(description=".npz with means (K, D) and precision (D, D), float64")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
@@ -157,7 +79,7 @@ class VerdictSpec(_Strict):
                                                "fitted: a tail probability against its reference scores, the "
                                                "combined statistic ranked among the calibration images' (split "
                                                "conformal)")
-    detectors: list[Literal["strip", "activation", "knn", "mahalanobis"]] = Field(min_length=1)
+    detectors: list[Literal[tuple(BY_NAME)]] = Field(min_length=1)  # type: ignore[valid-type]
     classes: list[int] = Field(default_factory=list, description="only inputs the model answers with one of "
                                "these classes can be refused (the suspected targets); empty: every input")
     calibration_classes: list[int] = Field(description="the class the model answered each calibration image with")
@@ -168,13 +90,6 @@ class VerdictSpec(_Strict):
         if self.rule in FITTED_ONLY and self.p_values != "fitted":
             raise ValueError(f"the {self.rule} rule needs fitted p-values (p_values is {self.p_values!r})")
         return self
-
-
-def filter_kind(neurons: list[int], weights: list[float]) -> str:
-    """What an activation filter scores, in words: a discriminant over the layer, or a mean of neurons."""
-    if weights:
-        return f"linear discriminant over {len(neurons)} units"
-    return f"mean of {len(neurons)} neuron(s) {list(neurons[:8])}{' ...' if len(neurons) > 8 else ''}"
 
 
 class ScanSpec(_Strict):
@@ -193,7 +108,7 @@ class Provenance(_Strict):
     created: str
 
 
-class GuardManifest(_Strict):
+class _Manifest(_Strict):
     schema_version: Literal[2] = SCHEMA_VERSION
     model: ModelSpec
     input: InputSpec
@@ -203,51 +118,51 @@ class GuardManifest(_Strict):
         "enforce", description="what the guard does with a flagged request unless --policy says otherwise")
     clean_pool: PoolSpec
     verdict: VerdictSpec
-    strip: StripSpec | None = None
-    activation_filter: ActivationFilterSpec | None = None
-    knn: KnnSpec | None = None
-    mahalanobis: MahalanobisSpec | None = None
     scan: ScanSpec
     repair: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="FRR/FAR on a held-out split")
     provenance: Provenance
 
     @model_validator(mode="after")
-    def _verdict_matches_detectors(self) -> GuardManifest:
+    def _verdict_matches_detectors(self) -> _Manifest:
         k = len(self.class_names)
-        if self.strip and self.strip.class_mean and len(self.strip.class_mean) != k:
-            raise ValueError(f"strip.class_mean has {len(self.strip.class_mean)} entries for {k} classes")
         unknown = [c for c in self.verdict.classes if not 0 <= c < k]
         if unknown:
             raise ValueError(f"verdict.classes {unknown} are not classes of this model (0..{k - 1})")
         n = len(self.verdict.calibration_classes)
         for name in self.verdict.detectors:
-            spec = getattr(self, DETECTOR_SECTIONS[name])
+            section = BY_NAME[name].section
+            spec = getattr(self, section)
             if spec is None:
-                raise ValueError(f"the verdict combines '{name}' but the bundle has no {DETECTOR_SECTIONS[name]} "
-                                 f"section")
+                raise ValueError(f"the verdict combines '{name}' but the bundle has no {section} section")
             if len(spec.calibration_scores) != n:
-                raise ValueError(f"{DETECTOR_SECTIONS[name]} has {len(spec.calibration_scores)} calibration "
-                                 f"scores, the verdict {n} calibration images")
+                raise ValueError(f"{section} has {len(spec.calibration_scores)} calibration scores, the verdict "
+                                 f"{n} calibration images")
             if self.verdict.p_values == "fitted" and len(spec.reference_scores) < 20:
-                raise ValueError(f"the verdict's p-values are fitted but {DETECTOR_SECTIONS[name]} has "
+                raise ValueError(f"the verdict's p-values are fitted but {section} has "
                                  f"{len(spec.reference_scores)} reference scores (at least 20)")
-        extra = [s for name, s in DETECTOR_SECTIONS.items()
-                 if getattr(self, s) is not None and name not in self.verdict.detectors]
+            spec.check(k)
+        extra = [d.section for d in DETECTORS if getattr(self, d.section) is not None
+                 and d.name not in self.verdict.detectors]
         if extra:
             raise ValueError(f"section(s) {extra} are not among the verdict's detectors")
-        if self.knn is not None and any(not 0 <= c < k for c in self.knn.labels):
-            raise ValueError(f"knn.labels name classes outside 0..{k - 1}")
         return self
+
+    def detector_specs(self) -> list[tuple[type, Any]]:
+        """The verdict's detectors, in its order: (detector class, its section)."""
+        return [(BY_NAME[name], getattr(self, BY_NAME[name].section)) for name in self.verdict.detectors]
 
     def files(self) -> list[tuple[str, str]]:
         """Every file the manifest names, with its SHA-256."""
         out = [(self.model.file, self.model.sha256), (self.clean_pool.file, self.clean_pool.sha256)]
-        if self.knn:
-            out.append((self.knn.reference_file, self.knn.reference_sha256))
-        if self.mahalanobis:
-            out.append((self.mahalanobis.file, self.mahalanobis.sha256))
+        for _, spec in self.detector_specs():
+            out += spec.files()
         return out
+
+
+# one optional section per registered detector (guard.screens.registry)
+GuardManifest = create_model("GuardManifest", __base__=_Manifest, __module__=__name__,
+                             **{d.section: (d.Spec | None, None) for d in DETECTORS})
 
 
 def sha256_file(path: str | Path) -> str:
@@ -341,17 +256,7 @@ class GuardBundle:
         if manifest.strip and len(pool) < manifest.strip.n:
             raise BundleError(f"{root / manifest.clean_pool.file}: {len(pool)} pool images, fewer than "
                               f"STRIP's n={manifest.strip.n}")
-        arrays: dict[str, dict[str, np.ndarray]] = {}
-        if manifest.knn:
-            m = len(manifest.knn.labels)
-            arrays["knn"] = {"reference": _array(root, manifest.knn.reference_file, "k-NN reference",
-                                                 lambda a: a.ndim == 2 and len(a) == m and a.dtype == np.float32,
-                                                 f"float32 ({m}, D), one row per label")}
-        if manifest.mahalanobis:
-            k = len(manifest.class_names)
-            arrays["mahalanobis"] = _npz(root, manifest.mahalanobis.file, "Mahalanobis statistics", {
-                "means": lambda a: a.ndim == 2 and len(a) == k,
-                "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
+        arrays = read_arrays(root, manifest)
         return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed)
 
     def screen(self, seed: int = 0, sequential: bool = True, **alone: float | None):
@@ -359,28 +264,13 @@ class GuardBundle:
 
         ``sequential=False``: STRIP draws all n blends at once even where the bundle says rounds.
         """
-        from guard.screens import ActivationFilter, KnnDensity, MahalanobisDensity, OneBudget, Screen, StripScreen
+        from guard.screens import OneBudget, Screen
 
         m = self.manifest
-        detectors = []
-        for name in m.verdict.detectors:
-            if name == "strip":
-                st = m.strip
-                by_class = {"class_mean": np.asarray(st.class_mean), "class_std": np.asarray(st.class_std)} \
-                    if st.class_mean else {}
-                detectors.append(StripScreen(self.pool, st.n, st.blend_rule, tuple(m.input.value_range), seed=seed,
-                                             group=st.group if sequential else None, within_sd=st.within_sd,
-                                             z=st.z, **by_class))
-            elif name == "activation":
-                af = m.activation_filter
-                detectors.append(ActivationFilter(np.asarray(af.neurons), np.asarray(af.weights) if af.weights
-                                                  else None))
-            elif name == "knn":
-                detectors.append(KnnDensity(self.arrays["knn"]["reference"], np.asarray(m.knn.labels), m.knn.k))
-            else:
-                a = self.arrays["mahalanobis"]
-                detectors.append(MahalanobisDensity(a["means"], a["precision"]))
-        specs = [getattr(m, DETECTOR_SECTIONS[n]) for n in m.verdict.detectors]
+        pairs = m.detector_specs()
+        detectors = [d.from_spec(spec, self.arrays.get(d.name, {}), self, seed=seed, sequential=sequential)
+                     for d, spec in pairs]
+        specs = [spec for _, spec in pairs]
         budget = OneBudget(tuple(d.name for d in detectors), tuple(d.side for d in detectors),
                            np.stack([np.asarray(s.calibration_scores) for s in specs], axis=1), m.verdict.frr,
                            m.verdict.rule, tuple(m.verdict.classes), np.asarray(m.verdict.calibration_classes),
@@ -410,21 +300,13 @@ class GuardBundle:
             f"(95 % bound {g.frr_upper_95:.2%})"
             + (f"; refuses only inputs answered as {[m.class_names[k] for k in v.classes]}" if v.classes else ""),
         ]
-        if m.strip:
-            lines.append(f"strip       n={m.strip.n}, blend '{m.strip.blend_rule}', pool {len(self.pool)} images"
-                         + (f", sequential in rounds of {m.strip.group} (z={m.strip.z:g})" if m.strip.group else ""))
-        if m.activation_filter:
-            af = m.activation_filter
-            lines.append(f"act-filter  layer '{af.layer}', {filter_kind(af.neurons, af.weights)}")
-        if m.knn:
-            lines.append(f"knn         k={m.knn.k} over {len(m.knn.labels)} clean features")
-        if m.mahalanobis:
-            lines.append(f"mahalanobis {self.arrays['mahalanobis']['means'].shape[1]} features, shared shrunk "
-                         f"covariance")
-        for name in v.detectors:
-            spec = getattr(m, DETECTOR_SECTIONS[name])
+        for d, spec in m.detector_specs():
+            line = spec.describe(self.arrays.get(d.name, {}))
+            if d is BY_NAME["strip"]:
+                line += f", pool {len(self.pool)} images"
+            lines.append(f"{d.name:<11} {line}")
             if spec.alone_frr is not None:
-                lines.append(f"override    {name} also refuses on its own at {spec.alone_frr:.1%}")
+                lines.append(f"override    {d.name} also refuses on its own at {spec.alone_frr:.1%}")
         lines += [
             f"policy      {m.policy}",
             f"provenance  source {m.provenance.source_model} (sha256 {m.provenance.source_model_sha256[:16]}...), "
@@ -434,6 +316,13 @@ class GuardBundle:
             lines.insert(5, f"repair      {m.repair.get('method', '?')}: "
                             + ", ".join(f"{k} {v}" for k, v in m.repair.get("summary", {}).items()))
         return "\n".join(lines)
+
+
+def read_arrays(root: Path, manifest: GuardManifest) -> dict[str, dict[str, np.ndarray]]:
+    """Each detector's arrays from the files under ``root``, checked (checksums are the caller's)."""
+    read = BundleReader(lambda name, *a: _array(root, name, *a), lambda name, *a: _npz(root, name, *a),
+                        len(manifest.class_names))
+    return {d.name: spec.load(read) for d, spec in manifest.detector_specs()}
 
 
 def _array(root: Path, name: str, what: str, ok, expected: str) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from guard.errors import (
     UpstreamError,
 )
 from guard.evidence import EvidenceStore
-from guard.metrics import GuardMetrics, threshold_buckets
+from guard.metrics import GuardMetrics, score_buckets
 from guard.screens import Judgement, ScreenResult
 from guard.settings import GuardSettings
 
@@ -247,17 +246,8 @@ class ServingState:
 def make_metrics(bundle: GuardBundle) -> GuardMetrics:
     """Metrics whose score histograms resolve the region where this bundle's clean scores end."""
     m = bundle.manifest
-    strip_buckets = activation_buckets = ()
-    if m.strip:
-        low_tail = float(np.quantile(m.strip.calibration_scores, m.verdict.frr))
-        strip_buckets = threshold_buckets(low_tail, 0.0, max(math.log(len(m.class_names)), m.strip.clean_entropy.max))
-    if m.activation_filter:
-        af = m.activation_filter
-        high_tail = float(np.quantile(af.calibration_scores, 1 - m.verdict.frr))
-        lo = min(0.0, af.clean_score.min)  # a discriminant's scores can be negative
-        activation_buckets = threshold_buckets(high_tail, lo, max(2 * high_tail, af.clean_score.max * 2,
-                                                                  2 * high_tail - lo))
-    return GuardMetrics(strip_buckets=strip_buckets, activation_buckets=activation_buckets)
+    return GuardMetrics(score_buckets={d.score_name: score_buckets(d.side, spec.calibration_scores, m.verdict.frr)
+                                       for d, spec in m.detector_specs()})
 
 
 class Guard:
@@ -411,10 +401,8 @@ class Guard:
             metrics.child(metrics.inputs, name, "unscreened").inc(len(decision.logits))
         for v in decision.inputs:
             metrics.child(metrics.inputs, name, "flagged" if v.flagged else "clean").inc()
-            if "strip_entropy" in v.scores:
-                metrics.child(metrics.strip_entropy, name).observe(v.scores["strip_entropy"])
-            if "activation_score" in v.scores:
-                metrics.child(metrics.activation_score, name).observe(v.scores["activation_score"])
+            for score, value in v.scores.items():
+                metrics.child(metrics.scores[score], name).observe(value)
             metrics.child(metrics.p_value, name, "combined").observe(v.p_value)
             for d, p in v.p_values.items():
                 metrics.child(metrics.p_value, name, d).observe(p)

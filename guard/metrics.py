@@ -12,14 +12,23 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from guard.screens.registry import DETECTORS
+
 PREFIX = "trojan_guard"
 # seconds: fine below 10 ms, where one screened MNIST request lives
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 STAGES = ("decode", "queue", "model", "screen", "evidence", "total")
-DETECTORS = ("strip", "activation", "knn", "mahalanobis")
 # p-values: resolve the small ones, where a budget of 0.1-5 % refuses
 P_VALUE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def score_buckets(side: str, calibration_scores: list[float], frr: float) -> tuple[float, ...]:
+    """Buckets for a detector's scores: dense around where the clean calibration scores' ``frr`` tail begins."""
+    s = np.asarray(calibration_scores, dtype=np.float64)
+    tail = float(np.quantile(s, frr if side == "low" else 1 - frr))
+    lo, hi = min(0.0, float(s.min())), max(float(s.max()), 0.0)
+    return threshold_buckets(tail, lo - 0.5 * (hi - lo) * (side == "low"), hi + (hi - lo) * (side == "high"))
 
 
 def threshold_buckets(threshold: float, lo: float, hi: float, count: int = 16) -> tuple[float, ...]:
@@ -34,8 +43,8 @@ def threshold_buckets(threshold: float, lo: float, hi: float, count: int = 16) -
 class GuardMetrics:
     """All metrics of one guard process, in their own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, strip_buckets: tuple[float, ...] = (),
-                 activation_buckets: tuple[float, ...] = ()) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 score_buckets: dict[str, tuple[float, ...]] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r, p = self.registry, PREFIX
         self.requests = Counter(f"{p}_requests", "Inference requests answered or refused, by verdict and action "
@@ -46,11 +55,12 @@ class GuardMetrics:
                                   ["model", "detector"], registry=r)
         self.predictions = Counter(f"{p}_predictions", "Predicted class of answered inputs",
                                    ["model", "class_name"], registry=r)
-        self.strip_entropy = Histogram(f"{p}_strip_entropy", "STRIP mean blend entropy of each input (nats)",
-                                       ["model"], buckets=strip_buckets or Histogram.DEFAULT_BUCKETS, registry=r)
-        self.activation_score = Histogram(f"{p}_activation_score", "Activation-filter score of each input",
-                                          ["model"], buckets=activation_buckets or Histogram.DEFAULT_BUCKETS,
-                                          registry=r)
+        # one histogram per detector (guard.screens.registry), named by its score, with buckets around the
+        # serving bundle's threshold where it has the detector
+        self.scores = {d.score_name: Histogram(f"{p}_{d.score_name}", d.score_help, ["model"], registry=r,
+                                               buckets=(score_buckets or {}).get(d.score_name)
+                                               or Histogram.DEFAULT_BUCKETS)
+                       for d in DETECTORS}
         self.p_value = Histogram(f"{p}_p_value", "p-value of each input against the clean calibration images, "
                                  "by detector (combined: the verdict's)", ["model", "detector"],
                                  buckets=P_VALUE_BUCKETS, registry=r)

@@ -22,21 +22,13 @@ import numpy as np
 
 from guard.backends import EmbeddedBackend
 from guard.bundle import sha256_file
-from guard.screens import (
-    ActivationFilter,
-    KnnDensity,
-    MahalanobisDensity,
-    OneBudget,
-    Screen,
-    StripScreen,
-    guarantee,
-)
+from guard.screens import OneBudget, Screen, guarantee
+from guard.screens.registry import BY_NAME, TRIGGER_FREE
+from guard.screens.spec import FitData
 from offline.attacks import stamp
 from offline.errors import ForensicsError
 
-FILTER_SCORES = ("auto", "mean", "lda")
 FILTER_USE = ("auto", "always", "off")
-DETECTORS = ("strip", "knn", "mahalanobis")  # trigger-free; "activation" joins by ``filter``
 
 
 @dataclass
@@ -76,13 +68,8 @@ class CalibrationSettings:
     seed: int = 0
 
 
-def _stats(scores: np.ndarray) -> dict[str, float]:
-    return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()),
-            "min": float(scores.min()), "max": float(scores.max())}
-
-
 # bumped when calibration changes what it computes, so a kept work directory recalibrates
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 
 
 def _auroc(clean: np.ndarray, suspicious: np.ndarray) -> float:
@@ -126,189 +113,60 @@ def images_for(rate: float, confidence: float = 0.95, within: float = 2.5) -> in
     return n
 
 
-def choose_strip_n(per_blend: np.ndarray, candidates: tuple[int, ...]) -> tuple[int, dict[str, Any]]:
-    """STRIP's n as the paper chooses it: grow n until the spread of clean entropies flattens.
-
-    The mean of n blend entropies has variance ``between + within / n``
-    (``between``: the spread of the inputs' own entropies; ``within``: the
-    blends' noise around them). The spread has flattened once the blends' part
-    is at most a tenth of the inputs' own, i.e. the standard deviation is within
-    5 % of its limit; ``per_blend`` is (inputs, max n) clean blend entropies.
-    """
-    n_max = per_blend.shape[1]
-    within = float(per_blend.var(axis=1, ddof=1).mean())
-    between = float(per_blend.mean(axis=1).var(ddof=1)) - within / n_max
-    spread = {n: float(per_blend[:, :n].mean(axis=1).std()) for n in candidates if n <= n_max}
-    chosen = next((n for n in sorted(spread) if between > 0 and within / n <= 0.1 * between), max(spread))
-    return chosen, {"within_variance": within, "between_variance": between, "clean_entropy_std": spread,
-                    "rule": "smallest n with within / n <= 0.1 * between (std within 5 % of its limit)"}
-
-
-def _class_entropy(backend: EmbeddedBackend, strip: StripScreen, x: np.ndarray, num_classes: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and spread of clean STRIP entropy per predicted class (all classes pooled where fewer than 5)."""
-    entropy, predicted = [], []
-    for i in range(0, len(x), 64):
-        logits = backend.infer(np.concatenate([x[i:i + 64], strip.extra_rows(x[i:i + 64])]))[0]
-        b = len(x[i:i + 64])
-        entropy.append(strip.per_blend(logits[b:]).mean(axis=1))
-        predicted.append(logits[:b].argmax(axis=1))
-    h, k = np.concatenate(entropy), np.concatenate(predicted)
-    overall = (float(h.mean()), float(max(h.std(ddof=1), 1e-6)))
-    stats = [(float(h[k == c].mean()), float(max(h[k == c].std(ddof=1), 1e-6))) if (k == c).sum() >= 5 else overall
-             for c in range(num_classes)]
-    return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
-
-
-def choose_activation_neurons(clean_features: np.ndarray, stamped_features: np.ndarray,
-                              top_share: float) -> np.ndarray:
-    """Features units the reversed trigger excites most (top share, at least one)."""
-    diff = stamped_features.reshape(len(stamped_features), -1).mean(0) - clean_features.reshape(
-        len(clean_features), -1).mean(0)
-    count = max(1, int(round(top_share * len(diff))))
-    return np.sort(np.argsort(-diff, kind="stable")[:count])
-
-
-def discriminant(clean_features: np.ndarray, stamped_features: np.ndarray) -> np.ndarray:
-    """Weights of a linear discriminant (shrinkage LDA) scoring stamped features high, clean ones low."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
-    x = np.concatenate([clean_features, stamped_features]).reshape(len(clean_features) + len(stamped_features), -1)
-    y = np.r_[np.zeros(len(clean_features)), np.ones(len(stamped_features))]
-    w = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x.astype(np.float64), y).coef_[0]
-    return (w / np.linalg.norm(w)).astype(np.float32)
-
-
-def fit_density(features: np.ndarray, predicted: np.ndarray, num_classes: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Class means and the precision of one shared Ledoit-Wolf covariance of clean features."""
-    from sklearn.covariance import LedoitWolf
-
-    f = features.reshape(len(features), -1).astype(np.float64)
-    overall = f.mean(axis=0)
-    means = np.stack([f[predicted == k].mean(axis=0) if (predicted == k).any() else overall
-                      for k in range(num_classes)])
-    return means, LedoitWolf().fit(f - means[predicted]).precision_
-
-
-def _filter(backend: EmbeddedBackend, s: CalibrationSettings, x_fit: np.ndarray, y_fit: np.ndarray, target: int,
-            mask: np.ndarray, pattern: np.ndarray) -> tuple[ActivationFilter, list[dict[str, Any]], str]:
-    """The activation filter that best separates clean from reversed-trigger images, all on the fit split.
-
-    Candidates are fitted on one half of the fit split and chosen by their
-    separation on the other; the calibration images stay out of it, so their
-    scores remain exchangeable with clean traffic's (a filter chosen where the
-    calibration images score low would refuse more fresh clean inputs than
-    the budget allows).
-    """
-    if s.filter_score not in FILTER_SCORES:
-        raise ForensicsError(f"unknown filter score '{s.filter_score}' (one of {', '.join(FILTER_SCORES)})")
-    order = np.random.default_rng(s.seed).permutation(len(x_fit))
-    halves = order[: len(order) // 2], order[len(order) // 2:]
-
-    def features(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x, y = x_fit[idx], y_fit[idx]
-        return backend.infer(x)[1], backend.infer(stamp(x[y != target], mask[None], pattern).astype(np.float32))[1]
-
-    (clean_a, stamped_a), (clean_b, stamped_b) = features(halves[0]), features(halves[1])
-    if min(len(clean_a), len(stamped_a), len(clean_b), len(stamped_b)) < 2:
-        raise ForensicsError("the activation filter needs at least 4 clean fit images, 4 of them of other classes "
-                             "than the target")
-    candidates: list[tuple[str, float | None, ActivationFilter]] = []
-    if s.filter_score in ("auto", "mean"):
-        for share in [s.filter_top_share] if s.filter_top_share else s.filter_candidates:
-            candidates.append(("mean", share, ActivationFilter(choose_activation_neurons(clean_a, stamped_a, share))))
-    if s.filter_score in ("auto", "lda"):
-        weights = discriminant(clean_a, stamped_a)
-        candidates.append(("lda", None, ActivationFilter(np.arange(len(weights)), weights)))
-    tried = [{"score": kind, "top_share": share, "neurons": len(af.neurons),
-              "reversed_trigger_auroc": round(_auroc(af.feature_scores(clean_b), af.feature_scores(stamped_b)), 4)}
-             for kind, share, af in candidates]
-    best = max(t["reversed_trigger_auroc"] for t in tried)
-    pick = next(i for i, t in enumerate(tried) if t["reversed_trigger_auroc"] >= best - 0.005)
-    return candidates[pick][2], tried, candidates[pick][0]
-
-
 def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y_calib: np.ndarray,
               x_fit: np.ndarray, y_fit: np.ndarray, num_classes: int, out_dir: Path, *, flagged: list[int],
-              target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None
-              ) -> dict[str, Any]:
+              target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None,
+              features_layer: str = "features") -> dict[str, Any]:
     """The bundle's detector sections and its verdict; detector arrays are written into ``out_dir``.
 
-    Density detectors are fitted on the fit split's features (the classes the
-    model answers them with); every detector is then scored on the
-    calibration images, which set the one false-rejection budget.
+    Each detector (``guard.screens.registry``) is fitted on the fit split
+    (density detectors on the features of the classes the model answers them
+    with); every detector is then scored on the calibration images, which set
+    the one false-rejection budget.
     """
     s = settings or CalibrationSettings()
-    unknown = [d for d in s.detectors if d not in DETECTORS]
+    unknown = [d for d in s.detectors if d not in TRIGGER_FREE]
     if unknown or s.filter not in FILTER_USE:
-        raise ForensicsError(f"unknown detector(s) {unknown or s.filter}: choose from {', '.join(DETECTORS)} "
+        raise ForensicsError(f"unknown detector(s) {unknown or s.filter}: choose from {', '.join(TRIGGER_FREE)} "
                              f"(the activation filter is set by filter: {', '.join(FILTER_USE)})")
     use_filter = s.filter == "always" or (s.filter == "auto" and bool(flagged))
     if not s.detectors and not use_filter:
         raise ForensicsError("no detector left for the verdict: name at least one trigger-free detector")
+
+    def save(name: str, content: Any) -> str:
+        path = out_dir / name
+        if isinstance(content, dict):
+            np.savez(path, **content)
+        else:
+            np.save(path, content, allow_pickle=False)
+        return sha256_file(path)
+
+    fit_logits, fit_features = backend.infer(x_fit)
+    data = FitData(backend.infer, pool, x_fit, y_fit, fit_logits, fit_features, num_classes, len(x_calib), save,
+                   features_layer, target, lambda x: stamp(x, mask[None], pattern).astype(np.float32))
     sections: dict[str, Any] = {}
     detectors: list[Any] = []
     selection: dict[str, Any] = {}
-
-    if "strip" in s.detectors:
-        candidates = (s.strip_n,) if s.strip_n else tuple(n for n in s.strip_candidates if n <= len(pool))
-        if not candidates:
-            raise ForensicsError(f"STRIP's candidate n {list(s.strip_candidates)} all exceed the pool of "
-                                 f"{len(pool)} images; raise --pool-size or set --strip-n")
-        probe = StripScreen(pool, max(candidates), s.blend_rule, seed=s.seed)
-        # chosen on the fit split, so the calibration scores stay exchangeable with clean traffic's
-        x_probe = x_fit[np.random.default_rng(s.seed).permutation(len(x_fit))[:len(x_calib)]]
-        per_blend = np.concatenate([probe.per_blend(backend.infer(probe.extra_rows(x_probe[i:i + 64]))[0])
-                                    for i in range(0, len(x_probe), 64)])
-        n, selection["strip_n"] = choose_strip_n(per_blend, candidates)
-        class_mean = class_std = None
-        if s.strip_by_class:
-            class_mean, class_std = _class_entropy(backend, StripScreen(pool, n, s.blend_rule, seed=s.seed + 1),
-                                                   x_fit, num_classes)
-        detectors.append(StripScreen(pool, n, s.blend_rule, seed=s.seed, class_mean=class_mean, class_std=class_std))
-        group = (n // 10 if n >= 20 else None) if s.strip_group is None else (s.strip_group or None)
-        if group is not None and group >= n:
-            raise ForensicsError(f"--strip-group {group} must be below STRIP's n={n}")
-        sections["strip"] = {"n": n, "blend_rule": s.blend_rule, "alone_frr": s.strip_frr, "group": group,
-                             "within_sd": float(np.sqrt(selection["strip_n"]["within_variance"])), "z": s.strip_z,
-                             "class_mean": [] if class_mean is None else [float(v) for v in class_mean],
-                             "class_std": [] if class_std is None else [float(v) for v in class_std]}
-    fit_logits, fit_features = backend.infer(x_fit)
-    fit_pred = fit_logits.argmax(axis=1)
-    if "knn" in s.detectors:
-        counts = np.bincount(fit_pred, minlength=num_classes)
-        k = max(1, min(s.knn_k, int(counts[counts > 0].min())))
-        np.save(out_dir / "knn_reference.npy", fit_features.reshape(len(fit_features), -1).astype(np.float32))
-        detectors.append(KnnDensity(fit_features, fit_pred, k))
-        sections["knn"] = {"reference_file": "knn_reference.npy",
-                           "reference_sha256": sha256_file(out_dir / "knn_reference.npy"),
-                           "labels": [int(v) for v in fit_pred], "k": k, "alone_frr": None}
-    if "mahalanobis" in s.detectors:
-        means, precision = fit_density(fit_features, fit_pred, num_classes)
-        np.savez(out_dir / "mahalanobis.npz", means=means, precision=precision)
-        detectors.append(MahalanobisDensity(means, precision))
-        sections["mahalanobis"] = {"file": "mahalanobis.npz", "sha256": sha256_file(out_dir / "mahalanobis.npz"),
-                                   "alone_frr": None}
-    if use_filter:
-        af, selection["filter"], kind = _filter(backend, s, x_fit, y_fit, target, mask, pattern)
-        detectors.append(af)
-        sections["activation_filter"] = {"neurons": [int(v) for v in af.neurons], "filter_score": kind,
-                                         "weights": [] if af.weights is None else [float(v) for v in af.weights],
-                                         "alone_frr": s.filter_fpr}
+    for name in (*s.detectors, *(("activation",) if use_filter else ())):
+        kind = BY_NAME[name]
+        try:
+            fitted = kind.fit(data, s)
+        except ValueError as exc:
+            raise ForensicsError(f"cannot fit the {name} detector: {exc}") from exc
+        detectors.append(fitted.detector)
+        sections[kind.section] = {"alone_frr": None, **fitted.section}
+        if fitted.selection is not None:
+            selection[name] = fitted.selection
 
     screen = Screen(detectors)
     scores, answered = screen.score(backend.infer, x_calib)
     reference = reference_scores(screen, backend, x_fit) if s.p_values == "fitted" else None
     for i, (d, column) in enumerate(zip(detectors, scores.T, strict=True)):
-        key = "activation_filter" if d.name == "activation" else d.name
-        sections[key]["calibration_scores"] = [round(float(v), 7) for v in column]
+        section = sections[d.section]
+        section["calibration_scores"] = [round(float(v), 7) for v in column]
         if reference is not None:
-            sections[key]["reference_scores"] = [round(float(v), 7) for v in reference[:, i]]
-        if d.name == "strip":
-            sections[key]["clean_entropy"] = _stats(column)
-        if d.name == "activation":
-            sections[key]["clean_score"] = _stats(column)
+            section["reference_scores"] = [round(float(v), 7) for v in reference[:, i]]
+        section.update(d.Spec.finish(column))
     classes = sorted(int(k) for k in flagged) if s.scope == "suspect" else []
     try:
         budget = OneBudget(screen.names, tuple(d.side for d in detectors), scores, s.frr, s.rule, tuple(classes),

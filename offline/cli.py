@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from guard.screens.registry import TRIGGER_FREE
 from guard.screens.verdict import COMBINE_RULES, P_VALUES
 from offline.errors import ForensicsError
 
@@ -98,18 +99,17 @@ def _restarts_arg(parser: argparse.ArgumentParser) -> None:
                              "start can settle on a looser one; %(default)s)")
 
 
-# offline.calibrate's detectors and filter uses, named here so that --help does not load onnxruntime (the
-# verdict's rules come from guard.screens.verdict, which needs numpy only)
-DETECTORS = ("strip", "knn", "mahalanobis")
+# offline.calibrate's filter uses, named here so that --help does not load onnxruntime (the detectors come
+# from guard.screens.registry and the verdict's rules from guard.screens.verdict, which need numpy only)
 FILTER_USE = ("auto", "always", "off")
 
 
 def _detector_list(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    unknown = [n for n in names if n not in DETECTORS]
+    unknown = [n for n in names if n not in TRIGGER_FREE]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown detector(s) {', '.join(unknown)}; choose from "
-                                         f"{', '.join(DETECTORS)} (the activation filter: --filter)")
+                                         f"{', '.join(TRIGGER_FREE)} (the activation filter: --filter)")
     return names
 
 
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "detector's evidence counts in full) or bag (its rank among the calibration images and "
                         "the input); default %(default)s")
     c.add_argument("--detectors", type=_detector_list, default="strip,knn",
-                   help="trigger-free detectors, comma-separated, from " + ", ".join(DETECTORS)
+                   help="trigger-free detectors, comma-separated, from " + ", ".join(TRIGGER_FREE)
                         + " (default: %(default)s)")
     c.add_argument("--filter", choices=FILTER_USE, default="auto", dest="filter_use",
                    help="the activation filter, which needs the scan's reversed trigger: auto (default) joins "

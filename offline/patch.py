@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from guard.backends import EmbeddedBackend
-from guard.bundle import GuardBundle, GuardManifest, sha256_file, write_bundle
+from guard.bundle import GuardBundle, GuardManifest, read_arrays, sha256_file, write_bundle
+from guard.screens.registry import DETECTORS
 from offline.attacks import AnyTrigger, load_trigger, stamp
 from offline.calibrate import CALIBRATION_VERSION, CalibrationSettings, calibrate, evaluate
 from offline.data import Dataset
@@ -275,7 +276,7 @@ def run_patch(
             say("      --scope suspect: no class flagged, so the guard judges every input")
         calibration = calibrate(backend, pool, calib.x, calib.y, fit.x, fit.y, case.data.num_classes, calib_dir,
                                 flagged=flagged, target=suspect, mask=mask, pattern=pattern,
-                                settings=s.calibration)
+                                settings=s.calibration, features_layer=model.features_layer)
         calib_result = phases.finish("calibrate", fp_calibrate, calibration)
     verdict = calib_result["verdict"]
     g = verdict["guarantee"]
@@ -292,20 +293,13 @@ def run_patch(
             f"(give more clean data, or a larger --calibration-fraction)")
     if "activation_filter" not in calib_result and flagged is not None and not flagged:
         say("      the activation filter is off: the scan flagged no class, so it has no trigger to watch")
-    files = {"model.onnx": onnx_path, "clean_pool.npy": calib_dir / "clean_pool.npy"}
-    for key, name in (("knn", "reference_file"), ("mahalanobis", "file")):
-        if key in calib_result:
-            files[calib_result[key][name]] = calib_dir / calib_result[key][name]
-    sections = {k: calib_result[k] for k in ("verdict", "strip", "knn", "mahalanobis") if k in calib_result}
-    if "activation_filter" in calib_result:
-        sections["activation_filter"] = {**{k: v for k, v in calib_result["activation_filter"].items()
-                                            if k != "filter_score"}, "layer": model.features_layer}
+    sections = {k: calib_result[k] for k in ("verdict", *(d.section for d in DETECTORS)) if k in calib_result}
     manifest = GuardManifest.model_validate({
         "model": {"name": s.model_name, "file": "model.onnx", "sha256": sha256_file(onnx_path), "opset": OPSET},
         "input": {"name": INPUT_NAME, "shape": [-1, *case.data.input_shape], "value_range": (0.0, 1.0)},
         "class_names": case.data.class_names,
         "policy": s.policy,
-        "clean_pool": {"file": "clean_pool.npy", "sha256": sha256_file(files["clean_pool.npy"])},
+        "clean_pool": {"file": "clean_pool.npy", "sha256": sha256_file(calib_dir / "clean_pool.npy")},
         **sections,
         "scan": {"method": s.scan.method, "anomaly_scale": s.scan.anomaly_scale, "anomaly_index": anomaly,
                  "flagged_classes": flagged, "threshold": s.anomaly_threshold},
@@ -319,14 +313,8 @@ def run_patch(
     eval_result = phases.result("evaluate", fp_evaluate)
     header(5, "evaluate", eval_result is not None)
     if eval_result is None:
-        pool = np.load(files["clean_pool.npy"])
-        arrays = {}
-        if manifest.knn:
-            arrays["knn"] = {"reference": np.load(files[manifest.knn.reference_file])}
-        if manifest.mahalanobis:
-            with np.load(files[manifest.mahalanobis.file]) as z:
-                arrays["mahalanobis"] = {k: z[k] for k in z.files}
-        screen = GuardBundle(calib_dir, manifest, pool, arrays).screen(seed=7)
+        screen = GuardBundle(calib_dir, manifest, np.load(calib_dir / "clean_pool.npy"),
+                             read_arrays(calib_dir, manifest)).screen(seed=7)
         keep = test.y != suspect
         triggered = {"reversed_trigger": (stamp(test.x[keep], mask[None], pattern).astype(np.float32), suspect)}
         if true_trigger is not None:
@@ -355,7 +343,9 @@ def run_patch(
                           ("evaluate", eval_result)):
         write_json_atomic(report_dir / f"{phase}.json", result)
     build_report(report_dir, manifest.model_dump(), true_trigger_file)
-    write_bundle(out, manifest, files, extra_dirs={"report": report_dir}, signing_key=signing_key)
+    files = {name: calib_dir / name for name, _ in manifest.files() if name != manifest.model.file}
+    write_bundle(out, manifest, {**files, manifest.model.file: onnx_path}, extra_dirs={"report": report_dir},
+                 signing_key=signing_key)
     if signing_key is not None:
         from guard.signing import key_id
 

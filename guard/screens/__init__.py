@@ -3,8 +3,9 @@
 numpy only. The offline calibration calls exactly this code on the exported
 model, so a calibrated score means the same thing when the guard serves it.
 
-Each detector (:mod:`.strip`, :mod:`.activation`, :mod:`.density`) is a small
-class with one shape: ``adds_rows`` / ``extra_rows(x)`` (what it adds to the
+Each detector (:mod:`.strip`, :mod:`.activation`, :mod:`.density`), listed once
+in :mod:`.registry`, is a small class with one shape (:mod:`.spec`: its
+``guard.json`` section, ``from_spec``, the offline ``fit``): ``adds_rows`` / ``extra_rows(x)`` (what it adds to the
 model batch: STRIP's blends, nothing for the others), ``features_error(width)``,
 ``scores(view)`` (one number per input, from the
 model's outputs on the batch) and ``side`` (which tail is suspicious). None owns a

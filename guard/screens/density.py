@@ -15,8 +15,51 @@ the high tail is suspicious.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from pydantic import Field
+
+from guard.screens.spec import BundleReader, DetectorSpec, FitData, Fitted
+
+
+class KnnSpec(DetectorSpec):
+    reference_file: str = Field(description=".npy (M, D) float32: clean features-layer outputs")
+    reference_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    labels: list[int] = Field(min_length=1, description="the class the model answered each reference with")
+    k: int = Field(ge=1)
+
+    def files(self) -> list[tuple[str, str]]:
+        return [(self.reference_file, self.reference_sha256)]
+
+    def check(self, num_classes: int) -> None:
+        if any(not 0 <= c < num_classes for c in self.labels):
+            raise ValueError(f"knn.labels name classes outside 0..{num_classes - 1}")
+
+    def load(self, read: BundleReader) -> dict[str, np.ndarray]:
+        m = len(self.labels)
+        return {"reference": read.array(self.reference_file, "k-NN reference", lambda a: a.ndim == 2 and len(a) == m
+                                        and a.dtype == np.float32, f"float32 ({m}, D), one row per label")}
+
+    def describe(self, arrays: dict[str, np.ndarray]) -> str:
+        return f"k={self.k} over {len(self.labels)} clean features"
+
+
+class MahalanobisSpec(DetectorSpec):
+    file: str = Field(description=".npz with means (K, D) and precision (D, D), float64")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    def files(self) -> list[tuple[str, str]]:
+        return [(self.file, self.sha256)]
+
+    def load(self, read: BundleReader) -> dict[str, np.ndarray]:
+        k = read.num_classes
+        return read.npz(self.file, "Mahalanobis statistics", {
+            "means": lambda a: a.ndim == 2 and len(a) == k,
+            "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
+
+    def describe(self, arrays: dict[str, np.ndarray]) -> str:
+        return f"{arrays['means'].shape[1]} features, shared shrunk covariance"
 
 
 def _normalise(features: np.ndarray) -> np.ndarray:
@@ -30,10 +73,29 @@ class KnnDensity:
     labels: np.ndarray  # (M,) the class the model answered each reference with
     k: int = 5
 
-    name = "knn"
+    name = section = "knn"
+    Spec = KnnSpec
     score_name = "knn_distance"
+    score_help = "k-NN detector score of each input: cosine distance to the k-th nearest clean features of its class"
     side = "high"
     adds_rows = False
+    trigger_free = True
+
+    @classmethod
+    def from_spec(cls, spec: KnnSpec, arrays: dict[str, np.ndarray], bundle: Any, seed: int = 0,
+                  sequential: bool = True) -> KnnDensity:
+        return cls(arrays["reference"], np.asarray(spec.labels), spec.k)
+
+    @classmethod
+    def fit(cls, data: FitData, settings: Any) -> Fitted:
+        """References: the fit split's features, labelled with the class the model answers each with."""
+        predicted = data.fit_predicted
+        counts = np.bincount(predicted, minlength=data.num_classes)
+        k = max(1, min(settings.knn_k, int(counts[counts > 0].min())))
+        features = data.fit_features.reshape(len(data.fit_features), -1).astype(np.float32)
+        section = {"reference_file": "knn_reference.npy", "reference_sha256": data.save("knn_reference.npy", features),
+                   "labels": [int(v) for v in predicted], "k": k}
+        return Fitted(cls(features, predicted, k), section)
 
     def __post_init__(self) -> None:
         self.reference = _normalise(np.asarray(self.reference))
@@ -79,10 +141,32 @@ class MahalanobisDensity:
     means: np.ndarray  # (K, D) clean class means
     precision: np.ndarray  # (D, D) inverse of the shared shrunk covariance
 
-    name = "mahalanobis"
+    name = section = "mahalanobis"
+    Spec = MahalanobisSpec
     score_name = "mahalanobis_distance"
+    score_help = "Mahalanobis distance of each input's features to its class's clean mean"
     side = "high"
     adds_rows = False
+    trigger_free = True
+
+    @classmethod
+    def from_spec(cls, spec: MahalanobisSpec, arrays: dict[str, np.ndarray], bundle: Any, seed: int = 0,
+                  sequential: bool = True) -> MahalanobisDensity:
+        return cls(arrays["means"], arrays["precision"])
+
+    @classmethod
+    def fit(cls, data: FitData, settings: Any) -> Fitted:
+        """Class means and the precision of one shared Ledoit-Wolf covariance of the fit split's features."""
+        from sklearn.covariance import LedoitWolf  # offline only
+
+        f = data.fit_features.reshape(len(data.fit_features), -1).astype(np.float64)
+        predicted, overall = data.fit_predicted, f.mean(axis=0)
+        means = np.stack([f[predicted == k].mean(axis=0) if (predicted == k).any() else overall
+                          for k in range(data.num_classes)])
+        precision = LedoitWolf().fit(f - means[predicted]).precision_
+        section = {"file": "mahalanobis.npz", "sha256": data.save("mahalanobis.npz",
+                                                                  {"means": means, "precision": precision})}
+        return Fitted(cls(means, precision), section)
 
     def __post_init__(self) -> None:
         self.means = np.asarray(self.means, dtype=np.float64)

@@ -21,11 +21,67 @@ refused or answered early when the verdict is the same at both ends.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from guard.screens.common import BLEND_RULES, blend, softmax_entropy
+from guard.screens.spec import CleanStats, DetectorSpec, FitData, Fitted
+
+
+class StripSpec(DetectorSpec):
+    n: int = Field(ge=1)
+    blend_rule: Literal["add", "average"] = "add"
+    clean_entropy: CleanStats
+    group: int | None = Field(None, ge=1, description="sequential screening: blends per round, stopping once "
+                              "the verdict is settled; null: all n at once")
+    within_sd: float = Field(0.0, ge=0, description="spread of one clean input's blend entropies around its mean")
+    z: float = Field(3.0, gt=0, description="how sure a sequential stop must be, in predicted-mean deviations")
+    class_mean: list[float] = Field(default_factory=list, description="clean blend entropy per predicted class: "
+                                    "the score is the entropy standardised within the class; empty: raw entropy")
+    class_std: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _group_below_n(self) -> StripSpec:
+        if self.group is not None and self.group >= self.n:
+            raise ValueError(f"strip.group {self.group} must be below n={self.n}")
+        if len(self.class_mean) != len(self.class_std) or any(not v > 0 for v in self.class_std) or not all(
+                math.isfinite(v) for v in self.class_mean):
+            raise ValueError("strip.class_mean and class_std must pair up, with finite means and positive spreads")
+        return self
+
+    def check(self, num_classes: int) -> None:
+        if self.class_mean and len(self.class_mean) != num_classes:
+            raise ValueError(f"strip.class_mean has {len(self.class_mean)} entries for {num_classes} classes")
+
+    def describe(self, arrays: dict[str, np.ndarray]) -> str:
+        return f"n={self.n}, blend '{self.blend_rule}'" + (f", sequential in rounds of {self.group} (z={self.z:g})"
+                                                           if self.group else "")
+
+    @classmethod
+    def finish(cls, calibration_scores: np.ndarray) -> dict[str, Any]:
+        return {"clean_entropy": CleanStats.of(calibration_scores).model_dump()}
+
+
+def choose_strip_n(per_blend: np.ndarray, candidates: tuple[int, ...]) -> tuple[int, dict[str, Any]]:
+    """STRIP's n as the paper chooses it: grow n until the spread of clean entropies flattens.
+
+    The mean of n blend entropies has variance ``between + within / n``
+    (``between``: the spread of the inputs' own entropies; ``within``: the
+    blends' noise around them). The spread has flattened once the blends' part
+    is at most a tenth of the inputs' own, i.e. the standard deviation is within
+    5 % of its limit; ``per_blend`` is (inputs, max n) clean blend entropies.
+    """
+    n_max = per_blend.shape[1]
+    within = float(per_blend.var(axis=1, ddof=1).mean())
+    between = float(per_blend.mean(axis=1).var(ddof=1)) - within / n_max
+    spread = {n: float(per_blend[:, :n].mean(axis=1).std()) for n in candidates if n <= n_max}
+    chosen = next((n for n in sorted(spread) if between > 0 and within / n <= 0.1 * between), max(spread))
+    return chosen, {"within_variance": within, "between_variance": between, "clean_entropy_std": spread,
+                    "rule": "smallest n with within / n <= 0.1 * between (std within 5 % of its limit)"}
 
 
 @dataclass
@@ -41,10 +97,63 @@ class StripScreen:
     class_mean: np.ndarray | None = None  # (K,) clean entropy per predicted class; None: raw entropy
     class_std: np.ndarray | None = None
 
-    name = "strip"
+    name = section = "strip"
+    Spec = StripSpec
     score_name = "strip_entropy"
+    score_help = ("STRIP score of each input: mean blend entropy (nats), standardised within the predicted class "
+                  "where the bundle has class statistics")
     side = "low"
     adds_rows = True
+    trigger_free = True
+
+    @classmethod
+    def from_spec(cls, spec: StripSpec, arrays: dict[str, np.ndarray], bundle: Any, seed: int = 0,
+                  sequential: bool = True) -> StripScreen:
+        by_class = {"class_mean": np.asarray(spec.class_mean), "class_std": np.asarray(spec.class_std)} \
+            if spec.class_mean else {}
+        return cls(bundle.pool, spec.n, spec.blend_rule, tuple(bundle.manifest.input.value_range), seed=seed,
+                   group=spec.group if sequential else None, within_sd=spec.within_sd, z=spec.z, **by_class)
+
+    @classmethod
+    def fit(cls, data: FitData, settings: Any) -> Fitted:
+        """n by the paper's rule and the per-class clean entropy, both on the fit split (never the calibration
+        images, so their scores stay exchangeable with clean traffic's)."""
+        s, pool = settings, data.pool
+        candidates = (s.strip_n,) if s.strip_n else tuple(n for n in s.strip_candidates if n <= len(pool))
+        if not candidates:
+            raise ValueError(f"STRIP's candidate n {list(s.strip_candidates)} all exceed the pool of {len(pool)} "
+                             f"images; raise --pool-size or set --strip-n")
+        probe = cls(pool, max(candidates), s.blend_rule, seed=s.seed)
+        x_probe = data.x_fit[np.random.default_rng(s.seed).permutation(len(data.x_fit))[:data.n_calibration]]
+        per_blend = np.concatenate([probe.per_blend(data.infer(probe.extra_rows(x_probe[i:i + 64]))[0])
+                                    for i in range(0, len(x_probe), 64)])
+        n, selection = choose_strip_n(per_blend, candidates)
+        class_mean = class_std = None
+        if s.strip_by_class:
+            class_mean, class_std = cls(pool, n, s.blend_rule, seed=s.seed + 1)._class_entropy(data)
+        group = (n // 10 if n >= 20 else None) if s.strip_group is None else (s.strip_group or None)
+        if group is not None and group >= n:
+            raise ValueError(f"--strip-group {group} must be below STRIP's n={n}")
+        section = {"n": n, "blend_rule": s.blend_rule, "alone_frr": s.strip_frr, "group": group,
+                   "within_sd": float(np.sqrt(selection["within_variance"])), "z": s.strip_z,
+                   "class_mean": [] if class_mean is None else [float(v) for v in class_mean],
+                   "class_std": [] if class_std is None else [float(v) for v in class_std]}
+        return Fitted(cls(pool, n, s.blend_rule, seed=s.seed, class_mean=class_mean, class_std=class_std), section,
+                      selection)
+
+    def _class_entropy(self, data: FitData) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and spread of clean entropy per predicted class on the fit split (all pooled where fewer than 5)."""
+        entropy, predicted, x = [], [], data.x_fit
+        for i in range(0, len(x), 64):
+            logits = data.infer(np.concatenate([x[i:i + 64], self.extra_rows(x[i:i + 64])]))[0]
+            b = len(x[i:i + 64])
+            entropy.append(self.per_blend(logits[b:]).mean(axis=1))
+            predicted.append(logits[:b].argmax(axis=1))
+        h, k = np.concatenate(entropy), np.concatenate(predicted)
+        overall = (float(h.mean()), float(max(h.std(ddof=1), 1e-6)))
+        stats = [(float(h[k == c].mean()), float(max(h[k == c].std(ddof=1), 1e-6))) if (k == c).sum() >= 5
+                 else overall for c in range(data.num_classes)]
+        return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
 
     def __post_init__(self) -> None:
         if self.rule not in BLEND_RULES:
