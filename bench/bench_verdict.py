@@ -323,9 +323,11 @@ def main() -> None:
     if args.only:
         rows = [r for r in rows if any(w in r["model"] for w in args.only.split(","))]
     name = "verdict" if args.variant == "default" else f"verdict-{args.variant}"
-    if (out / f"{name}.json").exists() and not args.only:  # keep the rows of the parts not rerun
-        kept = [r for r in json.loads((out / f"{name}.json").read_text()) if r["part"] not in parts]
-        rows = sorted(kept + rows, key=lambda r: ("zoo", "matrix", "small").index(r["part"]))
+    if (out / f"{name}.json").exists():  # keep the rows not rerun: other parts, or other models with --only
+        rerun = {(r["part"], r["model"]) for r in rows}
+        kept = [r for r in json.loads((out / f"{name}.json").read_text())
+                if (r["part"] not in parts or args.only) and (r["part"], r["model"]) not in rerun]
+        rows = sorted(kept + rows, key=lambda r: (("zoo", "matrix", "small").index(r["part"]), r["model"]))
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     (out / f"{name}.md").write_text(markdown(rows))
     print(markdown(rows))
