@@ -250,6 +250,31 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+# the issue 32 bar for each attack: the most of its triggered inputs the guard may let through (None: reported)
+BARS = {"badnets": 0.02, "blend": 0.02, "invisible": 0.02, "dynamic": 0.02, "trojannn": 0.02, "wanet": 0.05,
+        "sig": 0.10, "adaptive-blend": 0.10, "all-to-all": 0.10}
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One line per matrix model: what the guard lets through now, against the old verdict and the bar."""
+    lines = ["Guard-only, budget 1 %, the model unrepaired (`bench/bench_verdict.py --parts matrix`): *through* = "
+             "true-trigger test inputs answered with the attacker's class through the guard as served "
+             "(sequential STRIP); *before* = the verdict before issue 32 (bag p-values, Fisher's rule) on the "
+             "same scores; FRR = clean test inputs refused, and the mean over 40 recalibrated partitions.", "",
+             "| model | attack | ASR % | through % | before % | bar % | FRR % (resampled) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["part"] != "matrix":
+            continue
+        s, bar = r["sequential"], BARS.get(r.get("attack", ""))
+        before = (r.get("rules") or {}).get("bag-fisher", {}).get("through")
+        verdict = "" if bar is None or s["through"] is None else (" (met)" if s["through"] <= bar else " (**missed**)")
+        lines.append(f"| {r['model']} | {r.get('attack', '-')} | {_pct(s['model_asr'])} | {_pct(s['through'])}"
+                     f"{verdict} | {_pct(before)} | {'-' if bar is None else _pct(bar)} | {_pct(s['frr'])} "
+                     f"({_pct((r.get('frr_resampled') or {}).get('mean'))}) |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "Guard-only bundles (`bench/bench_verdict.py`): budget 1 % in total, default detectors; *through* = "
@@ -305,11 +330,19 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out", help="where bench_matrix.py wrote matrix/ (%(default)s)")
     parser.add_argument("--variant", choices=tuple(VARIANTS), default="default",
                         help="calibration settings to measure (default: the patch job's own)")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from the kept JSON only")
     args = parser.parse_args()
+    name = "verdict" if args.variant == "default" else f"verdict-{args.variant}"
+    out = Path(args.out)
+    if args.tables_only:
+        rows = json.loads((out / f"{name}.json").read_text())
+        (out / f"{name}.md").write_text(markdown(rows))
+        (out / f"{name}-summary.md").write_text(summary(rows))
+        print(summary(rows))
+        return
     global GUARD_ONLY
     GUARD_ONLY = PatchSettings(repair=RepairSettings(method="none"),
                                calibration=CalibrationSettings(**VARIANTS[args.variant]))
-    out = Path(args.out)
     parts = args.parts.split(",")
     rows: list[dict[str, Any]] = []
     if "zoo" in parts:
@@ -322,7 +355,6 @@ def main() -> None:
         rows += small(out)
     if args.only:
         rows = [r for r in rows if any(w in r["model"] for w in args.only.split(","))]
-    name = "verdict" if args.variant == "default" else f"verdict-{args.variant}"
     if (out / f"{name}.json").exists():  # keep the rows not rerun: other parts, or other models with --only
         rerun = {(r["part"], r["model"]) for r in rows}
         kept = [r for r in json.loads((out / f"{name}.json").read_text())
@@ -330,6 +362,7 @@ def main() -> None:
         rows = sorted(kept + rows, key=lambda r: (("zoo", "matrix", "small").index(r["part"]), r["model"]))
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     (out / f"{name}.md").write_text(markdown(rows))
+    (out / f"{name}-summary.md").write_text(summary(rows))
     print(markdown(rows))
 
 

@@ -23,7 +23,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from guard.screens.activation import filter_kind  # noqa: F401  (re-exported for the report)
 from guard.screens.registry import BY_NAME, DETECTORS
 from guard.screens.spec import BundleReader
 from guard.screens.spec import Strict as _Strict

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from guard.bundle import filter_kind
+from guard.screens.activation import filter_kind
 from offline.jobs import TOOL_VERSION, write_json_atomic
 from offline.plots import anomaly_chart_png
 
