@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from guard.backends import EmbeddedBackend
-from guard.bundle import GuardBundle, GuardManifest, sha256_file, write_bundle
+from guard.bundle import GuardBundle, GuardManifest, write_bundle
 from offline.attacks import AnyTrigger, load_trigger, stamp
 from offline.calibrate import CALIBRATION_VERSION, CalibrationSettings, calibrate, evaluate
 from offline.data import Dataset
@@ -128,11 +131,17 @@ class _Phases:
 
     A phase's fingerprint chains the previous phase's with its own settings, so
     changing, say, the calibration settings reuses the scan and the repair but
-    redoes calibration and everything after it.
+    redoes calibration and everything after it. Its record also holds the
+    SHA-256 of every file the phase wrote; a finished phase is reused only
+    while its directory holds exactly those files with those digests (no more,
+    no links), so a file swapped in the work directory between runs is never
+    read, let alone signed: the phase is redone and ``warn`` says why.
     """
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, warn: Callable[[str], None]) -> None:
         self.work = work
+        self.warn = warn
+        self.digests: dict[str, dict[str, str]] = {}
         work.mkdir(parents=True, exist_ok=True)
 
     def result(self, phase: str, fingerprint: str) -> dict[str, Any] | None:
@@ -141,19 +150,102 @@ class _Phases:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        return stored.get("result") if stored.get("fingerprint") == fingerprint else None
+        if not isinstance(stored, dict) or stored.get("fingerprint") != fingerprint:
+            return None
+        recorded = stored.get("files")
+        problem = self._changed(phase, recorded) if isinstance(recorded, dict) else \
+            "its record lists no file digests (written by an older trojan-forensics)"
+        if problem:
+            self.warn(f"trojan-forensics: phase {phase}: {problem}; redoing the phase instead of reusing it")
+            return None
+        self.digests[phase] = recorded
+        return stored.get("result")
+
+    def _changed(self, phase: str, recorded: dict[str, str]) -> str | None:
+        """Why the phase's files are not the ones it wrote, or None when they are."""
+        try:
+            found = _phase_files(self.work / phase)
+        except ForensicsError as exc:
+            return str(exc)
+        unexpected = sorted(set(found) - set(recorded))
+        if unexpected:
+            return f"{self.work / phase / unexpected[0]} was not written by the phase"
+        for name, expected in sorted(recorded.items()):
+            if name not in found:
+                return f"{self.work / phase / name} is missing"
+            actual = found[name]
+            if actual != expected:
+                return (f"{self.work / phase / name} changed since the phase wrote it (SHA-256 recorded "
+                        f"{expected[:12]}..., now {actual[:12]}...)")
+        return None
 
     def finish(self, phase: str, fingerprint: str, result: dict[str, Any]) -> dict[str, Any]:
-        write_json_atomic(self.work / phase / "result.json", {"fingerprint": fingerprint, "result": result})
+        (self.work / phase).mkdir(parents=True, exist_ok=True)
+        files = _phase_files(self.work / phase)
+        write_json_atomic(self.work / phase / "result.json", {"fingerprint": fingerprint, "result": result,
+                                                               "files": files})
+        self.digests[phase] = files
         return result
+
+    def digest(self, phase: str, name: str) -> str:
+        """The SHA-256 a finished phase recorded for one of its files."""
+        return self.digests[phase][name]
+
+    def read(self, phase: str, name: str) -> bytes:
+        """A finished phase's file, read once and checked against its recorded digest."""
+        path = self.work / phase / name
+        data = _read_no_links(path)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != self.digest(phase, name):
+            raise ForensicsError(f"{path} changed while the job ran (SHA-256 recorded {self.digest(phase, name)[:12]}"
+                                 f"..., now {actual[:12]}...); not signing it, run the job again")
+        return data
 
     def dir(self, phase: str) -> Path:
         """A clean directory for a phase about to run."""
         path = self.work / phase
-        if path.exists():
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
         return path
+
+
+def _read_no_links(path: Path) -> bytes:
+    """A regular file's bytes; a symbolic link is refused, never followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if path.is_symlink():
+            raise ForensicsError(f"{path}: a symbolic link; the job reads and copies no links") from exc
+        raise ForensicsError(f"{path}: unreadable ({exc})") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise ForensicsError(f"{path}: not a regular file; the job reads and copies only files")
+        return fh.read()
+
+
+def _phase_files(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under a phase directory, except its record.
+
+    A symbolic link (to a file or a directory) or anything else that is not a
+    plain file is refused with :class:`ForensicsError` naming it.
+    """
+    if root.is_symlink() or not root.is_dir():
+        raise ForensicsError(f"{root}: not a plain directory")
+    out = {}
+    for here, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = Path(here) / name
+            if path.is_symlink():
+                raise ForensicsError(f"{path} is a symbolic link, which no phase writes")
+        for name in names:
+            path = Path(here) / name
+            rel = path.relative_to(root).as_posix()
+            if rel != "result.json":
+                out[rel] = hashlib.sha256(_read_no_links(path)).hexdigest()
+    return out
 
 
 def run_patch(
@@ -168,8 +260,13 @@ def run_patch(
     fresh: bool = False,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole offline job and write the guard bundle to ``out``; return the job summary."""
+    """Run the whole offline job and write the guard bundle to ``out``; return the job summary.
+
+    ``warn`` (default: a line on stderr) hears of finished phases that are redone because their files are
+    not the ones they wrote.
+    """
     s = settings or PatchSettings()
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
@@ -185,7 +282,7 @@ def run_patch(
     if min(len(fit), len(calib), len(test), len(scan_fit), len(scan_held)) < s.scan.batch_size:
         raise DataError(f"{case.data.source}: {len(case.data)} clean images are too few for the patch job; "
                         f"give at least {int(s.scan.batch_size / min(s.test_fraction, SCAN_SHARE)) + 1}")
-    phases = _Phases(work)
+    phases = _Phases(work, warn or (lambda line: print(line, file=sys.stderr)))
     model = case.model
     fp_scan = _digest(case.model_sha256, case.data.x.tobytes(), case.data.y.tobytes(), features_layer,
                       asdict(s.scan), s.anomaly_threshold, s.repeats, s.recover_restarts, s.test_fraction,
@@ -293,19 +390,23 @@ def run_patch(
     if "activation_filter" not in calib_result and flagged is not None and not flagged:
         say("      the activation filter is off: the scan flagged no class, so it has no trigger to watch")
     files = {"model.onnx": onnx_path, "clean_pool.npy": calib_dir / "clean_pool.npy"}
-    for key, name in (("knn", "reference_file"), ("mahalanobis", "file")):
+    for key, name, digest in (("knn", "reference_file", "reference_sha256"), ("mahalanobis", "file", "sha256")):
         if key in calib_result:
             files[calib_result[key][name]] = calib_dir / calib_result[key][name]
+            if calib_result[key][digest] != phases.digest("calibrate", calib_result[key][name]):
+                raise ForensicsError(f"{work / 'calibrate' / 'result.json'}: the {key} file's SHA-256 differs from "
+                                     f"the one recorded when calibration wrote it; run the job again with --fresh")
     sections = {k: calib_result[k] for k in ("verdict", "strip", "knn", "mahalanobis") if k in calib_result}
     if "activation_filter" in calib_result:
         sections["activation_filter"] = {**{k: v for k, v in calib_result["activation_filter"].items()
                                             if k != "filter_score"}, "layer": model.features_layer}
     manifest = GuardManifest.model_validate({
-        "model": {"name": s.model_name, "file": "model.onnx", "sha256": sha256_file(onnx_path), "opset": OPSET},
+        "model": {"name": s.model_name, "file": "model.onnx", "sha256": phases.digest("export", "model.onnx"),
+                  "opset": OPSET},
         "input": {"name": INPUT_NAME, "shape": [-1, *case.data.input_shape], "value_range": (0.0, 1.0)},
         "class_names": case.data.class_names,
         "policy": s.policy,
-        "clean_pool": {"file": "clean_pool.npy", "sha256": sha256_file(files["clean_pool.npy"])},
+        "clean_pool": {"file": "clean_pool.npy", "sha256": phases.digest("calibrate", "clean_pool.npy")},
         **sections,
         "scan": {"method": s.scan.method, "anomaly_scale": s.scan.anomaly_scale, "anomaly_index": anomaly,
                  "flagged_classes": flagged, "threshold": s.anomaly_threshold},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -220,3 +221,46 @@ def test_scope_suspect_spends_the_refusals_on_the_flagged_class(guard_only_bundl
     # and reports every detector's p-value next to the combined one
     v = decisions[-1].inputs[0]
     assert set(v.p_values) == {"strip", "knn", "activation"} and 0 < v.p_value <= 1
+
+
+# --- what the job signs is what its phases wrote (issue 33) ------------------------------------------------------
+
+def _other_model(onnx_file: Path) -> bytes:
+    """The same graph with its first weight negated: a valid model that is not the one the job exported."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_file))
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(first), first.name))
+    return model.SerializeToString()
+
+
+def test_a_model_swapped_in_the_work_directory_is_redone_not_signed(tiny_case: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_tiny_patch
+
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    run_tiny_patch(tiny_case, out, work)
+    planted = _other_model(work / "export" / "model.onnx")
+    (work / "export" / "model.onnx").write_bytes(planted)  # whoever can write the work directory
+
+    said, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("phase export" in w and "model.onnx changed since the phase wrote it" in w for w in warned), warned
+    assert "[3/6] export" in said and "[2/6] repair: reused the finished result from a previous run" in said
+    served = (out / "model.onnx").read_bytes()
+    assert served != planted and (work / "export" / "model.onnx").read_bytes() != planted
+    assert GuardBundle.load(out).manifest.model.sha256 == hashlib.sha256(served).hexdigest()
+
+    # a file the phase never wrote, a missing one, a record from before digests: all redone, never reused
+    (work / "calibrate" / "extra.npy").write_bytes(b"not written by calibration")
+    _, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("phase calibrate" in w and "extra.npy was not written by the phase" in w for w in warned), warned
+    (work / "export" / "model.onnx").unlink()
+    _, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("model.onnx is missing" in w for w in warned), warned
+    record = json.loads((work / "scan" / "result.json").read_text())
+    del record["files"]
+    (work / "scan" / "result.json").write_text(json.dumps(record))
+    said, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("phase scan" in w and "no file digests" in w for w in warned) and "[1/6] scan" in said, warned
+    GuardBundle.load(out)
