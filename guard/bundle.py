@@ -17,7 +17,9 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from guard.screens.verdict import FITTED_ONLY
 
 SCHEMA_VERSION = 2
 MANIFEST = "guard.json"
+SIGNATURE = "guard.json.sig"  # guard.signing writes and checks it
 # detector name -> its manifest section
 DETECTOR_SECTIONS = {"strip": "strip", "activation": "activation_filter", "knn": "knn", "mahalanobis": "mahalanobis"}
 
@@ -186,6 +189,11 @@ class ScanSpec(_Strict):
     threshold: float
 
 
+class Attachment(_Strict):
+    file: str = Field(description="a file of the bundle the guard does not read (the forensic report's)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Provenance(_Strict):
     source_model: str
     source_model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -211,6 +219,10 @@ class GuardManifest(_Strict):
     repair: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="FRR/FAR on a held-out split")
     provenance: Provenance
+    attachments: list[Attachment] = Field(default_factory=list, description="every other file of the bundle "
+                                          "(the forensic report) with its SHA-256, so that the signature over "
+                                          "guard.json covers them too; a file the manifest does not list is "
+                                          "refused")
 
     @model_validator(mode="after")
     def _verdict_matches_detectors(self) -> GuardManifest:
@@ -247,7 +259,7 @@ class GuardManifest(_Strict):
             out.append((self.knn.reference_file, self.knn.reference_sha256))
         if self.mahalanobis:
             out.append((self.mahalanobis.file, self.mahalanobis.sha256))
-        return out
+        return out + [(a.file, a.sha256) for a in self.attachments]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -256,6 +268,38 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_file(path: str | Path) -> bytes:
+    """A plain file's bytes, read once; a symbolic link is refused (:class:`BundleError`), never followed."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: missing from the bundle") from exc
+    except OSError as exc:
+        if path.is_symlink():
+            raise BundleError(f"{path}: a symbolic link; a bundle holds only plain files") from exc
+        raise BundleError(f"{path}: unreadable ({exc})") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise BundleError(f"{path}: not a plain file")
+        return fh.read()
+
+
+def _only_listed(root: Path, listed: set[str]) -> None:
+    """Refuse a link, or a file that guard.json does not list, anywhere in the bundle."""
+    for here, dirs, names in os.walk(root):
+        for name in sorted(dirs + names):
+            path = Path(here) / name
+            if path.is_symlink():
+                raise BundleError(f"{path}: a symbolic link; a bundle holds only plain files")
+            rel = path.relative_to(root).as_posix()
+            if name in names and rel not in listed:
+                raise BundleError(f"{path}: not listed in guard.json; every file of a bundle is under its manifest "
+                                  f"(and so its signature); a bundle written before trojan-forensics listed its "
+                                  f"report: run 'trojan-forensics patch' again (a kept work directory reuses its "
+                                  f"phases)")
 
 
 def _inside(root: Path, name: str) -> Path:
@@ -270,13 +314,14 @@ class GuardBundle:
 
     def __init__(self, root: Path, manifest: GuardManifest, pool: np.ndarray,
                  arrays: dict[str, dict[str, np.ndarray]] | None = None, sha256: str | None = None,
-                 signed: Any = None) -> None:
+                 signed: Any = None, manifest_bytes: bytes | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.pool = pool
         self.arrays = arrays or {}
         self._sha256 = sha256
         self.signed = signed  # guard.signing.Signed when verified against trusted keys
+        self.manifest_bytes = manifest_bytes  # the guard.json bytes that were verified and parsed
 
     @property
     def model_path(self) -> Path:
@@ -327,11 +372,14 @@ class GuardBundle:
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
             raise BundleError(f"{manifest_path}: field '{where}': {first['msg']}"
                               + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")) from exc
-        for name, expected in manifest.files():
+        listed = manifest.files()
+        names = [Path(name).as_posix() for name, _ in listed]
+        if len(set(names)) != len(names):
+            raise BundleError(f"{manifest_path}: a file is listed twice")
+        _only_listed(root, {*names, MANIFEST, SIGNATURE})
+        for name, expected in listed:
             path = _inside(root, name)
-            if not path.is_file():
-                raise BundleError(f"{path}: missing from the bundle")
-            actual = sha256_file(path)
+            actual = hashlib.sha256(read_file(root / name)).hexdigest()
             if actual != expected:
                 raise BundleError(f"{path}: SHA-256 mismatch (guard.json says {expected[:12]}..., "
                                   f"file is {actual[:12]}...); the file was changed or truncated")
@@ -352,7 +400,7 @@ class GuardBundle:
             arrays["mahalanobis"] = _npz(root, manifest.mahalanobis.file, "Mahalanobis statistics", {
                 "means": lambda a: a.ndim == 2 and len(a) == k,
                 "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
-        return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed)
+        return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed, data)
 
     def screen(self, seed: int = 0, sequential: bool = True, **alone: float | None):
         """The bundle's detectors and their one verdict, ready to screen (``guard.screens.Screen``).
@@ -470,15 +518,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _copy_plain(src: Path, target: Path) -> None:
+    """Copy a plain file; a symbolic link (the file or a directory on its way) is refused, never followed."""
+    if src.is_symlink():
+        raise BundleError(f"{src}: a symbolic link; a bundle holds only plain files, so none is copied into it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.write_bytes(read_file(src))
+    except BundleError as exc:
+        raise BundleError(f"{exc}; not copied into the bundle") from exc
+
+
 def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Path | bytes | np.ndarray],
-                 extra_dirs: dict[str, Path] | None = None, signing_key: Any = None) -> Path:
+                 extra_dirs: dict[str, Path] | None = None, signer: Callable[[Path], Any] | None = None) -> Path:
     """Write a complete bundle to ``dest`` atomically.
 
     ``files`` maps names inside the bundle to a source path, raw bytes or an
-    array (saved as ``.npy``). The manifest's checksums must match them: the
+    array (saved as ``.npy``); ``extra_dirs`` maps names to directories copied
+    whole. No symbolic link is followed or copied: one is refused with
+    :class:`BundleError` naming it. The manifest must list every file with
+    its checksum (``attachments`` for those the guard does not read): the
     bundle is loaded and verified before it replaces anything at ``dest``.
-    ``signing_key`` (an Ed25519 private key): ``guard.json.sig`` is written
-    with it and verified too.
+    ``signer`` (e.g. ``lambda staged: guard.signing.sign_bundle(staged, key_file)``)
+    signs the complete, verified bundle in its staging directory before the
+    swap, so a signing key is read only once there is a finished bundle to sign.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -486,28 +549,33 @@ def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Pat
     try:
         for name, content in files.items():
             target = _inside(staging, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, np.ndarray):
                 with open(target, "wb") as fh:
                     np.save(fh, content, allow_pickle=False)
             elif isinstance(content, bytes):
                 target.write_bytes(content)
             else:
-                shutil.copyfile(content, target)
+                _copy_plain(Path(content), target)
         for name, src in (extra_dirs or {}).items():
-            shutil.copytree(src, _inside(staging, name))
+            src = Path(src)
+            for here, dirs, names in os.walk(src):
+                for entry in sorted(dirs + names):
+                    path = Path(here) / entry
+                    if path.is_symlink():
+                        raise BundleError(f"{path}: a symbolic link; a bundle holds only plain files, so none is "
+                                          f"copied into it")
+                    if entry in names:
+                        _copy_plain(path, _inside(staging, f"{name}/{path.relative_to(src).as_posix()}"))
         manifest_bytes = manifest.model_dump_json(indent=2).encode()
         (staging / MANIFEST).write_bytes(manifest_bytes)
-        trusted = None
-        if signing_key is not None:
-            from guard.signing import SIGNATURE, key_id, sign
-
-            (staging / SIGNATURE).write_bytes(sign(manifest_bytes, signing_key))
-            trusted = {key_id(signing_key.public_key()): (signing_key.public_key(), "the signing key")}
         for path in staging.rglob("*"):
             if path.is_file():
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
-        GuardBundle.load(staging, trusted)  # never publish a bundle the guard would refuse
+        GuardBundle.load(staging)  # never publish a bundle the guard would refuse
+        if signer is not None:
+            signer(staging)
         _fsync_dir(staging)
         if dest.exists():
             retired = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))

@@ -128,7 +128,7 @@ def _inspect(path: str, as_json: bool, keys: list[str]) -> None:
     else:
         kid = signer(bundle.root)
         print(f"signature   by key {kid}, not verified (give --trusted-key PUB)" if kid else
-              "signature   none: the bundle is unsigned ('trojan-forensics patch --signing-key KEY' signs it)")
+              "signature   none: the bundle is unsigned ('trojan-forensics sign BUNDLE --signing-key KEY' signs it)")
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -97,13 +97,47 @@ def calibration_share(data: Dataset, s: PatchSettings) -> float:
     return s.calibration_fraction or auto_calibration_fraction(len(data))
 
 
-def _signing_key(path: str):
-    from guard.signing import SignatureError, load_private_key
+def check_key_file(path: str | Path) -> Path:
+    """A signing key that is not there fails before the job runs, not an hour later; it is not read here."""
+    path = Path(path)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ForensicsError(f"--signing-key {path}: not a readable file")
+    return path
+
+
+def sign_finished_bundle(root: str | Path, key_file: str | Path) -> str:
+    """``trojan-forensics sign``: sign a finished bundle (every file verified first); returns the key id."""
+    from guard.bundle import BundleError
+    from guard.signing import sign_bundle
 
     try:
-        return load_private_key(path)
-    except SignatureError as exc:
-        raise ForensicsError(f"--signing-key: {exc}") from exc
+        return sign_bundle(root, key_file).key_id
+    except BundleError as exc:  # SignatureError included
+        raise ForensicsError(f"not signed: {exc}") from exc
+
+
+def report_files(report_dir: Path) -> dict[str, bytes]:
+    """Every file of a report directory as ``report/NAME`` -> its bytes, each read once; links refused."""
+    from guard.bundle import BundleError, read_file
+
+    out = {}
+    for here, dirs, names in os.walk(report_dir):
+        for entry in sorted(dirs + names):
+            path = Path(here) / entry
+            if path.is_symlink():
+                raise ForensicsError(f"{path}: a symbolic link; the job copies no links into a bundle (remove it)")
+            if entry in names:
+                try:
+                    out[f"report/{path.relative_to(report_dir).as_posix()}"] = read_file(path)
+                except BundleError as exc:
+                    raise ForensicsError(str(exc)) from exc
+    return out
+
+
+def attach(manifest: GuardManifest, files: dict[str, bytes]) -> GuardManifest:
+    """The manifest listing these files with their SHA-256 as its attachments."""
+    return GuardManifest.model_validate({**manifest.model_dump(), "attachments": [
+        {"file": name, "sha256": hashlib.sha256(data).hexdigest()} for name, data in sorted(files.items())]})
 
 
 def split_clean(data: Dataset, s: PatchSettings, share: float | None = None) -> tuple[Dataset, Dataset, Dataset]:
@@ -273,7 +307,7 @@ def run_patch(
     if fresh and work.exists():
         shutil.rmtree(work)
     started = time.perf_counter()
-    signing_key = _signing_key(s.signing_key) if s.signing_key else None  # a bad key fails now, not in an hour
+    key_file = check_key_file(s.signing_key) if s.signing_key else None  # read only once the bundle is finished
     case = load_case(model_path, data_spec, features_layer)
     true_trigger, true_target = (load_true_trigger(true_trigger_file) if true_trigger_file else (None, None))
     fit, calib, test = split_clean(case.data, s)
@@ -447,20 +481,21 @@ def run_patch(
 
     # 6. bundle
     header(6, "bundle", False)
-    report_dir = work / "report"
-    if report_dir.exists():
-        shutil.rmtree(report_dir)
-    shutil.copytree(scan_dir, report_dir)
-    (report_dir / "result.json").unlink()
+    report_dir = phases.dir("report")
+    for name in sorted(phases.digests["scan"]):  # the files the scan wrote, as it wrote them; never a link
+        (report_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (report_dir / name).write_bytes(phases.read("scan", name))
     for phase, result in (("repair", repair_result), ("export", export_result), ("calibrate", calib_result),
                           ("evaluate", eval_result)):
         write_json_atomic(report_dir / f"{phase}.json", result)
     build_report(report_dir, manifest.model_dump(), true_trigger_file)
-    write_bundle(out, manifest, files, extra_dirs={"report": report_dir}, signing_key=signing_key)
-    if signing_key is not None:
-        from guard.signing import key_id
-
-        say(f"      guard.json signed by key {key_id(signing_key.public_key())} (guard.json.sig); serve with "
+    report = report_files(report_dir)
+    manifest = attach(manifest, report)
+    signed: list[str] = []
+    write_bundle(out, manifest, {**files, **report},
+                 signer=(lambda staged: signed.append(sign_finished_bundle(staged, key_file))) if key_file else None)
+    if signed:
+        say(f"      guard.json signed by key {signed[0]} (guard.json.sig); serve with "
             f"--trusted-key on its public key")
     summary = {
         "bundle": str(out), "flagged": flagged, "suspect_class": suspect,
