@@ -13,6 +13,7 @@ good bundle that was there.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -314,7 +315,7 @@ class GuardBundle:
 
     def __init__(self, root: Path, manifest: GuardManifest, pool: np.ndarray,
                  arrays: dict[str, dict[str, np.ndarray]] | None = None, sha256: str | None = None,
-                 signed: Any = None, manifest_bytes: bytes | None = None) -> None:
+                 signed: Any = None, manifest_bytes: bytes | None = None, model_bytes: bytes | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.pool = pool
@@ -322,6 +323,12 @@ class GuardBundle:
         self._sha256 = sha256
         self.signed = signed  # guard.signing.Signed when verified against trusted keys
         self.manifest_bytes = manifest_bytes  # the guard.json bytes that were verified and parsed
+        self.model_bytes = model_bytes  # the ONNX bytes that were verified: served from memory, never reread
+
+    @property
+    def model_source(self) -> bytes | Path:
+        """What a backend loads the model from: the verified bytes (a loaded bundle), else the file."""
+        return self.model_bytes if self.model_bytes is not None else self.model_path
 
     @property
     def model_path(self) -> Path:
@@ -377,14 +384,19 @@ class GuardBundle:
         if len(set(names)) != len(names):
             raise BundleError(f"{manifest_path}: a file is listed twice")
         _only_listed(root, {*names, MANIFEST, SIGNATURE})
+        read: dict[str, bytes] = {}  # the files the guard uses, each read once: hashed and parsed from these bytes
+        attachments = {a.file for a in manifest.attachments}
         for name, expected in listed:
             path = _inside(root, name)
-            actual = hashlib.sha256(read_file(root / name)).hexdigest()
+            data = read_file(root / name)
+            actual = hashlib.sha256(data).hexdigest()
+            if name not in attachments:
+                read[name] = data
             if actual != expected:
                 raise BundleError(f"{path}: SHA-256 mismatch (guard.json says {expected[:12]}..., "
                                   f"file is {actual[:12]}...); the file was changed or truncated")
         shape = tuple(manifest.input.shape[1:])
-        pool = _array(root, manifest.clean_pool.file, "clean pool", lambda a: a.ndim == 4 and a.shape[1:] == shape
+        pool = _array(root, manifest.clean_pool.file, read, "clean pool", lambda a: a.ndim == 4 and a.shape[1:] == shape
                       and a.dtype == np.float32, f"float32 (P, {', '.join(map(str, shape))})")
         if manifest.strip and len(pool) < manifest.strip.n:
             raise BundleError(f"{root / manifest.clean_pool.file}: {len(pool)} pool images, fewer than "
@@ -392,15 +404,16 @@ class GuardBundle:
         arrays: dict[str, dict[str, np.ndarray]] = {}
         if manifest.knn:
             m = len(manifest.knn.labels)
-            arrays["knn"] = {"reference": _array(root, manifest.knn.reference_file, "k-NN reference",
+            arrays["knn"] = {"reference": _array(root, manifest.knn.reference_file, read, "k-NN reference",
                                                  lambda a: a.ndim == 2 and len(a) == m and a.dtype == np.float32,
                                                  f"float32 ({m}, D), one row per label")}
         if manifest.mahalanobis:
             k = len(manifest.class_names)
-            arrays["mahalanobis"] = _npz(root, manifest.mahalanobis.file, "Mahalanobis statistics", {
+            arrays["mahalanobis"] = _npz(root, manifest.mahalanobis.file, read, "Mahalanobis statistics", {
                 "means": lambda a: a.ndim == 2 and len(a) == k,
                 "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
-        return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed, data)
+        return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed, data,
+                   read[manifest.model.file])
 
     def screen(self, seed: int = 0, sequential: bool = True, **alone: float | None):
         """The bundle's detectors and their one verdict, ready to screen (``guard.screens.Screen``).
@@ -484,9 +497,9 @@ class GuardBundle:
         return "\n".join(lines)
 
 
-def _array(root: Path, name: str, what: str, ok, expected: str) -> np.ndarray:
+def _array(root: Path, name: str, read: dict[str, bytes], what: str, ok, expected: str) -> np.ndarray:
     try:
-        a = np.load(_inside(root, name), allow_pickle=False)
+        a = np.load(io.BytesIO(read[name]), allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise BundleError(f"{root / name}: {what} is not a readable .npy array ({exc})") from exc
     if not isinstance(a, np.ndarray) or not ok(a):
@@ -497,9 +510,9 @@ def _array(root: Path, name: str, what: str, ok, expected: str) -> np.ndarray:
     return a
 
 
-def _npz(root: Path, name: str, what: str, checks: dict) -> dict[str, np.ndarray]:
+def _npz(root: Path, name: str, read: dict[str, bytes], what: str, checks: dict) -> dict[str, np.ndarray]:
     try:
-        with np.load(_inside(root, name), allow_pickle=False) as z:
+        with np.load(io.BytesIO(read[name]), allow_pickle=False) as z:
             arrays = {k: z[k] for k in checks if k in z.files}
     except (ValueError, OSError) as exc:
         raise BundleError(f"{root / name}: {what} is not a readable .npz archive ({exc})") from exc

@@ -116,7 +116,7 @@ def _inspect(path: str, as_json: bool, keys: list[str]) -> None:
     bundle = GuardBundle.load(path, trusted_keys([Path(k) for k in keys]) if keys else None)
     m = bundle.manifest
     try:
-        EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features)
+        EmbeddedBackend(bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features)
     except Exception as exc:  # onnxruntime raises several types for a bad graph
         raise BundleError(f"{bundle.model_path}: onnxruntime cannot serve it ({exc})") from exc
     if as_json:

@@ -133,7 +133,7 @@ class ServingState:
                 max_message_bytes=max(batch_bytes + (1 << 20), 4 << 20),
                 on_error=lambda code: metrics.upstream_errors.labels(code).inc())
         else:
-            self.backend = EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
+            self.backend = EmbeddedBackend(bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features,
                                            threads=settings.threads, spin=settings.spin)
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
                                        executor, on_batch=self._on_batch)
@@ -209,7 +209,7 @@ class ServingState:
     def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3) -> None:
         """The thresholds only hold for the bundle's model: compare the upstream's logits with it."""
         m = self.bundle.manifest
-        reference = EmbeddedBackend(self.bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
+        reference = EmbeddedBackend(self.bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features,
                                     threads=1)
         x = self.bundle.pool[:8]
         error = float(np.abs(self.backend.infer(x)[0] - reference.infer(x)[0]).max())

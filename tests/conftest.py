@@ -119,3 +119,14 @@ def tiny_bundle(tiny_case: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("tiny") / "bundle"
     run_tiny_patch(tiny_case, out)
     return out
+
+
+def other_model(onnx_file: Path) -> bytes:
+    """The same ONNX graph with its first weight negated: a valid model, not the one that was written."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_file))
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(first), first.name))
+    return model.SerializeToString()

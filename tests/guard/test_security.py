@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from guard.bundle import MANIFEST, GuardBundle, sha256_file
+from guard.bundle import MANIFEST, BundleError, GuardBundle, sha256_file
 from guard.proto import guard_admin_pb2 as admin_pb
 from guard.proto import guard_admin_pb2_grpc, inference_pb2_grpc
 from guard.proto import inference_pb2 as pb
@@ -310,3 +311,74 @@ def test_a_flood_beyond_max_queue_is_shed_at_once_and_the_guard_serves_on(
         assert int(logits_of(server.infer(x[7:8])).argmax()) == int(traffic["clean_y"][7])
     finally:
         assert server.stop() == 0
+
+
+# --- a bundle's files are read once: what was checked is what is used (issue 33) --------------------------------
+
+class _SwapAfterHashing:
+    """Stands in for hashlib in guard.bundle: once a file's digest is taken, ``swap`` replaces the file."""
+
+    def __init__(self, digest: str, swap) -> None:
+        self.digest, self.swap, self.swapped = digest, swap, False
+
+    def sha256(self, data: bytes = b""):
+        inner, outer = hashlib.sha256(data), self
+
+        class Digest:
+            def update(self, more: bytes) -> None:
+                inner.update(more)
+
+            def hexdigest(self) -> str:
+                value = inner.hexdigest()
+                if value == outer.digest and not outer.swapped:
+                    outer.swapped = True
+                    outer.swap()
+                return value
+
+        return Digest()
+
+
+def test_a_file_swapped_after_its_check_is_not_what_the_guard_uses(tiny_bundle: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import guard.bundle
+    from guard.dataplane import Guard
+    from guard.settings import GuardSettings
+    from tests.conftest import other_model
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    manifest = GuardBundle.load(bundle).manifest
+    pool = np.load(bundle / "clean_pool.npy")
+
+    # between the checksum and the parse: the pool is swapped the moment its digest has been taken
+    def swap_pool() -> None:
+        np.save(bundle / "clean_pool.npy", np.ones_like(pool))
+
+    hooked = _SwapAfterHashing(manifest.clean_pool.sha256, swap_pool)
+    monkeypatch.setattr(guard.bundle, "hashlib", hooked)
+    loaded = GuardBundle.load(bundle)
+    monkeypatch.undo()
+    assert hooked.swapped and np.array_equal(loaded.pool, pool)
+    with pytest.raises(BundleError, match="SHA-256 mismatch"):
+        GuardBundle.load(bundle)  # the swap is there, and caught by the next load
+    shutil.rmtree(bundle)
+    shutil.copytree(tiny_bundle, bundle)
+
+    # between load and serving: the model the guard runs is the one it verified
+    x = pool[:4]
+    from guard.backends import EmbeddedBackend
+
+    expected = EmbeddedBackend(bundle / "model.onnx", manifest.input.name).infer(x)[0]
+    g = Guard(GuardSettings(bundle=bundle, admin_address="off", metrics_port=0))
+    (bundle / "model.onnx").write_bytes(other_model(bundle / "model.onnx"))
+    assert not np.allclose(EmbeddedBackend(bundle / "model.onnx", manifest.input.name).infer(x)[0], expected)
+
+    async def served() -> np.ndarray:
+        await g.start()
+        try:
+            return g.current_state().backend.infer(x)[0]
+        finally:
+            await g.state.close()
+
+    np.testing.assert_allclose(asyncio.run(served()), expected, rtol=1e-5, atol=1e-6)

@@ -225,23 +225,12 @@ def test_scope_suspect_spends_the_refusals_on_the_flagged_class(guard_only_bundl
 
 # --- what the job signs is what its phases wrote (issue 33) ------------------------------------------------------
 
-def _other_model(onnx_file: Path) -> bytes:
-    """The same graph with its first weight negated: a valid model that is not the one the job exported."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(onnx_file))
-    first = model.graph.initializer[0]
-    first.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(first), first.name))
-    return model.SerializeToString()
-
-
 def test_a_model_swapped_in_the_work_directory_is_redone_not_signed(tiny_case: Path, tmp_path: Path) -> None:
-    from tests.conftest import run_tiny_patch
+    from tests.conftest import other_model, run_tiny_patch
 
     out, work = tmp_path / "bundle", tmp_path / "work"
     run_tiny_patch(tiny_case, out, work)
-    planted = _other_model(work / "export" / "model.onnx")
+    planted = other_model(work / "export" / "model.onnx")
     (work / "export" / "model.onnx").write_bytes(planted)  # whoever can write the work directory
 
     said, warned = run_tiny_patch(tiny_case, out, work)
