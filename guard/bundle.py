@@ -204,6 +204,10 @@ class Provenance(_Strict):
 
 class GuardManifest(_Strict):
     schema_version: Literal[2] = SCHEMA_VERSION
+    bundle_version: int = Field(0, ge=0, description="set by the signer ('patch --bundle-version'; default the "
+                                "creation time in Unix seconds), under the signature: the guard refuses a bundle "
+                                "below --min-bundle-version, and a reload below the serving one; bundles written "
+                                "before the field are version 0")
     model: ModelSpec
     input: InputSpec
     outputs: OutputSpec = OutputSpec()
@@ -388,10 +392,10 @@ class GuardBundle:
         attachments = {a.file for a in manifest.attachments}
         for name, expected in listed:
             path = _inside(root, name)
-            data = read_file(root / name)
-            actual = hashlib.sha256(data).hexdigest()
+            content = read_file(root / name)
+            actual = hashlib.sha256(content).hexdigest()
             if name not in attachments:
-                read[name] = data
+                read[name] = content
             if actual != expected:
                 raise BundleError(f"{path}: SHA-256 mismatch (guard.json says {expected[:12]}..., "
                                   f"file is {actual[:12]}...); the file was changed or truncated")
@@ -455,7 +459,8 @@ class GuardBundle:
         m = self.manifest
         v, g = m.verdict, m.verdict.guarantee
         lines = [
-            f"bundle      {self.root} (schema {m.schema_version}, manifest sha256 {self.sha256[:16]}...)",
+            f"bundle      {self.root} (schema {m.schema_version}, version {m.bundle_version}, manifest sha256 "
+            f"{self.sha256[:16]}...)",
             f"model       '{m.model.name}' {m.model.file} (ONNX opset {m.model.opset}, "
             f"sha256 {m.model.sha256[:16]}...) verified",
             f"input       {m.input.name} {m.input.datatype} {m.input.shape} in "
@@ -495,6 +500,13 @@ class GuardBundle:
             lines.insert(5, f"repair      {m.repair.get('method', '?')}: "
                             + ", ".join(f"{k} {v}" for k, v in m.repair.get("summary", {}).items()))
         return "\n".join(lines)
+
+
+def check_bundle_version(bundle: GuardBundle, minimum: int) -> None:
+    """Refuse a bundle whose signed ``bundle_version`` is below ``minimum`` (``--min-bundle-version``)."""
+    if bundle.manifest.bundle_version < minimum:
+        raise BundleError(f"{bundle.root / MANIFEST}: bundle_version {bundle.manifest.bundle_version} is below "
+                          f"--min-bundle-version {minimum}; refused as a rollback to an older bundle")
 
 
 def _array(root: Path, name: str, read: dict[str, bytes], what: str, ok, expected: str) -> np.ndarray:

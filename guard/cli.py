@@ -50,8 +50,11 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--tls-client-ca", dict(help="PEM CA certificates: require client certificates signed by them (mTLS)")),
     ("--trusted-key", dict(action="append", help="Ed25519 public key (PEM, from 'trojan-forensics keygen') whose "
                                                  "signature a bundle must carry; repeat for key rotation")),
-    ("--allow-rollback", dict(action="store_const", const=True, help="allow a reload to a bundle created before "
-                                                                      "the serving one (refused by default)")),
+    ("--allow-rollback", dict(action="store_const", const=True, help="allow a reload to a bundle whose "
+                                                                      "bundle_version is below the serving one's "
+                                                                      "(refused by default)")),
+    ("--min-bundle-version", dict(type=int, help="refuse a bundle whose bundle_version (signed in guard.json) is "
+                                                 "below N, at start (exit 2) and at reload (default 0)")),
     ("--watch-bundle-s", dict(type=float, help="check the bundle every this many seconds and reload when its "
                                                "guard.json changed, e.g. after a patch job rewrote it (default 0: "
                                                "off; SIGHUP and the admin RPC always reload)")),
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "declared input and outputs, and print a summary.")
     inspect.add_argument("bundle", help="bundle directory")
     inspect.add_argument("--json", action="store_true", help="print guard.json instead of the summary")
+    inspect.add_argument("--min-bundle-version", type=int, default=0, metavar="N",
+                         help="exit 2 when the bundle's bundle_version is below N")
     inspect.add_argument("--trusted-key", action="append", default=[],
                          help="Ed25519 public key (PEM): also verify guard.json.sig against it (repeatable); a "
                               "missing or bad signature exits 2")
@@ -108,12 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inspect(path: str, as_json: bool, keys: list[str]) -> None:
+def _inspect(path: str, as_json: bool, keys: list[str], min_version: int = 0) -> None:
     from guard.backends import EmbeddedBackend
-    from guard.bundle import BundleError, GuardBundle
+    from guard.bundle import BundleError, GuardBundle, check_bundle_version
     from guard.signing import signer, trusted_keys
 
     bundle = GuardBundle.load(path, trusted_keys([Path(k) for k in keys]) if keys else None)
+    check_bundle_version(bundle, min_version)
     m = bundle.manifest
     try:
         EmbeddedBackend(bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features)
@@ -186,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "inspect":
-            _inspect(args.bundle, args.json, args.trusted_key)
+            _inspect(args.bundle, args.json, args.trusted_key, args.min_bundle_version)
         elif args.command == "serve":
             _serve(args)
         elif args.command == "evidence":

@@ -23,7 +23,7 @@ import numpy as np
 from guard import __version__
 from guard.backends import EmbeddedBackend, UpstreamBackend
 from guard.batching import AdaptiveBatcher
-from guard.bundle import BundleError, GuardBundle
+from guard.bundle import BundleError, GuardBundle, check_bundle_version
 from guard.errors import (
     GuardError,
     InvalidInput,
@@ -275,6 +275,10 @@ class Guard:
         self.first_bundle = bundle or GuardBundle.load(self.bundle_path, self.trusted)
         if self.trusted is not None and self.first_bundle.signed is None:
             self.first_bundle.signed = verify(self.first_bundle.root, self.trusted)
+        try:
+            check_bundle_version(self.first_bundle, settings.min_bundle_version)
+        except BundleError as exc:
+            raise UntrustedBundle(str(exc)) from None
         self.metrics = metrics or make_metrics(self.first_bundle)
         self.model_name = settings.model_name or self.first_bundle.manifest.model.name
         # model runs and evidence writes leave the event loop; one model thread keeps batches in order
@@ -362,18 +366,27 @@ class Guard:
             return (old.sha256 if old else ""), state.sha256
 
     def _check_not_rollback(self, bundle: GuardBundle, target: Path) -> None:
-        """With signed bundles, a reload to one created before the serving bundle is a rollback."""
+        """Below --min-bundle-version is always refused; with signed bundles, so is a reload to a bundle whose
+        bundle_version is below the serving one's (or equal, and created earlier) unless --allow-rollback."""
+        try:
+            check_bundle_version(bundle, self.settings.min_bundle_version)
+        except BundleError as exc:
+            raise UntrustedBundle(f"{exc}; still serving the previous bundle") from None
         if self.trusted is None or self.settings.allow_rollback or self.state is None:
             return
-        new, serving = bundle.manifest.provenance.created, self.state.bundle.manifest.provenance.created
-        try:
-            older = datetime.fromisoformat(new) < datetime.fromisoformat(serving)
-        except (TypeError, ValueError):
-            older = True  # a signed bundle with an unreadable creation time is not trusted to be newer
+        new, serving = bundle.manifest, self.state.bundle.manifest
+        older = new.bundle_version < serving.bundle_version
+        if new.bundle_version == serving.bundle_version:
+            try:
+                older = (datetime.fromisoformat(new.provenance.created)
+                         < datetime.fromisoformat(serving.provenance.created))
+            except (TypeError, ValueError):
+                older = True  # a signed bundle with an unreadable creation time is not trusted to be newer
         if older:
-            raise UntrustedBundle(f"bundle {target} refused as a rollback: created {new}, before the serving "
-                                  f"bundle ({serving}); still serving the previous bundle (--allow-rollback "
-                                  f"permits it)")
+            raise UntrustedBundle(f"bundle {target} refused as a rollback: bundle_version {new.bundle_version} "
+                                  f"(created {new.provenance.created}), below the serving bundle's "
+                                  f"{serving.bundle_version} (created {serving.provenance.created}); still serving "
+                                  f"the previous bundle (--allow-rollback permits it)")
 
     @staticmethod
     def validate(x: np.ndarray, state: ServingState) -> None:

@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--signing-key", default=None,
                    help="Ed25519 private key from 'trojan-forensics keygen': sign guard.json (which holds every "
                         "file's SHA-256) into guard.json.sig, for 'trojan-guard serve --trusted-key'")
+    g.add_argument("--bundle-version", type=_nonnegative_int, default=None, metavar="N",
+                   help="guard.json's bundle_version, under the signature: 'trojan-guard serve/inspect "
+                        "--min-bundle-version' refuse bundles below it and a reload below the serving one is a "
+                        "rollback (default: the creation time in Unix seconds, so a later job's is higher)")
     pa.add_argument("--true-trigger", default=None,
                     help="evaluation mode: attack.json from 'trojan-forensics train'; its trigger's ASR is reported")
     pa.add_argument("--work-dir", default=None, help="where phases keep results (default: OUT.work)")
@@ -666,7 +670,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                                         filter_score=args.filter_score, filter_top_share=args.filter_top_share,
                                         strip_frr=args.strip_frr, filter_fpr=args.filter_fpr),
         calibration_fraction=args.calibration_fraction, model_name=args.model_name, policy=args.policy,
-        signing_key=args.signing_key,
+        signing_key=args.signing_key, bundle_version=args.bundle_version,
     )
     return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
                      true_trigger_file=args.true_trigger, work_dir=args.work_dir, fresh=args.fresh,

@@ -53,6 +53,7 @@ class PatchSettings:
     model_name: str = "model"
     policy: str = "enforce"
     signing_key: str | None = None  # Ed25519 private key (PEM): guard.json is signed into guard.json.sig
+    bundle_version: int | None = None  # guard.json's bundle_version; None: the creation time in Unix seconds
 
 
 def load_true_trigger(path: str | Path) -> tuple[AnyTrigger, int]:
@@ -434,6 +435,7 @@ def run_patch(
     if "activation_filter" in calib_result:
         sections["activation_filter"] = {**{k: v for k, v in calib_result["activation_filter"].items()
                                             if k != "filter_score"}, "layer": model.features_layer}
+    created = datetime.now(timezone.utc).replace(microsecond=0)
     manifest = GuardManifest.model_validate({
         "model": {"name": s.model_name, "file": "model.onnx", "sha256": phases.digest("export", "model.onnx"),
                   "opset": OPSET},
@@ -446,8 +448,8 @@ def run_patch(
                  "flagged_classes": flagged, "threshold": s.anomaly_threshold},
         "repair": {k: repair_result[k] for k in ("method", "before", "after", "summary")},
         "provenance": {"source_model": Path(model_path).name, "source_model_sha256": case.model_sha256,
-                       "tool_version": f"trojan-forensics {TOOL_VERSION}",
-                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                       "tool_version": f"trojan-forensics {TOOL_VERSION}", "created": created.isoformat()},
+        "bundle_version": int(created.timestamp()) if s.bundle_version is None else s.bundle_version,
     })
 
     # 5. evaluate on the test split, which neither calibration nor repair saw

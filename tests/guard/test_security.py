@@ -360,6 +360,8 @@ def test_a_file_swapped_after_its_check_is_not_what_the_guard_uses(tiny_bundle: 
     loaded = GuardBundle.load(bundle)
     monkeypatch.undo()
     assert hooked.swapped and np.array_equal(loaded.pool, pool)
+    assert loaded.manifest_bytes == (bundle / MANIFEST).read_bytes()  # identity: the manifest's own bytes
+    assert loaded.sha256 == sha256_file(bundle / MANIFEST)
     with pytest.raises(BundleError, match="SHA-256 mismatch"):
         GuardBundle.load(bundle)  # the swap is there, and caught by the next load
     shutil.rmtree(bundle)
@@ -382,3 +384,69 @@ def test_a_file_swapped_after_its_check_is_not_what_the_guard_uses(tiny_bundle: 
             await g.state.close()
 
     np.testing.assert_allclose(asyncio.run(served()), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- rollback at start: a signed bundle_version and a floor (issue 33) -----------------------------------------
+
+def _signed_version(source: Path, dest: Path, key: Path, version: int | None, created: str | None = None) -> Path:
+    """A copy of ``source`` with guard.json's bundle_version set (None: the field removed), signed by ``key``."""
+    shutil.copytree(source, dest)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    if version is None:
+        manifest.pop("bundle_version", None)
+    else:
+        manifest["bundle_version"] = version
+    if created:
+        manifest["provenance"]["created"] = created
+    data = json.dumps(manifest, indent=2).encode()
+    (dest / MANIFEST).write_bytes(data)
+    (dest / SIGNATURE).write_bytes(sign(data, load_private_key(key)))
+    return dest
+
+
+def test_a_signed_bundle_version_below_the_floor_is_refused_at_start_and_at_reload(
+        tiny_bundle: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from guard.dataplane import Guard
+    from guard.errors import UntrustedBundle
+    from guard.settings import GuardSettings
+
+    key, pub = keygen(tmp_path / "keys")
+    v3 = _signed_version(tiny_bundle, tmp_path / "v3", key, 3)
+    v5 = _signed_version(tiny_bundle, tmp_path / "v5", key, 5)
+    old = _signed_version(tiny_bundle, tmp_path / "old", key, None)  # written before the field: version 0
+    assert GuardBundle.load(old).manifest.bundle_version == 0
+
+    # inspect and serve refuse below the floor: exit 2, one line
+    ok = _cli("inspect", str(v5), "--trusted-key", str(pub), "--min-bundle-version", "4")
+    assert ok.returncode == 0 and "version 5," in ok.stdout, ok.stderr
+    for args in (("inspect", str(v3), "--min-bundle-version", "4"),
+                 ("serve", "--bundle", str(v3), "--trusted-key", str(pub), "--min-bundle-version", "4",
+                  "--port", "0", "--metrics-port", "0", "--admin-address", "off")):
+        run = _cli(*args)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        assert "bundle_version 3 is below --min-bundle-version 4" in lines[0], lines
+
+    # reload: below the serving version is a rollback unless allowed; below the floor never loads
+    def reload_from(start: Path, to: Path, **settings) -> str:
+        async def go() -> str:
+            g = Guard(GuardSettings(bundle=start, trusted_key=[pub], admin_address="off", metrics_port=0,
+                                    **settings))
+            await g.start()
+            try:
+                await g.reload(to)
+                return "reloaded"
+            except UntrustedBundle as exc:
+                assert exc.code == "FAILED_PRECONDITION"
+                return str(exc)
+            finally:
+                await g.current_state().close()
+        return asyncio.run(go())
+
+    assert "refused as a rollback: bundle_version 3" in reload_from(v5, v3)
+    assert "refused as a rollback: bundle_version 0" in reload_from(v5, old)
+    assert reload_from(v3, v5) == "reloaded"
+    assert reload_from(v5, v3, allow_rollback=True) == "reloaded"
+    assert "below --min-bundle-version 4" in reload_from(v5, v3, allow_rollback=True, min_bundle_version=4)

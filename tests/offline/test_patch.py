@@ -344,3 +344,22 @@ def test_sign_signs_only_a_finished_bundle_that_verifies(tiny_bundle: Path, tmp_
         write_bundle(tmp_path / "written", manifest, {n: tiny_bundle / n for n, _ in manifest.files()
                                                       if not n.startswith("report/")}, extra_dirs={"report": source})
     assert not (tmp_path / "written").exists()
+
+
+def test_bundle_version_is_signed_into_guard_json(tiny_case: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from guard.signing import keygen, trusted_keys
+    from offline.cli import main as forensics_main
+
+    default = GuardBundle.load(tiny_bundle).manifest  # no --bundle-version: the creation time in Unix seconds
+    assert default.bundle_version == int(datetime.fromisoformat(default.provenance.created).timestamp())
+    key, pub = keygen(tmp_path / "keys")
+    out = tmp_path / "bundle"
+    assert forensics_main(["patch", "--model", str(tiny_case / "model.pt"), "--data", str(tiny_case / "clean.npz"),
+                           "--out", str(out), "--max-steps", "2", "--samples-per-step", "64", "--no-early-stop",
+                           "--recover-restarts", "1", "--repair", "none", "--strip-n", "5", "--pool-size", "40",
+                           "--strip-group", "0", "--quiet", "--bundle-version", "7",
+                           "--signing-key", str(key)]) == 0
+    bundle = GuardBundle.load(out, trusted_keys([pub]))
+    assert bundle.manifest.bundle_version == 7 and b'"bundle_version": 7' in bundle.manifest_bytes
