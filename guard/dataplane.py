@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -206,17 +207,35 @@ class ServingState:
             if problem:
                 raise ReloadFailed(f"model returns {width} features; {problem}")
 
-    def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3) -> None:
-        """The thresholds only hold for the bundle's model: compare the upstream's logits with it."""
+    def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3, mixes: int = 24) -> None:
+        """The thresholds only hold for the bundle's model: compare the upstream's logits and features with it.
+
+        On 8 pool images and on ``mixes`` inputs the bundle does not carry: blends of two pool images with
+        noise, drawn from a seed nobody knows in advance (a new one at every load), so a server cannot answer
+        only the bundle's images right. Each output may differ by ``tolerance`` times its scale (at least 1).
+        """
         m = self.bundle.manifest
         reference = EmbeddedBackend(self.bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features,
                                     threads=1)
-        x = self.bundle.pool[:8]
-        error = float(np.abs(self.backend.infer(x)[0] - reference.infer(x)[0]).max())
-        if not error <= tolerance:
-            raise ReloadFailed(f"upstream {self.settings.upstream} model '{self.backend.model_name}' is not the "
-                               f"bundle's model: logits differ by {error:.3g} on pool images (tolerance "
-                               f"{tolerance:g}); deploy {self.bundle.model_path} to the upstream first")
+        pool = self.bundle.pool
+        rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+        first, second = rng.integers(0, len(pool), (2, mixes))
+        share = rng.uniform(0.2, 0.8, (mixes, *([1] * (pool.ndim - 1)))).astype(np.float32)
+        lo, hi = self.value_range
+        noise = rng.normal(0.0, 0.05 * (hi - lo), (mixes, *pool.shape[1:])).astype(np.float32)
+        x = np.concatenate([pool[:8], np.clip(share * pool[first] + (1 - share) * pool[second] + noise, lo, hi)
+                            .astype(np.float32)])
+        served, expected = self.backend.infer(x), reference.infer(x)
+        for name, got, want in zip((m.outputs.logits, m.outputs.features), served, expected, strict=True):
+            got = np.asarray(got).reshape(len(x), -1)
+            want = np.asarray(want).reshape(len(x), -1)
+            scale = max(1.0, float(np.abs(want).max()))
+            error = float(np.abs(got - want).max()) if got.shape == want.shape else math.inf
+            if not error <= tolerance * scale:
+                raise ReloadFailed(f"upstream {self.settings.upstream} model '{self.backend.model_name}' is not "
+                                   f"the bundle's model: {name} differ by {error:.3g} on pool images "
+                                   f"and fresh blends of them (tolerance {tolerance * scale:.3g}); deploy "
+                                   f"{self.bundle.model_path} to the upstream first")
 
     def set_gauges(self) -> None:
         m, metrics, name = self.bundle.manifest, self.metrics, self.model_name

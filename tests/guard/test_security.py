@@ -450,3 +450,43 @@ def test_a_signed_bundle_version_below_the_floor_is_refused_at_start_and_at_relo
     assert reload_from(v3, v5) == "reloaded"
     assert reload_from(v5, v3, allow_rollback=True) == "reloaded"
     assert "below --min-bundle-version 4" in reload_from(v5, v3, allow_rollback=True, min_bundle_version=4)
+
+
+def test_an_upstream_right_only_on_the_bundles_own_images_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The upstream check compares logits and features on fresh blends the bundle does not carry."""
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    from guard.backends import EmbeddedBackend
+    from guard.dataplane import ServingState, make_metrics
+    from guard.errors import ReloadFailed
+    from guard.settings import GuardSettings
+    from tests.conftest import other_model
+
+    bundle = GuardBundle.load(tiny_bundle)
+    m = bundle.manifest
+    honest = EmbeddedBackend(bundle.model_bytes, m.input.name)
+    other = EmbeddedBackend(other_model(tiny_bundle / "model.onnx"), m.input.name)
+    known = {row.tobytes() for row in bundle.pool}
+
+    def cheating(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # the bundle's model on its own images only
+        mine, theirs = honest.infer(x), other.infer(x)
+        on_pool = np.array([row.tobytes() in known for row in x])[:, None]
+        return np.where(on_pool, mine[0], theirs[0]), np.where(on_pool, mine[1], theirs[1])
+
+    def wrong_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = honest.infer(x)
+        return logits, features + 0.5
+
+    settings = GuardSettings(bundle=tiny_bundle, backend="upstream", upstream="127.0.0.1:1", admin_address="off",
+                             metrics_port=0)
+    with Pool(1) as pool:
+        state = ServingState(bundle, settings, make_metrics(bundle), "model", pool)
+        try:
+            state.backend.infer = honest.infer
+            state._check_upstream_serves_the_bundle()
+            for server, output in ((cheating, "logits"), (wrong_features, "features")):
+                state.backend.infer = server
+                with pytest.raises(ReloadFailed, match=f"is not the bundle's model: {output} differ by"):
+                    state._check_upstream_serves_the_bundle()
+        finally:
+            state.backend.close()
