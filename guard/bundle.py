@@ -544,7 +544,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _copy_plain(src: Path, target: Path) -> None:
-    """Copy a plain file; a symbolic link (the file or a directory on its way) is refused, never followed."""
+    """Copy a plain file, read once; a symbolic link is refused, never followed."""
     if src.is_symlink():
         raise BundleError(f"{src}: a symbolic link; a bundle holds only plain files, so none is copied into it")
     target.parent.mkdir(parents=True, exist_ok=True)

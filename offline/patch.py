@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -248,17 +247,13 @@ class _Phases:
 
 
 def _read_no_links(path: Path) -> bytes:
-    """A regular file's bytes; a symbolic link is refused, never followed."""
+    """A plain file's bytes (guard.bundle.read_file); a symbolic link is refused, never followed."""
+    from guard.bundle import BundleError, read_file
+
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        if path.is_symlink():
-            raise ForensicsError(f"{path}: a symbolic link; the job reads and copies no links") from exc
-        raise ForensicsError(f"{path}: unreadable ({exc})") from exc
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise ForensicsError(f"{path}: not a regular file; the job reads and copies only files")
-        return fh.read()
+        return read_file(path)
+    except BundleError as exc:
+        raise ForensicsError(str(exc)) from exc
 
 
 def _phase_files(root: Path) -> dict[str, str]:
@@ -393,7 +388,8 @@ def run_patch(
         err = export_onnx(model, phases.dir("export") / "model.onnx", test.x[:256])
         export_result = phases.finish("export", fp_export, {"file": "model.onnx", "opset": OPSET, "max_abs_error": err})
         say(f"      ONNX (opset {OPSET}) matches torch within {err:.1e} on {min(256, len(test))} held-out images")
-    backend = EmbeddedBackend(onnx_path, INPUT_NAME)
+    # calibration and evaluation run the very bytes the export recorded, which the bundle will carry
+    backend = EmbeddedBackend(phases.read("export", "model.onnx"), INPUT_NAME)
 
     # 4. calibrate
     calib_result = phases.result("calibrate", fp_calibrate)
