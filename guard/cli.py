@@ -53,8 +53,9 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--allow-rollback", dict(action="store_const", const=True, help="allow a reload to a bundle whose "
                                                                       "bundle_version is below the serving one's "
                                                                       "(refused by default)")),
-    ("--min-bundle-version", dict(type=int, help="refuse a bundle whose bundle_version (signed in guard.json) is "
-                                                 "below N, at start (exit 2) and at reload (default 0)")),
+    ("--min-bundle-version", dict(type=int, metavar="N",
+                                  help="refuse a bundle whose bundle_version (signed in guard.json) is below N, at "
+                                       "start (exit 2) and at reload (default 0)")),
     ("--watch-bundle-s", dict(type=float, help="check the bundle every this many seconds and reload when its "
                                                "guard.json changed, e.g. after a patch job rewrote it (default 0: "
                                                "off; SIGHUP and the admin RPC always reload)")),
