@@ -27,7 +27,7 @@ class EmbeddedBackend:
 
     name = "embedded"
 
-    def __init__(self, model_path: str | Path, input_name: str, logits: str = "logits",
+    def __init__(self, model: str | Path | bytes, input_name: str, logits: str = "logits",
                  features: str = "features", max_batch: int = 1024, threads: int | None = None,
                  spin: bool = True) -> None:
         options = ort.SessionOptions()
@@ -36,13 +36,16 @@ class EmbeddedBackend:
         # onnxruntime's idle threads busy-wait for the next run (its default): lower latency, but on cores
         # shared with other work it burns CPU (measured here: 4.2 ms of CPU per request with it, 2.3 without)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        # bytes: the model as the bundle verified it (GuardBundle.model_source), not the file read again
+        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                            providers=["CPUExecutionProvider"])
+        where = "the bundle's model" if isinstance(model, bytes) else str(model)
         names = {o.name for o in self.session.get_outputs()}
         missing = {logits, features} - names
         if missing:
-            raise ValueError(f"{model_path}: model has no output(s) {sorted(missing)}; it has {sorted(names)}")
+            raise ValueError(f"{where}: model has no output(s) {sorted(missing)}; it has {sorted(names)}")
         if input_name not in {i.name for i in self.session.get_inputs()}:
-            raise ValueError(f"{model_path}: model has no input '{input_name}'")
+            raise ValueError(f"{where}: model has no input '{input_name}'")
         self.input_name = input_name
         self.outputs = [logits, features]
         self.max_batch = max_batch

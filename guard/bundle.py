@@ -13,10 +13,13 @@ good bundle that was there.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +33,7 @@ from guard.screens.verdict import FITTED_ONLY
 
 SCHEMA_VERSION = 2
 MANIFEST = "guard.json"
+SIGNATURE = "guard.json.sig"  # guard.signing writes and checks it
 
 
 class BundleError(Exception):
@@ -100,6 +104,11 @@ class ScanSpec(_Strict):
     threshold: float
 
 
+class Attachment(_Strict):
+    file: str = Field(description="a file of the bundle the guard does not read (the forensic report's)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Provenance(_Strict):
     source_model: str
     source_model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -109,6 +118,10 @@ class Provenance(_Strict):
 
 class _Manifest(_Strict):
     schema_version: Literal[2] = SCHEMA_VERSION
+    bundle_version: int = Field(0, ge=0, description="set by the signer ('patch --bundle-version'; default the "
+                                "creation time in Unix seconds), under the signature: the guard refuses a bundle "
+                                "below --min-bundle-version, and a reload below the serving one; bundles written "
+                                "before the field are version 0")
     model: ModelSpec
     input: InputSpec
     outputs: OutputSpec = OutputSpec()
@@ -121,6 +134,10 @@ class _Manifest(_Strict):
     repair: dict[str, Any] = Field(default_factory=dict)
     evaluation: dict[str, Any] = Field(default_factory=dict, description="FRR/FAR on a held-out split")
     provenance: Provenance
+    attachments: list[Attachment] = Field(default_factory=list, description="every other file of the bundle "
+                                          "(the forensic report) with its SHA-256, so that the signature over "
+                                          "guard.json covers them too; a file the manifest does not list is "
+                                          "refused")
 
     @model_validator(mode="after")
     def _verdict_matches_detectors(self) -> _Manifest:
@@ -156,7 +173,7 @@ class _Manifest(_Strict):
         out = [(self.model.file, self.model.sha256), (self.clean_pool.file, self.clean_pool.sha256)]
         for _, spec in self.detector_specs():
             out += spec.files()
-        return out
+        return out + [(a.file, a.sha256) for a in self.attachments]
 
 
 # one optional section per registered detector (guard.screens.registry)
@@ -172,6 +189,38 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_file(path: str | Path) -> bytes:
+    """A plain file's bytes, read once; a symbolic link is refused (:class:`BundleError`), never followed."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: missing from the bundle") from exc
+    except OSError as exc:
+        if path.is_symlink():
+            raise BundleError(f"{path}: a symbolic link; a bundle holds only plain files") from exc
+        raise BundleError(f"{path}: unreadable ({exc})") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise BundleError(f"{path}: not a plain file")
+        return fh.read()
+
+
+def _only_listed(root: Path, listed: set[str]) -> None:
+    """Refuse a link, or a file that guard.json does not list, anywhere in the bundle."""
+    for here, dirs, names in os.walk(root):
+        for name in sorted(dirs + names):
+            path = Path(here) / name
+            if path.is_symlink():
+                raise BundleError(f"{path}: a symbolic link; a bundle holds only plain files")
+            rel = path.relative_to(root).as_posix()
+            if name in names and rel not in listed:
+                raise BundleError(f"{path}: not listed in guard.json; every file of a bundle is under its manifest "
+                                  f"(and so its signature); a bundle written before trojan-forensics listed its "
+                                  f"report: run 'trojan-forensics patch' again (a kept work directory reuses its "
+                                  f"phases)")
+
+
 def _inside(root: Path, name: str) -> Path:
     path = (root / name).resolve()
     if root.resolve() not in path.parents:
@@ -184,13 +233,20 @@ class GuardBundle:
 
     def __init__(self, root: Path, manifest: GuardManifest, pool: np.ndarray,
                  arrays: dict[str, dict[str, np.ndarray]] | None = None, sha256: str | None = None,
-                 signed: Any = None) -> None:
+                 signed: Any = None, manifest_bytes: bytes | None = None, model_bytes: bytes | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.pool = pool
         self.arrays = arrays or {}
         self._sha256 = sha256
         self.signed = signed  # guard.signing.Signed when verified against trusted keys
+        self.manifest_bytes = manifest_bytes  # the guard.json bytes that were verified and parsed
+        self.model_bytes = model_bytes  # the ONNX bytes that were verified: served from memory, never reread
+
+    @property
+    def model_source(self) -> bytes | Path:
+        """What a backend loads the model from: the verified bytes (a loaded bundle), else the file."""
+        return self.model_bytes if self.model_bytes is not None else self.model_path
 
     @property
     def model_path(self) -> Path:
@@ -241,22 +297,31 @@ class GuardBundle:
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
             raise BundleError(f"{manifest_path}: field '{where}': {first['msg']}"
                               + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")) from exc
-        for name, expected in manifest.files():
+        listed = manifest.files()
+        names = [Path(name).as_posix() for name, _ in listed]
+        if len(set(names)) != len(names):
+            raise BundleError(f"{manifest_path}: a file is listed twice")
+        _only_listed(root, {*names, MANIFEST, SIGNATURE})
+        read: dict[str, bytes] = {}  # the files the guard uses, each read once: hashed and parsed from these bytes
+        attachments = {a.file for a in manifest.attachments}
+        for name, expected in listed:
             path = _inside(root, name)
-            if not path.is_file():
-                raise BundleError(f"{path}: missing from the bundle")
-            actual = sha256_file(path)
+            content = read_file(root / name)
+            actual = hashlib.sha256(content).hexdigest()
+            if name not in attachments:
+                read[name] = content
             if actual != expected:
                 raise BundleError(f"{path}: SHA-256 mismatch (guard.json says {expected[:12]}..., "
                                   f"file is {actual[:12]}...); the file was changed or truncated")
         shape = tuple(manifest.input.shape[1:])
-        pool = _array(root, manifest.clean_pool.file, "clean pool", lambda a: a.ndim == 4 and a.shape[1:] == shape
+        pool = _array(root, manifest.clean_pool.file, read, "clean pool", lambda a: a.ndim == 4 and a.shape[1:] == shape
                       and a.dtype == np.float32, f"float32 (P, {', '.join(map(str, shape))})")
         if manifest.strip and len(pool) < manifest.strip.n:
             raise BundleError(f"{root / manifest.clean_pool.file}: {len(pool)} pool images, fewer than "
                               f"STRIP's n={manifest.strip.n}")
-        arrays = read_arrays(root, manifest)
-        return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed)
+        arrays = read_arrays(root, manifest, read)
+        return cls(root, manifest, pool, arrays, hashlib.sha256(data).hexdigest(), signed, data,
+                   read[manifest.model.file])
 
     def screen(self, seed: int = 0, sequential: bool = True, **alone: float | None):
         """The bundle's detectors and their one verdict, ready to screen (``guard.screens.Screen``).
@@ -283,7 +348,8 @@ class GuardBundle:
         m = self.manifest
         v, g = m.verdict, m.verdict.guarantee
         lines = [
-            f"bundle      {self.root} (schema {m.schema_version}, manifest sha256 {self.sha256[:16]}...)",
+            f"bundle      {self.root} (schema {m.schema_version}, version {m.bundle_version}, manifest sha256 "
+            f"{self.sha256[:16]}...)",
             f"model       '{m.model.name}' {m.model.file} (ONNX opset {m.model.opset}, "
             f"sha256 {m.model.sha256[:16]}...) verified",
             f"input       {m.input.name} {m.input.datatype} {m.input.shape} in "
@@ -317,16 +383,23 @@ class GuardBundle:
         return "\n".join(lines)
 
 
-def read_arrays(root: Path, manifest: GuardManifest) -> dict[str, dict[str, np.ndarray]]:
-    """Each detector's arrays from the files under ``root``, checked (checksums are the caller's)."""
-    read = BundleReader(lambda name, *a: _array(root, name, *a), lambda name, *a: _npz(root, name, *a),
-                        len(manifest.class_names))
-    return {d.name: spec.load(read) for d, spec in manifest.detector_specs()}
+def read_arrays(root: Path, manifest: GuardManifest, read: dict[str, bytes]) -> dict[str, dict[str, np.ndarray]]:
+    """Each detector's arrays, parsed from ``read`` (file name -> the bytes whose checksum was verified)."""
+    reader = BundleReader(lambda name, *a: _array(root, name, read, *a), lambda name, *a: _npz(root, name, read, *a),
+                          len(manifest.class_names))
+    return {d.name: spec.load(reader) for d, spec in manifest.detector_specs()}
 
 
-def _array(root: Path, name: str, what: str, ok, expected: str) -> np.ndarray:
+def check_bundle_version(bundle: GuardBundle, minimum: int) -> None:
+    """Refuse a bundle whose signed ``bundle_version`` is below ``minimum`` (``--min-bundle-version``)."""
+    if bundle.manifest.bundle_version < minimum:
+        raise BundleError(f"{bundle.root / MANIFEST}: bundle_version {bundle.manifest.bundle_version} is below "
+                          f"--min-bundle-version {minimum}; refused as a rollback to an older bundle")
+
+
+def _array(root: Path, name: str, read: dict[str, bytes], what: str, ok, expected: str) -> np.ndarray:
     try:
-        a = np.load(_inside(root, name), allow_pickle=False)
+        a = np.load(io.BytesIO(read[name]), allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise BundleError(f"{root / name}: {what} is not a readable .npy array ({exc})") from exc
     if not isinstance(a, np.ndarray) or not ok(a):
@@ -337,9 +410,9 @@ def _array(root: Path, name: str, what: str, ok, expected: str) -> np.ndarray:
     return a
 
 
-def _npz(root: Path, name: str, what: str, checks: dict) -> dict[str, np.ndarray]:
+def _npz(root: Path, name: str, read: dict[str, bytes], what: str, checks: dict) -> dict[str, np.ndarray]:
     try:
-        with np.load(_inside(root, name), allow_pickle=False) as z:
+        with np.load(io.BytesIO(read[name]), allow_pickle=False) as z:
             arrays = {k: z[k] for k in checks if k in z.files}
     except (ValueError, OSError) as exc:
         raise BundleError(f"{root / name}: {what} is not a readable .npz archive ({exc})") from exc
@@ -358,15 +431,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _copy_plain(src: Path, target: Path) -> None:
+    """Copy a plain file, read once; a symbolic link is refused, never followed."""
+    if src.is_symlink():
+        raise BundleError(f"{src}: a symbolic link; a bundle holds only plain files, so none is copied into it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.write_bytes(read_file(src))
+    except BundleError as exc:
+        raise BundleError(f"{exc}; not copied into the bundle") from exc
+
+
 def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Path | bytes | np.ndarray],
-                 extra_dirs: dict[str, Path] | None = None, signing_key: Any = None) -> Path:
+                 extra_dirs: dict[str, Path] | None = None, signer: Callable[[Path], Any] | None = None) -> Path:
     """Write a complete bundle to ``dest`` atomically.
 
     ``files`` maps names inside the bundle to a source path, raw bytes or an
-    array (saved as ``.npy``). The manifest's checksums must match them: the
+    array (saved as ``.npy``); ``extra_dirs`` maps names to directories copied
+    whole. No symbolic link is followed or copied: one is refused with
+    :class:`BundleError` naming it. The manifest must list every file with
+    its checksum (``attachments`` for those the guard does not read): the
     bundle is loaded and verified before it replaces anything at ``dest``.
-    ``signing_key`` (an Ed25519 private key): ``guard.json.sig`` is written
-    with it and verified too.
+    ``signer`` (e.g. ``lambda staged: guard.signing.sign_bundle(staged, key_file)``)
+    signs the complete, verified bundle in its staging directory before the
+    swap, so a signing key is read only once there is a finished bundle to sign.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -374,28 +462,33 @@ def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Pat
     try:
         for name, content in files.items():
             target = _inside(staging, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, np.ndarray):
                 with open(target, "wb") as fh:
                     np.save(fh, content, allow_pickle=False)
             elif isinstance(content, bytes):
                 target.write_bytes(content)
             else:
-                shutil.copyfile(content, target)
+                _copy_plain(Path(content), target)
         for name, src in (extra_dirs or {}).items():
-            shutil.copytree(src, _inside(staging, name))
+            src = Path(src)
+            for here, dirs, names in os.walk(src):
+                for entry in sorted(dirs + names):
+                    path = Path(here) / entry
+                    if path.is_symlink():
+                        raise BundleError(f"{path}: a symbolic link; a bundle holds only plain files, so none is "
+                                          f"copied into it")
+                    if entry in names:
+                        _copy_plain(path, _inside(staging, f"{name}/{path.relative_to(src).as_posix()}"))
         manifest_bytes = manifest.model_dump_json(indent=2).encode()
         (staging / MANIFEST).write_bytes(manifest_bytes)
-        trusted = None
-        if signing_key is not None:
-            from guard.signing import SIGNATURE, key_id, sign
-
-            (staging / SIGNATURE).write_bytes(sign(manifest_bytes, signing_key))
-            trusted = {key_id(signing_key.public_key()): (signing_key.public_key(), "the signing key")}
         for path in staging.rglob("*"):
             if path.is_file():
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
-        GuardBundle.load(staging, trusted)  # never publish a bundle the guard would refuse
+        GuardBundle.load(staging)  # never publish a bundle the guard would refuse
+        if signer is not None:
+            signer(staging)
         _fsync_dir(staging)
         if dest.exists():
             retired = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))

@@ -50,8 +50,12 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--tls-client-ca", dict(help="PEM CA certificates: require client certificates signed by them (mTLS)")),
     ("--trusted-key", dict(action="append", help="Ed25519 public key (PEM, from 'trojan-forensics keygen') whose "
                                                  "signature a bundle must carry; repeat for key rotation")),
-    ("--allow-rollback", dict(action="store_const", const=True, help="allow a reload to a bundle created before "
-                                                                      "the serving one (refused by default)")),
+    ("--allow-rollback", dict(action="store_const", const=True, help="allow a reload to a bundle whose "
+                                                                      "bundle_version is below the serving one's "
+                                                                      "(refused by default)")),
+    ("--min-bundle-version", dict(type=int, metavar="N",
+                                  help="refuse a bundle whose bundle_version (signed in guard.json) is below N, at "
+                                       "start (exit 2) and at reload (default 0)")),
     ("--watch-bundle-s", dict(type=float, help="check the bundle every this many seconds and reload when its "
                                                "guard.json changed, e.g. after a patch job rewrote it (default 0: "
                                                "off; SIGHUP and the admin RPC always reload)")),
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "declared input and outputs, and print a summary.")
     inspect.add_argument("bundle", help="bundle directory")
     inspect.add_argument("--json", action="store_true", help="print guard.json instead of the summary")
+    inspect.add_argument("--min-bundle-version", type=int, default=0, metavar="N",
+                         help="exit 2 when the bundle's bundle_version is below N")
     inspect.add_argument("--trusted-key", action="append", default=[],
                          help="Ed25519 public key (PEM): also verify guard.json.sig against it (repeatable); a "
                               "missing or bad signature exits 2")
@@ -108,15 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inspect(path: str, as_json: bool, keys: list[str]) -> None:
+def _inspect(path: str, as_json: bool, keys: list[str], min_version: int = 0) -> None:
     from guard.backends import EmbeddedBackend
-    from guard.bundle import BundleError, GuardBundle
+    from guard.bundle import BundleError, GuardBundle, check_bundle_version
     from guard.signing import signer, trusted_keys
 
     bundle = GuardBundle.load(path, trusted_keys([Path(k) for k in keys]) if keys else None)
+    check_bundle_version(bundle, min_version)
     m = bundle.manifest
     try:
-        EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features)
+        EmbeddedBackend(bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features)
     except Exception as exc:  # onnxruntime raises several types for a bad graph
         raise BundleError(f"{bundle.model_path}: onnxruntime cannot serve it ({exc})") from exc
     if as_json:
@@ -128,7 +135,7 @@ def _inspect(path: str, as_json: bool, keys: list[str]) -> None:
     else:
         kid = signer(bundle.root)
         print(f"signature   by key {kid}, not verified (give --trusted-key PUB)" if kid else
-              "signature   none: the bundle is unsigned ('trojan-forensics patch --signing-key KEY' signs it)")
+              "signature   none: the bundle is unsigned ('trojan-forensics sign BUNDLE --signing-key KEY' signs it)")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -186,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "inspect":
-            _inspect(args.bundle, args.json, args.trusted_key)
+            _inspect(args.bundle, args.json, args.trusted_key, args.min_bundle_version)
         elif args.command == "serve":
             _serve(args)
         elif args.command == "evidence":

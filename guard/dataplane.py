@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,7 @@ import numpy as np
 from guard import __version__
 from guard.backends import EmbeddedBackend, UpstreamBackend
 from guard.batching import AdaptiveBatcher
-from guard.bundle import BundleError, GuardBundle
+from guard.bundle import BundleError, GuardBundle, check_bundle_version
 from guard.errors import (
     GuardError,
     InvalidInput,
@@ -132,7 +134,7 @@ class ServingState:
                 max_message_bytes=max(batch_bytes + (1 << 20), 4 << 20),
                 on_error=lambda code: metrics.upstream_errors.labels(code).inc())
         else:
-            self.backend = EmbeddedBackend(bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
+            self.backend = EmbeddedBackend(bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features,
                                            threads=settings.threads, spin=settings.spin)
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
                                        executor, on_batch=self._on_batch)
@@ -205,17 +207,35 @@ class ServingState:
             if problem:
                 raise ReloadFailed(f"model returns {width} features; {problem}")
 
-    def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3) -> None:
-        """The thresholds only hold for the bundle's model: compare the upstream's logits with it."""
+    def _check_upstream_serves_the_bundle(self, tolerance: float = 1e-3, mixes: int = 24) -> None:
+        """The thresholds only hold for the bundle's model: compare the upstream's logits and features with it.
+
+        On 8 pool images and on ``mixes`` inputs the bundle does not carry: blends of two pool images with
+        noise, drawn from a seed nobody knows in advance (a new one at every load), so a server cannot answer
+        only the bundle's images right. Each output may differ by ``tolerance`` times its scale (at least 1).
+        """
         m = self.bundle.manifest
-        reference = EmbeddedBackend(self.bundle.model_path, m.input.name, m.outputs.logits, m.outputs.features,
+        reference = EmbeddedBackend(self.bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features,
                                     threads=1)
-        x = self.bundle.pool[:8]
-        error = float(np.abs(self.backend.infer(x)[0] - reference.infer(x)[0]).max())
-        if not error <= tolerance:
-            raise ReloadFailed(f"upstream {self.settings.upstream} model '{self.backend.model_name}' is not the "
-                               f"bundle's model: logits differ by {error:.3g} on pool images (tolerance "
-                               f"{tolerance:g}); deploy {self.bundle.model_path} to the upstream first")
+        pool = self.bundle.pool
+        rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+        first, second = rng.integers(0, len(pool), (2, mixes))
+        share = rng.uniform(0.2, 0.8, (mixes, *([1] * (pool.ndim - 1)))).astype(np.float32)
+        lo, hi = self.value_range
+        noise = rng.normal(0.0, 0.05 * (hi - lo), (mixes, *pool.shape[1:])).astype(np.float32)
+        x = np.concatenate([pool[:8], np.clip(share * pool[first] + (1 - share) * pool[second] + noise, lo, hi)
+                            .astype(np.float32)])
+        served, expected = self.backend.infer(x), reference.infer(x)
+        for name, got, want in zip((m.outputs.logits, m.outputs.features), served, expected, strict=True):
+            got = np.asarray(got).reshape(len(x), -1)
+            want = np.asarray(want).reshape(len(x), -1)
+            scale = max(1.0, float(np.abs(want).max()))
+            error = float(np.abs(got - want).max()) if got.shape == want.shape else math.inf
+            if not error <= tolerance * scale:
+                raise ReloadFailed(f"upstream {self.settings.upstream} model '{self.backend.model_name}' is not "
+                                   f"the bundle's model: {name} differ by {error:.3g} on pool images "
+                                   f"and fresh blends of them (tolerance {tolerance * scale:.3g}); deploy "
+                                   f"{self.bundle.model_path} to the upstream first")
 
     def set_gauges(self) -> None:
         m, metrics, name = self.bundle.manifest, self.metrics, self.model_name
@@ -265,6 +285,10 @@ class Guard:
         self.first_bundle = bundle or GuardBundle.load(self.bundle_path, self.trusted)
         if self.trusted is not None and self.first_bundle.signed is None:
             self.first_bundle.signed = verify(self.first_bundle.root, self.trusted)
+        try:
+            check_bundle_version(self.first_bundle, settings.min_bundle_version)
+        except BundleError as exc:
+            raise UntrustedBundle(str(exc)) from None
         self.metrics = metrics or make_metrics(self.first_bundle)
         self.model_name = settings.model_name or self.first_bundle.manifest.model.name
         # model runs and evidence writes leave the event loop; one model thread keeps batches in order
@@ -352,18 +376,27 @@ class Guard:
             return (old.sha256 if old else ""), state.sha256
 
     def _check_not_rollback(self, bundle: GuardBundle, target: Path) -> None:
-        """With signed bundles, a reload to one created before the serving bundle is a rollback."""
+        """Below --min-bundle-version is always refused; with signed bundles, so is a reload to a bundle whose
+        bundle_version is below the serving one's (or equal, and created earlier) unless --allow-rollback."""
+        try:
+            check_bundle_version(bundle, self.settings.min_bundle_version)
+        except BundleError as exc:
+            raise UntrustedBundle(f"{exc}; still serving the previous bundle") from None
         if self.trusted is None or self.settings.allow_rollback or self.state is None:
             return
-        new, serving = bundle.manifest.provenance.created, self.state.bundle.manifest.provenance.created
-        try:
-            older = datetime.fromisoformat(new) < datetime.fromisoformat(serving)
-        except (TypeError, ValueError):
-            older = True  # a signed bundle with an unreadable creation time is not trusted to be newer
+        new, serving = bundle.manifest, self.state.bundle.manifest
+        older = new.bundle_version < serving.bundle_version
+        if new.bundle_version == serving.bundle_version:
+            try:
+                older = (datetime.fromisoformat(new.provenance.created)
+                         < datetime.fromisoformat(serving.provenance.created))
+            except (TypeError, ValueError):
+                older = True  # a signed bundle with an unreadable creation time is not trusted to be newer
         if older:
-            raise UntrustedBundle(f"bundle {target} refused as a rollback: created {new}, before the serving "
-                                  f"bundle ({serving}); still serving the previous bundle (--allow-rollback "
-                                  f"permits it)")
+            raise UntrustedBundle(f"bundle {target} refused as a rollback: bundle_version {new.bundle_version} "
+                                  f"(created {new.provenance.created}), below the serving bundle's "
+                                  f"{serving.bundle_version} (created {serving.provenance.created}); still serving "
+                                  f"the previous bundle (--allow-rollback permits it)")
 
     @staticmethod
     def validate(x: np.ndarray, state: ServingState) -> None:

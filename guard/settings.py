@@ -47,7 +47,10 @@ class GuardSettings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed")
     trusted_key: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM); when given, "
                                     "a bundle must carry a guard.json.sig by one of them")
-    allow_rollback: bool = Field(False, description="allow a reload to a bundle created before the serving one")
+    allow_rollback: bool = Field(False, description="allow a reload to a bundle whose bundle_version is below the "
+                                 "serving one's (or equal and created earlier)")
+    min_bundle_version: int = Field(0, ge=0, description="refuse, at start and at reload, a bundle whose signed "
+                                    "bundle_version is below this")
     grace_s: float = Field(10.0, ge=0, description="how long shutdown waits for in-flight requests")
     watch_bundle_s: float = Field(0.0, ge=0, description="reload when the bundle's guard.json changes, checked "
                                                        "this often (0: only on SIGHUP or the admin RPC)")

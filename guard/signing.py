@@ -1,8 +1,9 @@
 """Bundle trust from a key, not from the bundle: Ed25519 signatures over ``guard.json``.
 
-``guard.json`` lists the SHA-256 of every file the guard reads (model, clean
-pool, k-NN reference, Mahalanobis statistics) and the bundle's creation time,
-so one signature over its exact bytes covers the whole bundle. The signature
+``guard.json`` lists the SHA-256 of every file of the bundle (model, clean
+pool, k-NN reference, Mahalanobis statistics, the forensic report's files)
+and the bundle's creation time, so one signature over its exact bytes covers
+the whole bundle; loading refuses a file it does not list. The signature
 lives beside it in ``guard.json.sig``, a small JSON document naming the key
 that made it::
 
@@ -22,6 +23,7 @@ import binascii
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +31,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from guard.bundle import MANIFEST, BundleError
+from guard.bundle import MANIFEST, SIGNATURE, BundleError, GuardBundle
 
-SIGNATURE = "guard.json.sig"
+__all__ = ["SIGNATURE", "SignatureError", "Signed", "key_id", "keygen", "load_private_key", "load_public_key",
+           "sign", "sign_bundle", "signer", "trusted_keys", "verify"]
 PRIVATE_KEY = "bundle-signing.key"
 PUBLIC_KEY = "bundle-signing.pub"
 
@@ -89,6 +92,31 @@ def sign(manifest_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
                        "signature": base64.b64encode(key.sign(manifest_bytes)).decode()}).encode() + b"\n"
 
 
+def sign_bundle(root: str | Path, key_file: str | Path) -> Signed:
+    """Sign a finished bundle in place: verify every file against guard.json, then sign those guard.json bytes.
+
+    The one signing step of ``trojan-forensics sign`` and ``patch --signing-key``: it reads the bundle and,
+    only once the bundle verified, the private key. ``guard.json.sig`` is replaced by a rename. Raises
+    :class:`BundleError` (a bundle that does not verify is not signed) or :class:`SignatureError`.
+    """
+    root = Path(root)
+    bundle = GuardBundle.load(root)
+    key = load_private_key(key_file)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{SIGNATURE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(sign(bundle.manifest_bytes, key))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, root / SIGNATURE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    signed = GuardBundle.load(root, {key_id(key.public_key()): (key.public_key(), str(key_file))}).signed
+    assert signed is not None
+    return signed
+
+
 @dataclass(frozen=True)
 class Signed:
     key_id: str
@@ -115,8 +143,8 @@ def verify(root: str | Path, trusted: dict[str, tuple[Ed25519PublicKey, str]],
     root = Path(root)
     sig_path, manifest_path = root / SIGNATURE, root / MANIFEST
     if not sig_path.is_file():
-        raise SignatureError(f"{sig_path}: missing; the bundle is unsigned (sign it with 'trojan-forensics patch "
-                             f"--signing-key KEY')")
+        raise SignatureError(f"{sig_path}: missing; the bundle is unsigned (sign it with 'trojan-forensics sign "
+                             f"BUNDLE --signing-key KEY')")
     try:
         doc = json.loads(sig_path.read_bytes())
         if not isinstance(doc, dict) or doc.get("algorithm") != "ed25519":

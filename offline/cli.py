@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--signing-key", default=None,
                    help="Ed25519 private key from 'trojan-forensics keygen': sign guard.json (which holds every "
                         "file's SHA-256) into guard.json.sig, for 'trojan-guard serve --trusted-key'")
+    g.add_argument("--bundle-version", type=_nonnegative_int, default=None, metavar="N",
+                   help="guard.json's bundle_version, under the signature: 'trojan-guard serve/inspect "
+                        "--min-bundle-version' refuse bundles below it and a reload below the serving one is a "
+                        "rollback (default: the creation time in Unix seconds, so a later job's is higher)")
     pa.add_argument("--true-trigger", default=None,
                     help="evaluation mode: attack.json from 'trojan-forensics train'; its trigger's ASR is reported")
     pa.add_argument("--work-dir", default=None, help="where phases keep results (default: OUT.work)")
@@ -281,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "'trojan-guard serve --trusted-key'). Refuses to overwrite a key.")
     kg.add_argument("--out", required=True, help="directory for the key pair")
 
+    sg = sub.add_parser("sign", help="sign a finished guard bundle with an Ed25519 key",
+                        description="Verify every file of BUNDLE against its guard.json (a bundle that does not "
+                                    "verify is not signed), then sign those guard.json bytes into "
+                                    "guard.json.sig. The one signing step: 'patch --signing-key' runs it on the "
+                                    "finished bundle before publishing it, so the key is read only then.")
+    sg.add_argument("bundle", help="bundle directory")
+    sg.add_argument("--signing-key", required=True, help="Ed25519 private key (PEM) from 'trojan-forensics keygen'")
     rp = sub.add_parser("report", help="write the forensic report (HTML + JSON) of a bundle",
                         description="Build the forensic report from a bundle written by 'patch' (which also "
                                     "writes it): one self-contained HTML file with the images embedded, and "
@@ -496,17 +507,22 @@ def _cmd_poison_rate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
-    from guard.bundle import BundleError, GuardBundle
+    import tempfile
+
+    from guard.bundle import SIGNATURE, BundleError, GuardBundle, read_file, write_bundle
     from offline.jobs import write_json_atomic
+    from offline.patch import attach, report_files
     from offline.report import build_report
 
     try:
         bundle = GuardBundle.load(args.bundle)
     except BundleError as exc:
         raise ForensicsError(str(exc)) from exc
-    report_dir = bundle.root / "report"
-    if not (report_dir / "scan.json").is_file():
-        raise ForensicsError(f"{report_dir}: no scan.json; was this bundle written by 'trojan-forensics patch'?")
+
+    if "report/scan.json" not in {name for name, _ in bundle.manifest.files()}:
+        raise ForensicsError(f"{bundle.root / 'report'}: no scan.json; was this bundle written by "
+                             f"'trojan-forensics patch'?")
+    audit = None
     if args.audit:
         try:
             audit = json.loads(Path(args.audit).read_text())
@@ -514,13 +530,38 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
             raise ForensicsError(f"{args.audit}: not a readable audit.json ({exc})") from exc
         if not isinstance(audit, dict) or "classes" not in audit or "activation_clustering" not in audit:
             raise ForensicsError(f"{args.audit}: not an audit.json written by 'trojan-forensics audit'")
-        write_json_atomic(report_dir / "audit.json", audit)
-    report = build_report(report_dir, bundle.manifest.model_dump(), args.true_trigger)
+    was_signed = (bundle.root / SIGNATURE).exists()
+    # the report is rebuilt beside the bundle and the bundle rewritten with it, so guard.json lists it
+    with tempfile.TemporaryDirectory() as tmp:
+        report_dir = Path(tmp) / "report"
+        kept = {}
+        for name, _ in bundle.manifest.files():
+            try:
+                data = read_file(bundle.root / name)  # checked again where write_bundle verifies the rewrite
+            except BundleError as exc:
+                raise ForensicsError(str(exc)) from exc
+            if name.startswith("report/"):
+                (report_dir / name[len("report/"):]).parent.mkdir(parents=True, exist_ok=True)
+                (report_dir / name[len("report/"):]).write_bytes(data)
+            else:
+                kept[name] = data
+        if audit is not None:
+            write_json_atomic(report_dir / "audit.json", audit)
+        report = build_report(report_dir, bundle.manifest.model_dump(), args.true_trigger)
+        written = report_files(report_dir)
+        try:
+            write_bundle(bundle.root, attach(bundle.manifest, written), {**kept, **written})
+        except BundleError as exc:
+            raise ForensicsError(str(exc)) from exc
+    report_dir = bundle.root / "report"
     print(report["verdict"]["headline"])
     for key in ("repair", "audit"):
         if key in report["verdict"]:
             print(report["verdict"][key])
     print(f"written: {report_dir / 'report.html'} and {report_dir / 'report.json'}")
+    if was_signed:
+        print(f"the report is listed in guard.json, which changed, so the old signature was dropped: sign the "
+              f"bundle again with 'trojan-forensics sign {bundle.root} --signing-key KEY'", file=sys.stderr)
     return report
 
 
@@ -629,7 +670,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                                         filter_score=args.filter_score, filter_top_share=args.filter_top_share,
                                         strip_frr=args.strip_frr, filter_fpr=args.filter_fpr),
         calibration_fraction=args.calibration_fraction, model_name=args.model_name, policy=args.policy,
-        signing_key=args.signing_key,
+        signing_key=args.signing_key, bundle_version=args.bundle_version,
     )
     return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
                      true_trigger_file=args.true_trigger, work_dir=args.work_dir, fresh=args.fresh,
@@ -707,6 +748,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_audit(args)
         elif args.command == "demo":
             _cmd_demo(args)
+        elif args.command == "sign":
+            from offline.patch import sign_finished_bundle
+
+            print(f"{args.bundle}: guard.json signed by key {sign_finished_bundle(args.bundle, args.signing_key)} "
+                  f"(guard.json.sig)")
         elif args.command == "keygen":
             _cmd_keygen(args)
         elif args.command == "poison-rate":

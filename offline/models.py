@@ -351,7 +351,7 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
             layer = features_layer or default_features_layer(list(net.named_modules()))
             model = ForensicModel(net, layer, output_index=output_index)
     elif path.suffix.lower() in (".pt", ".pth", ".ts"):
-        from offline.triage import triage_model
+        from offline.triage import check_torchscript_ops, triage_model
 
         triage_model(path)  # before torch sees the file: a pickle carrying code is refused here
         try:
@@ -361,6 +361,7 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
                 f"{path}: not a TorchScript model ({str(exc).splitlines()[0]}); save it with "
                 "torch.jit.script(model).save(path) or export it to ONNX"
             ) from exc
+        check_torchscript_ops(net, path)  # before anything runs: file, storage and foreign ops are refused
         net.eval()
         leaves = _verified_script_leaves(net, sample_t)
         model = ForensicModel(net, features_layer or default_features_layer(leaves), leaves=leaves)

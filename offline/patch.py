@@ -10,8 +10,11 @@ killed job never leaves half a bundle where a good one was.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from guard.backends import EmbeddedBackend
-from guard.bundle import GuardBundle, GuardManifest, read_arrays, sha256_file, write_bundle
+from guard.bundle import GuardBundle, GuardManifest, read_arrays, write_bundle
 from guard.screens.registry import DETECTORS
 from offline.attacks import AnyTrigger, load_trigger, stamp
 from offline.calibrate import CALIBRATION_VERSION, CalibrationSettings, calibrate, evaluate
@@ -51,6 +54,7 @@ class PatchSettings:
     model_name: str = "model"
     policy: str = "enforce"
     signing_key: str | None = None  # Ed25519 private key (PEM): guard.json is signed into guard.json.sig
+    bundle_version: int | None = None  # guard.json's bundle_version; None: the creation time in Unix seconds
 
 
 def load_true_trigger(path: str | Path) -> tuple[AnyTrigger, int]:
@@ -95,13 +99,47 @@ def calibration_share(data: Dataset, s: PatchSettings) -> float:
     return s.calibration_fraction or auto_calibration_fraction(len(data))
 
 
-def _signing_key(path: str):
-    from guard.signing import SignatureError, load_private_key
+def check_key_file(path: str | Path) -> Path:
+    """A signing key that is not there fails before the job runs, not an hour later; it is not read here."""
+    path = Path(path)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ForensicsError(f"--signing-key {path}: not a readable file")
+    return path
+
+
+def sign_finished_bundle(root: str | Path, key_file: str | Path) -> str:
+    """``trojan-forensics sign``: sign a finished bundle (every file verified first); returns the key id."""
+    from guard.bundle import BundleError
+    from guard.signing import sign_bundle
 
     try:
-        return load_private_key(path)
-    except SignatureError as exc:
-        raise ForensicsError(f"--signing-key: {exc}") from exc
+        return sign_bundle(root, key_file).key_id
+    except BundleError as exc:  # SignatureError included
+        raise ForensicsError(f"not signed: {exc}") from exc
+
+
+def report_files(report_dir: Path) -> dict[str, bytes]:
+    """Every file of a report directory as ``report/NAME`` -> its bytes, each read once; links refused."""
+    from guard.bundle import BundleError, read_file
+
+    out = {}
+    for here, dirs, names in os.walk(report_dir):
+        for entry in sorted(dirs + names):
+            path = Path(here) / entry
+            if path.is_symlink():
+                raise ForensicsError(f"{path}: a symbolic link; the job copies no links into a bundle (remove it)")
+            if entry in names:
+                try:
+                    out[f"report/{path.relative_to(report_dir).as_posix()}"] = read_file(path)
+                except BundleError as exc:
+                    raise ForensicsError(str(exc)) from exc
+    return out
+
+
+def attach(manifest: GuardManifest, files: dict[str, bytes]) -> GuardManifest:
+    """The manifest listing these files with their SHA-256 as its attachments."""
+    return GuardManifest.model_validate({**manifest.model_dump(), "attachments": [
+        {"file": name, "sha256": hashlib.sha256(data).hexdigest()} for name, data in sorted(files.items())]})
 
 
 def split_clean(data: Dataset, s: PatchSettings, share: float | None = None) -> tuple[Dataset, Dataset, Dataset]:
@@ -129,11 +167,17 @@ class _Phases:
 
     A phase's fingerprint chains the previous phase's with its own settings, so
     changing, say, the calibration settings reuses the scan and the repair but
-    redoes calibration and everything after it.
+    redoes calibration and everything after it. Its record also holds the
+    SHA-256 of every file the phase wrote; a finished phase is reused only
+    while its directory holds exactly those files with those digests (no more,
+    no links), so a file swapped in the work directory between runs is never
+    read, let alone signed: the phase is redone and ``warn`` says why.
     """
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, warn: Callable[[str], None]) -> None:
         self.work = work
+        self.warn = warn
+        self.digests: dict[str, dict[str, str]] = {}
         work.mkdir(parents=True, exist_ok=True)
 
     def result(self, phase: str, fingerprint: str) -> dict[str, Any] | None:
@@ -142,19 +186,98 @@ class _Phases:
             stored = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        return stored.get("result") if stored.get("fingerprint") == fingerprint else None
+        if not isinstance(stored, dict) or stored.get("fingerprint") != fingerprint:
+            return None
+        recorded = stored.get("files")
+        problem = self._changed(phase, recorded) if isinstance(recorded, dict) else \
+            "its record lists no file digests (written by an older trojan-forensics)"
+        if problem:
+            self.warn(f"trojan-forensics: phase {phase}: {problem}; redoing the phase instead of reusing it")
+            return None
+        self.digests[phase] = recorded
+        return stored.get("result")
+
+    def _changed(self, phase: str, recorded: dict[str, str]) -> str | None:
+        """Why the phase's files are not the ones it wrote, or None when they are."""
+        try:
+            found = _phase_files(self.work / phase)
+        except ForensicsError as exc:
+            return str(exc)
+        unexpected = sorted(set(found) - set(recorded))
+        if unexpected:
+            return f"{self.work / phase / unexpected[0]} was not written by the phase"
+        for name, expected in sorted(recorded.items()):
+            if name not in found:
+                return f"{self.work / phase / name} is missing"
+            actual = found[name]
+            if actual != expected:
+                return (f"{self.work / phase / name} changed since the phase wrote it (SHA-256 recorded "
+                        f"{expected[:12]}..., now {actual[:12]}...)")
+        return None
 
     def finish(self, phase: str, fingerprint: str, result: dict[str, Any]) -> dict[str, Any]:
-        write_json_atomic(self.work / phase / "result.json", {"fingerprint": fingerprint, "result": result})
+        (self.work / phase).mkdir(parents=True, exist_ok=True)
+        files = _phase_files(self.work / phase)
+        write_json_atomic(self.work / phase / "result.json", {"fingerprint": fingerprint, "result": result,
+                                                               "files": files})
+        self.digests[phase] = files
         return result
+
+    def digest(self, phase: str, name: str) -> str:
+        """The SHA-256 a finished phase recorded for one of its files."""
+        return self.digests[phase][name]
+
+    def read(self, phase: str, name: str) -> bytes:
+        """A finished phase's file, read once and checked against its recorded digest."""
+        path = self.work / phase / name
+        data = _read_no_links(path)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != self.digest(phase, name):
+            raise ForensicsError(f"{path} changed while the job ran (SHA-256 recorded {self.digest(phase, name)[:12]}"
+                                 f"..., now {actual[:12]}...); not signing it, run the job again")
+        return data
 
     def dir(self, phase: str) -> Path:
         """A clean directory for a phase about to run."""
         path = self.work / phase
-        if path.exists():
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
         return path
+
+
+def _read_no_links(path: Path) -> bytes:
+    """A plain file's bytes (guard.bundle.read_file); a symbolic link is refused, never followed."""
+    from guard.bundle import BundleError, read_file
+
+    try:
+        return read_file(path)
+    except BundleError as exc:
+        raise ForensicsError(str(exc)) from exc
+
+
+def _phase_files(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under a phase directory, except its record.
+
+    A symbolic link (to a file or a directory) or anything else that is not a
+    plain file is refused with :class:`ForensicsError` naming it.
+    """
+    if root.is_symlink() or not root.is_dir():
+        raise ForensicsError(f"{root}: not a plain directory")
+    out = {}
+    for here, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = Path(here) / name
+            if path.is_symlink():
+                raise ForensicsError(f"{path} is a symbolic link, which no phase writes")
+        for name in names:
+            path = Path(here) / name
+            rel = path.relative_to(root).as_posix()
+            if rel != "result.json":
+                out[rel] = hashlib.sha256(_read_no_links(path)).hexdigest()
+    return out
 
 
 def run_patch(
@@ -169,15 +292,20 @@ def run_patch(
     fresh: bool = False,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole offline job and write the guard bundle to ``out``; return the job summary."""
+    """Run the whole offline job and write the guard bundle to ``out``; return the job summary.
+
+    ``warn`` (default: a line on stderr) hears of finished phases that are redone because their files are
+    not the ones they wrote.
+    """
     s = settings or PatchSettings()
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     if fresh and work.exists():
         shutil.rmtree(work)
     started = time.perf_counter()
-    signing_key = _signing_key(s.signing_key) if s.signing_key else None  # a bad key fails now, not in an hour
+    key_file = check_key_file(s.signing_key) if s.signing_key else None  # read only once the bundle is finished
     case = load_case(model_path, data_spec, features_layer)
     true_trigger, true_target = (load_true_trigger(true_trigger_file) if true_trigger_file else (None, None))
     fit, calib, test = split_clean(case.data, s)
@@ -186,7 +314,7 @@ def run_patch(
     if min(len(fit), len(calib), len(test), len(scan_fit), len(scan_held)) < s.scan.batch_size:
         raise DataError(f"{case.data.source}: {len(case.data)} clean images are too few for the patch job; "
                         f"give at least {int(s.scan.batch_size / min(s.test_fraction, SCAN_SHARE)) + 1}")
-    phases = _Phases(work)
+    phases = _Phases(work, warn or (lambda line: print(line, file=sys.stderr)))
     model = case.model
     fp_scan = _digest(case.model_sha256, case.data.x.tobytes(), case.data.y.tobytes(), features_layer,
                       asdict(s.scan), s.anomaly_threshold, s.repeats, s.recover_restarts, s.test_fraction,
@@ -262,7 +390,8 @@ def run_patch(
         err = export_onnx(model, phases.dir("export") / "model.onnx", test.x[:256])
         export_result = phases.finish("export", fp_export, {"file": "model.onnx", "opset": OPSET, "max_abs_error": err})
         say(f"      ONNX (opset {OPSET}) matches torch within {err:.1e} on {min(256, len(test))} held-out images")
-    backend = EmbeddedBackend(onnx_path, INPUT_NAME)
+    # calibration and evaluation run the very bytes the export recorded, which the bundle will carry
+    backend = EmbeddedBackend(phases.read("export", "model.onnx"), INPUT_NAME)
 
     # 4. calibrate
     calib_result = phases.result("calibrate", fp_calibrate)
@@ -294,27 +423,37 @@ def run_patch(
     if "activation_filter" not in calib_result and flagged is not None and not flagged:
         say("      the activation filter is off: the scan flagged no class, so it has no trigger to watch")
     sections = {k: calib_result[k] for k in ("verdict", *(d.section for d in DETECTORS)) if k in calib_result}
+    created = datetime.now(timezone.utc).replace(microsecond=0)
     manifest = GuardManifest.model_validate({
-        "model": {"name": s.model_name, "file": "model.onnx", "sha256": sha256_file(onnx_path), "opset": OPSET},
+        "model": {"name": s.model_name, "file": "model.onnx", "sha256": phases.digest("export", "model.onnx"),
+                  "opset": OPSET},
         "input": {"name": INPUT_NAME, "shape": [-1, *case.data.input_shape], "value_range": (0.0, 1.0)},
         "class_names": case.data.class_names,
         "policy": s.policy,
-        "clean_pool": {"file": "clean_pool.npy", "sha256": sha256_file(calib_dir / "clean_pool.npy")},
+        "clean_pool": {"file": "clean_pool.npy", "sha256": phases.digest("calibrate", "clean_pool.npy")},
         **sections,
         "scan": {"method": s.scan.method, "anomaly_scale": s.scan.anomaly_scale, "anomaly_index": anomaly,
                  "flagged_classes": flagged, "threshold": s.anomaly_threshold},
         "repair": {k: repair_result[k] for k in ("method", "before", "after", "summary")},
         "provenance": {"source_model": Path(model_path).name, "source_model_sha256": case.model_sha256,
-                       "tool_version": f"trojan-forensics {TOOL_VERSION}",
-                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                       "tool_version": f"trojan-forensics {TOOL_VERSION}", "created": created.isoformat()},
+        "bundle_version": int(created.timestamp()) if s.bundle_version is None else s.bundle_version,
     })
+    # the pool and the detectors' files, each checked against the digest calibration recorded when it wrote it
+    files: dict[str, Path] = {manifest.model.file: onnx_path}
+    for name, digest in manifest.files()[1:]:
+        if digest != phases.digest("calibrate", name):
+            raise ForensicsError(f"{work / 'calibrate' / 'result.json'}: {name}'s SHA-256 differs from the one "
+                                 f"recorded when calibration wrote it; run the job again with --fresh")
+        files[name] = calib_dir / name
 
     # 5. evaluate on the test split, which neither calibration nor repair saw
     eval_result = phases.result("evaluate", fp_evaluate)
     header(5, "evaluate", eval_result is not None)
     if eval_result is None:
-        screen = GuardBundle(calib_dir, manifest, np.load(calib_dir / "clean_pool.npy"),
-                             read_arrays(calib_dir, manifest)).screen(seed=7)
+        read = {name: phases.read("calibrate", name) for name in files if name != manifest.model.file}
+        screen = GuardBundle(calib_dir, manifest, np.load(io.BytesIO(read[manifest.clean_pool.file])),
+                             read_arrays(calib_dir, manifest, read)).screen(seed=7)
         keep = test.y != suspect
         triggered = {"reversed_trigger": (stamp(test.x[keep], mask[None], pattern).astype(np.float32), suspect)}
         if true_trigger is not None:
@@ -334,22 +473,21 @@ def run_patch(
 
     # 6. bundle
     header(6, "bundle", False)
-    report_dir = work / "report"
-    if report_dir.exists():
-        shutil.rmtree(report_dir)
-    shutil.copytree(scan_dir, report_dir)
-    (report_dir / "result.json").unlink()
+    report_dir = phases.dir("report")
+    for name in sorted(phases.digests["scan"]):  # the files the scan wrote, as it wrote them; never a link
+        (report_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (report_dir / name).write_bytes(phases.read("scan", name))
     for phase, result in (("repair", repair_result), ("export", export_result), ("calibrate", calib_result),
                           ("evaluate", eval_result)):
         write_json_atomic(report_dir / f"{phase}.json", result)
     build_report(report_dir, manifest.model_dump(), true_trigger_file)
-    files = {name: calib_dir / name for name, _ in manifest.files() if name != manifest.model.file}
-    write_bundle(out, manifest, {**files, manifest.model.file: onnx_path}, extra_dirs={"report": report_dir},
-                 signing_key=signing_key)
-    if signing_key is not None:
-        from guard.signing import key_id
-
-        say(f"      guard.json signed by key {key_id(signing_key.public_key())} (guard.json.sig); serve with "
+    report = report_files(report_dir)
+    manifest = attach(manifest, report)
+    signed: list[str] = []
+    write_bundle(out, manifest, {**files, **report},
+                 signer=(lambda staged: signed.append(sign_finished_bundle(staged, key_file))) if key_file else None)
+    if signed:
+        say(f"      guard.json signed by key {signed[0]} (guard.json.sig); serve with "
             f"--trusted-key on its public key")
     summary = {
         "bundle": str(out), "flagged": flagged, "suspect_class": suspect,

@@ -80,3 +80,53 @@ def traffic(mnist_splits, badnets_model) -> dict[str, np.ndarray]:
     return {"clean_x": test.x[:60], "clean_y": test.y[:60],
             "triggered_x": badnets_model.trigger.apply(test.x[keep][:60]).astype(np.float32),
             "triggered_y": test.y[keep][:60]}
+
+
+@pytest.fixture(scope="session")
+def tiny_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clean CNN trained for one epoch on 500 digits, and 500 others as clean data: the patch job on it takes
+    seconds (2 scan steps, no repair, STRIP n=5), for tests of what the job does with its files, not how well."""
+    root = tmp_path_factory.mktemp("tiny-case")
+    train, clean = load_mnist().split(0.2, seed=0)[1].split(0.5, seed=0)
+    save_torchscript(train_backdoored_model(train, clean, None, epochs=1, seed=0).model, root / "model.pt")
+    clean.save_npz(root / "clean.npz")
+    return root
+
+
+def tiny_settings(**changes) -> PatchSettings:
+    """The tiny patch job's settings (``changes``: PatchSettings fields)."""
+    from offline.calibrate import CalibrationSettings
+    from offline.neural_cleanse import NeuralCleanseConfig
+
+    return PatchSettings(**{"scan": NeuralCleanseConfig(max_steps=2, samples_per_step=64, early_stop=False),
+                            "recover_restarts": 1, "repair": RepairSettings(method="none"),
+                            "calibration": CalibrationSettings(strip_n=5, pool_size=40, strip_group=0),
+                            **changes})
+
+
+def run_tiny_patch(case: Path, out: Path, work: Path | None = None, **changes) -> tuple[list[str], list[str]]:
+    """The tiny patch job writing ``out``; returns (its progress lines, its warnings)."""
+    said: list[str] = []
+    warned: list[str] = []
+    run_patch(case / "model.pt", str(case / "clean.npz"), out, settings=tiny_settings(**changes),
+              work_dir=work, progress=False, say=said.append, warn=warned.append)
+    return said, warned
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_case: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny patch job's bundle (unsigned); its work directory is beside it."""
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    run_tiny_patch(tiny_case, out)
+    return out
+
+
+def other_model(onnx_file: Path) -> bytes:
+    """The same ONNX graph with its first weight negated: a valid model, not the one that was written."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_file))
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(first), first.name))
+    return model.SerializeToString()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from guard.bundle import MANIFEST, GuardBundle, sha256_file
+from guard.bundle import MANIFEST, BundleError, GuardBundle, sha256_file
 from guard.proto import guard_admin_pb2 as admin_pb
 from guard.proto import guard_admin_pb2_grpc, inference_pb2_grpc
 from guard.proto import inference_pb2 as pb
@@ -310,3 +311,182 @@ def test_a_flood_beyond_max_queue_is_shed_at_once_and_the_guard_serves_on(
         assert int(logits_of(server.infer(x[7:8])).argmax()) == int(traffic["clean_y"][7])
     finally:
         assert server.stop() == 0
+
+
+# --- a bundle's files are read once: what was checked is what is used (issue 33) --------------------------------
+
+class _SwapAfterHashing:
+    """Stands in for hashlib in guard.bundle: once a file's digest is taken, ``swap`` replaces the file."""
+
+    def __init__(self, digest: str, swap) -> None:
+        self.digest, self.swap, self.swapped = digest, swap, False
+
+    def sha256(self, data: bytes = b""):
+        inner, outer = hashlib.sha256(data), self
+
+        class Digest:
+            def update(self, more: bytes) -> None:
+                inner.update(more)
+
+            def hexdigest(self) -> str:
+                value = inner.hexdigest()
+                if value == outer.digest and not outer.swapped:
+                    outer.swapped = True
+                    outer.swap()
+                return value
+
+        return Digest()
+
+
+def test_a_file_swapped_after_its_check_is_not_what_the_guard_uses(tiny_bundle: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import guard.bundle
+    from guard.dataplane import Guard
+    from guard.settings import GuardSettings
+    from tests.conftest import other_model
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    manifest = GuardBundle.load(bundle).manifest
+    pool = np.load(bundle / "clean_pool.npy")
+
+    # between the checksum and the parse: the pool is swapped the moment its digest has been taken
+    def swap_pool() -> None:
+        np.save(bundle / "clean_pool.npy", np.ones_like(pool))
+
+    hooked = _SwapAfterHashing(manifest.clean_pool.sha256, swap_pool)
+    monkeypatch.setattr(guard.bundle, "hashlib", hooked)
+    loaded = GuardBundle.load(bundle)
+    monkeypatch.undo()
+    assert hooked.swapped and np.array_equal(loaded.pool, pool)
+    assert loaded.manifest_bytes == (bundle / MANIFEST).read_bytes()  # identity: the manifest's own bytes
+    assert loaded.sha256 == sha256_file(bundle / MANIFEST)
+    with pytest.raises(BundleError, match="SHA-256 mismatch"):
+        GuardBundle.load(bundle)  # the swap is there, and caught by the next load
+    shutil.rmtree(bundle)
+    shutil.copytree(tiny_bundle, bundle)
+
+    # between load and serving: the model the guard runs is the one it verified
+    x = pool[:4]
+    from guard.backends import EmbeddedBackend
+
+    expected = EmbeddedBackend(bundle / "model.onnx", manifest.input.name).infer(x)[0]
+    g = Guard(GuardSettings(bundle=bundle, admin_address="off", metrics_port=0))
+    (bundle / "model.onnx").write_bytes(other_model(bundle / "model.onnx"))
+    assert not np.allclose(EmbeddedBackend(bundle / "model.onnx", manifest.input.name).infer(x)[0], expected)
+
+    async def served() -> np.ndarray:
+        await g.start()
+        try:
+            return g.current_state().backend.infer(x)[0]
+        finally:
+            await g.state.close()
+
+    np.testing.assert_allclose(asyncio.run(served()), expected, rtol=1e-5, atol=1e-6)
+
+
+# --- rollback at start: a signed bundle_version and a floor (issue 33) -----------------------------------------
+
+def _signed_version(source: Path, dest: Path, key: Path, version: int | None, created: str | None = None) -> Path:
+    """A copy of ``source`` with guard.json's bundle_version set (None: the field removed), signed by ``key``."""
+    shutil.copytree(source, dest)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    if version is None:
+        manifest.pop("bundle_version", None)
+    else:
+        manifest["bundle_version"] = version
+    if created:
+        manifest["provenance"]["created"] = created
+    data = json.dumps(manifest, indent=2).encode()
+    (dest / MANIFEST).write_bytes(data)
+    (dest / SIGNATURE).write_bytes(sign(data, load_private_key(key)))
+    return dest
+
+
+def test_a_signed_bundle_version_below_the_floor_is_refused_at_start_and_at_reload(
+        tiny_bundle: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from guard.dataplane import Guard
+    from guard.errors import UntrustedBundle
+    from guard.settings import GuardSettings
+
+    key, pub = keygen(tmp_path / "keys")
+    v3 = _signed_version(tiny_bundle, tmp_path / "v3", key, 3)
+    v5 = _signed_version(tiny_bundle, tmp_path / "v5", key, 5)
+    old = _signed_version(tiny_bundle, tmp_path / "old", key, None)  # written before the field: version 0
+    assert GuardBundle.load(old).manifest.bundle_version == 0
+
+    # inspect and serve refuse below the floor: exit 2, one line
+    ok = _cli("inspect", str(v5), "--trusted-key", str(pub), "--min-bundle-version", "4")
+    assert ok.returncode == 0 and "version 5," in ok.stdout, ok.stderr
+    for args in (("inspect", str(v3), "--min-bundle-version", "4"),
+                 ("serve", "--bundle", str(v3), "--trusted-key", str(pub), "--min-bundle-version", "4",
+                  "--port", "0", "--metrics-port", "0", "--admin-address", "off")):
+        run = _cli(*args)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        assert "bundle_version 3 is below --min-bundle-version 4" in lines[0], lines
+
+    # reload: below the serving version is a rollback unless allowed; below the floor never loads
+    def reload_from(start: Path, to: Path, **settings) -> str:
+        async def go() -> str:
+            g = Guard(GuardSettings(bundle=start, trusted_key=[pub], admin_address="off", metrics_port=0,
+                                    **settings))
+            await g.start()
+            try:
+                await g.reload(to)
+                return "reloaded"
+            except UntrustedBundle as exc:
+                assert exc.code == "FAILED_PRECONDITION"
+                return str(exc)
+            finally:
+                await g.current_state().close()
+        return asyncio.run(go())
+
+    assert "refused as a rollback: bundle_version 3" in reload_from(v5, v3)
+    assert "refused as a rollback: bundle_version 0" in reload_from(v5, old)
+    assert reload_from(v3, v5) == "reloaded"
+    assert reload_from(v5, v3, allow_rollback=True) == "reloaded"
+    assert "below --min-bundle-version 4" in reload_from(v5, v3, allow_rollback=True, min_bundle_version=4)
+
+
+def test_an_upstream_right_only_on_the_bundles_own_images_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The upstream check compares logits and features on fresh blends the bundle does not carry."""
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    from guard.backends import EmbeddedBackend
+    from guard.dataplane import ServingState, make_metrics
+    from guard.errors import ReloadFailed
+    from guard.settings import GuardSettings
+    from tests.conftest import other_model
+
+    bundle = GuardBundle.load(tiny_bundle)
+    m = bundle.manifest
+    honest = EmbeddedBackend(bundle.model_bytes, m.input.name)
+    other = EmbeddedBackend(other_model(tiny_bundle / "model.onnx"), m.input.name)
+    known = {row.tobytes() for row in bundle.pool}
+
+    def cheating(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # the bundle's model on its own images only
+        mine, theirs = honest.infer(x), other.infer(x)
+        on_pool = np.array([row.tobytes() in known for row in x])[:, None]
+        return np.where(on_pool, mine[0], theirs[0]), np.where(on_pool, mine[1], theirs[1])
+
+    def wrong_features(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = honest.infer(x)
+        return logits, features + 0.5
+
+    settings = GuardSettings(bundle=tiny_bundle, backend="upstream", upstream="127.0.0.1:1", admin_address="off",
+                             metrics_port=0)
+    with Pool(1) as pool:
+        state = ServingState(bundle, settings, make_metrics(bundle), "model", pool)
+        try:
+            state.backend.infer = honest.infer
+            state._check_upstream_serves_the_bundle()
+            for server, output in ((cheating, "logits"), (wrong_features, "features")):
+                state.backend.infer = server
+                with pytest.raises(ReloadFailed, match=f"is not the bundle's model: {output} differ by"):
+                    state._check_upstream_serves_the_bundle()
+        finally:
+            state.backend.close()

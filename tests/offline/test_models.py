@@ -124,3 +124,94 @@ def test_output_mask_prunes_units_and_channels(mnist_splits) -> None:
     torch.testing.assert_close(model(x), before)
     with pytest.raises(ModelLoadError, match="does not exist"):
         model.set_output_mask("nope", channels)
+
+
+# --- TorchScript code is inspected before it runs (issue 33) ---------------------------------------------------
+
+class _ReadsAFile(torch.nn.Module):
+    """A classifier whose forward reads any file the job can read (its bytes leak into the logits)."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+        self.fc = torch.nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leaked = torch.from_file(self.secret, size=4, dtype=torch.uint8).float()
+        return self.fc(x.flatten(1)) + leaked.sum() * 0.0
+
+
+@torch.jit.script
+def _peek(x: torch.Tensor, secret: str) -> torch.Tensor:
+    return x + torch.from_file(secret, size=1, dtype=torch.uint8).float()
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.sum() > 1e9):  # never taken on real data: the op hides in a branch of a called function
+            return _peek(x, self.secret)
+        return x
+
+
+class _HidesItDeeper(torch.nn.Module):
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), _Inner(secret), torch.nn.Linear(784, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _SetsState(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[int, bool]:
+        return (0, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[int, bool]) -> None:
+        self.training = state[1]
+
+
+def test_torchscript_that_reads_files_is_refused_before_it_runs(tmp_path: Path, mnist_splits,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from offline.cli import main as forensics_main
+    from offline.triage import check_torchscript_ops, triage_model
+
+    x = mnist_splits[1].x[:8]
+    secret = tmp_path / "signing.key"
+    secret.write_bytes(b"-----BEGIN PRIVATE KEY-----")
+    torch.jit.script(_ReadsAFile(str(secret))).save(str(tmp_path / "reads.pt"))
+    assert triage_model(tmp_path / "reads.pt")["findings"] == []  # the pickle scanner sees nothing
+    with pytest.raises(ModelLoadError, match=r"reads\.pt: refused, the TorchScript code of forward\(\) calls "
+                                             r"aten::from_file, a file or storage op"):
+        load_model(tmp_path / "reads.pt", x)
+    mnist_splits[1].save_npz(tmp_path / "clean.npz")
+    assert forensics_main(["scan", "--model", str(tmp_path / "reads.pt"), "--data", str(tmp_path / "clean.npz"),
+                           "--out", str(tmp_path / "scan"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "aten::from_file" in err, err
+
+    torch.jit.script(_HidesItDeeper(str(secret))).save(str(tmp_path / "deeper.pt"))
+    with pytest.raises(ModelLoadError, match=r"code of forward\(\) calls aten::from_file"):
+        load_model(tmp_path / "deeper.pt", x)
+
+    torch.jit.script(_SetsState()).save(str(tmp_path / "setstate.pt"))
+    with pytest.raises(ModelLoadError, match=r"defines __setstate__ .*which torch\.jit\.load would run"):
+        load_model(tmp_path / "setstate.pt", x)
+
+    net = SmallCNN()
+    save_torchscript(net, tmp_path / "clean.pt")
+    checked = check_torchscript_ops(torch.jit.load(str(tmp_path / "clean.pt")), tmp_path / "clean.pt")
+    assert checked["methods"] >= 2 and "aten::from_file" not in checked["ops"]
+    load_model(tmp_path / "clean.pt", x)

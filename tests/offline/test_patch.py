@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -220,3 +221,145 @@ def test_scope_suspect_spends_the_refusals_on_the_flagged_class(guard_only_bundl
     # and reports every detector's p-value next to the combined one
     v = decisions[-1].inputs[0]
     assert set(v.p_values) == {"strip", "knn", "activation"} and 0 < v.p_value <= 1
+
+
+# --- what the job signs is what its phases wrote (issue 33) ------------------------------------------------------
+
+def test_a_model_swapped_in_the_work_directory_is_redone_not_signed(tiny_case: Path, tmp_path: Path) -> None:
+    from tests.conftest import other_model, run_tiny_patch
+
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    run_tiny_patch(tiny_case, out, work)
+    planted = other_model(work / "export" / "model.onnx")
+    (work / "export" / "model.onnx").write_bytes(planted)  # whoever can write the work directory
+
+    said, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("phase export" in w and "model.onnx changed since the phase wrote it" in w for w in warned), warned
+    assert "[3/6] export" in said and "[2/6] repair: reused the finished result from a previous run" in said
+    served = (out / "model.onnx").read_bytes()
+    assert served != planted and (work / "export" / "model.onnx").read_bytes() != planted
+    assert GuardBundle.load(out).manifest.model.sha256 == hashlib.sha256(served).hexdigest()
+
+    # a file the phase never wrote, a missing one, a record from before digests: all redone, never reused
+    (work / "calibrate" / "extra.npy").write_bytes(b"not written by calibration")
+    _, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("phase calibrate" in w and "extra.npy was not written by the phase" in w for w in warned), warned
+    (work / "export" / "model.onnx").unlink()
+    _, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("model.onnx is missing" in w for w in warned), warned
+    record = json.loads((work / "scan" / "result.json").read_text())
+    del record["files"]
+    (work / "scan" / "result.json").write_text(json.dumps(record))
+    said, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("phase scan" in w and "no file digests" in w for w in warned) and "[1/6] scan" in said, warned
+    GuardBundle.load(out)
+
+
+def _key_body(key: Path) -> bytes:
+    """The base64 line of a PEM private key: what would show if its bytes were copied anywhere."""
+    return key.read_bytes().splitlines()[1]
+
+
+def test_a_link_to_the_signing_key_in_the_work_directory_never_reaches_the_bundle(
+        tiny_case: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import guard.signing
+    from guard.signing import keygen, trusted_keys
+    from tests.conftest import run_tiny_patch
+
+    key, pub = keygen(tmp_path / "keys")
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    run_tiny_patch(tiny_case, out, work)
+    (work / "scan" / "notes.txt").symlink_to(key)  # planted where the report copy used to follow links
+    (work / "report").mkdir(exist_ok=True)
+    (work / "report" / "key.pem").symlink_to(key)
+    key_reads: list[bool] = []
+    real_load = guard.signing.load_private_key
+
+    def load_private_key(path):  # the key is read once, when every phase is done and the bundle is complete
+        key_reads.append((work / "evaluate" / "result.json").exists() and (work / "report" / "report.html").exists())
+        return real_load(path)
+
+    monkeypatch.setattr(guard.signing, "load_private_key", load_private_key)
+    said, warned = run_tiny_patch(tiny_case, out, work, signing_key=str(key))
+    assert any("phase scan" in w and "notes.txt is a symbolic link" in w for w in warned), warned
+    assert key_reads == [True] and any("signed by key" in line for line in said)
+    body = _key_body(key)
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+    assert not any(body in (out / name).read_bytes() for name in on_disk)
+    bundle = GuardBundle.load(out, trusted_keys([pub]))
+    assert bundle.signed is not None
+    listed = {name for name, _ in bundle.manifest.files()}
+    assert on_disk == listed | {"guard.json", "guard.json.sig"}  # every file is under the signed manifest
+    assert {"report/report.html", "report/scan.json"} <= listed
+
+    # a link the job would have to copy itself is refused, naming it
+    (work / "calibrate" / "clean_pool.npy").unlink()
+    (work / "calibrate" / "clean_pool.npy").symlink_to(key)
+    _, warned = run_tiny_patch(tiny_case, out, work)
+    assert any("clean_pool.npy is a symbolic link" in w for w in warned), warned
+    assert not any(body in p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+
+def test_sign_signs_only_a_finished_bundle_that_verifies(tiny_bundle: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from guard.signing import SIGNATURE, keygen, trusted_keys
+    from offline.cli import main as forensics_main
+
+    key, pub = keygen(tmp_path / "keys")
+
+    def variant(name: str) -> Path:
+        shutil.copytree(tiny_bundle, tmp_path / name)
+        return tmp_path / name
+
+    good = variant("good")
+    assert forensics_main(["sign", str(good), "--signing-key", str(key)]) == 0
+    assert GuardBundle.load(good, trusted_keys([pub])).signed is not None
+    capsys.readouterr()
+
+    changed = variant("changed")
+    with open(changed / "report" / "report.html", "ab") as fh:
+        fh.write(b"<script>appended after the job</script>")
+    unlisted = variant("unlisted")
+    (unlisted / "report" / "extra.txt").write_text("not written by the job")
+    linked = variant("linked")
+    (linked / "report" / "key.pem").symlink_to(key)
+    for bundle, reason in ((changed, "SHA-256 mismatch"), (unlisted, "not listed in guard.json"),
+                           (linked, "a symbolic link")):
+        assert forensics_main(["sign", str(bundle), "--signing-key", str(key)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "not signed" in err and reason in err, err
+        assert not (bundle / SIGNATURE).exists()
+        with pytest.raises(BundleError, match=reason):
+            GuardBundle.load(bundle)
+
+    # the writer copies no link either: one in a directory it is given is refused, naming it
+    from guard.bundle import write_bundle
+
+    source = tmp_path / "report-with-link"
+    shutil.copytree(tiny_bundle / "report", source)
+    (source / "key.pem").symlink_to(key)
+    manifest = GuardBundle.load(tiny_bundle).manifest
+    with pytest.raises(BundleError, match="key.pem: a symbolic link"):
+        write_bundle(tmp_path / "written", manifest, {n: tiny_bundle / n for n, _ in manifest.files()
+                                                      if not n.startswith("report/")}, extra_dirs={"report": source})
+    assert not (tmp_path / "written").exists()
+
+
+def test_bundle_version_is_signed_into_guard_json(tiny_case: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from guard.signing import keygen, trusted_keys
+    from offline.cli import main as forensics_main
+
+    default = GuardBundle.load(tiny_bundle).manifest  # no --bundle-version: the creation time in Unix seconds
+    assert default.bundle_version == int(datetime.fromisoformat(default.provenance.created).timestamp())
+    key, pub = keygen(tmp_path / "keys")
+    out = tmp_path / "bundle"
+    assert forensics_main(["patch", "--model", str(tiny_case / "model.pt"), "--data", str(tiny_case / "clean.npz"),
+                           "--out", str(out), "--max-steps", "2", "--samples-per-step", "64", "--no-early-stop",
+                           "--recover-restarts", "1", "--repair", "none", "--strip-n", "5", "--pool-size", "40",
+                           "--strip-group", "0", "--quiet", "--bundle-version", "7",
+                           "--signing-key", str(key)]) == 0
+    bundle = GuardBundle.load(out, trusted_keys([pub]))
+    assert bundle.manifest.bundle_version == 7 and b'"bundle_version": 7' in bundle.manifest_bytes
