@@ -16,10 +16,12 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--bundle", dict(help="guard bundle directory (TROJAN_GUARD_BUNDLE)")),
     ("--host", dict(help="address to bind (default 0.0.0.0)")),
     ("--port", dict(type=int, help="gRPC port: Open Inference Protocol, health, reflection (default 8001)")),
-    ("--admin-address", dict(help="listener of the admin service (Status, ReloadBundle): HOST:PORT or unix:PATH, "
-                                  "never the client port (default 127.0.0.1:8003; 'off' turns it off)")),
+    ("--admin-address", dict(help="listener of the admin service (Status, ReloadBundle): HOST:PORT or unix:PATH "
+                                  "(made mode 0600), never the client port (default 127.0.0.1:8003; 'off' turns "
+                                  "it off); off loopback it needs --admin-token-file")),
     ("--admin-token-file", dict(help="admin calls must carry 'authorization: Bearer TOKEN', TOKEN this file's "
-                                     "content (at least 16 characters)")),
+                                     "content (at least 16 characters); required when --admin-address is not "
+                                     "loopback or a unix socket")),
     ("--metrics-port", dict(type=int, help="Prometheus /metrics HTTP port, 0 turns it off (default 8002)")),
     ("--model-name", dict(help="model name clients use (default: the bundle's)")),
     ("--policy", dict(choices=("enforce", "flag", "shadow"),
@@ -136,6 +138,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from pydantic import ValidationError
 
+    from guard.errors import GuardError
     from guard.server import serve
     from guard.settings import GuardSettings
 
@@ -145,7 +148,7 @@ def _serve(args: argparse.Namespace) -> None:
         settings = GuardSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise SystemExit(f"trojan-guard: error: {problems}") from None
+        raise GuardError(problems) from None  # exit 2, one line, like a bad bundle
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s trojan-guard %(levelname)s %(message)s")
     asyncio.run(serve(settings))

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -231,6 +233,22 @@ def _server_credentials(settings: GuardSettings) -> grpc.ServerCredentials | Non
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _bind_admin(admin_server: grpc.aio.Server, address: str) -> None:
+    """Bind the admin listener; a unix socket is created mode 0600 (owner only), whatever the umask."""
+    path = Path(address[len("unix:"):]) if address.startswith("unix:") else None
+    previous = os.umask(0o177) if path is not None else None  # no window in which the socket is wider
+    try:
+        admin_server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind the admin listener {address} (in use, or not an address of this host; "
+                      f"--admin-address off turns it off)") from exc
+    finally:
+        if previous is not None:
+            os.umask(previous)
+    if path is not None and path.exists():
+        os.chmod(path, 0o600)
+
+
 async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
                 started: Callable[[int, int], None] | None = None) -> None:
     """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle."""
@@ -260,14 +278,10 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
         raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)") from exc
     admin_server = None
     if settings.admin_address != "off":
-        admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
         admin_server.add_generic_rpc_handlers(_admin_handlers(AdminServicer(guard, inference), _admin_token(settings)))
         reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), admin_server)
-        try:
-            admin_server.add_insecure_port(settings.admin_address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot bind the admin listener {settings.admin_address} (in use, or not an address "
-                          f"of this host; --admin-address off turns it off)") from exc
+        _bind_admin(admin_server, settings.admin_address)
     try:
         metrics_server = guard.metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port else None
     except OSError as exc:

@@ -5,6 +5,7 @@ Flags win over environment variables, which win over the defaults below.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,19 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Policy = Literal["enforce", "flag", "shadow"]
+
+
+def admin_is_local(address: str) -> bool:
+    """Whether an admin listener's address is reachable from this host only: loopback or a unix socket."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface; '' binds them all
 
 
 class GuardSettings(BaseSettings):
@@ -23,7 +37,7 @@ class GuardSettings(BaseSettings):
     admin_address: str = Field("127.0.0.1:8003", description="listener of the admin service (Status, "
                                "ReloadBundle): HOST:PORT or unix:PATH, never the client port; 'off': none")
     admin_token_file: Path | None = Field(None, description="admin calls must carry 'authorization: Bearer "
-                                          "<the file's content>'")
+                                          "<the file's content>'; required off loopback")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics HTTP port")
     model_name: str | None = Field(None, description="name clients use; default: the bundle's model name")
     policy: Policy | None = Field(None, description="enforce | flag | shadow; default: the bundle's policy")
@@ -68,6 +82,9 @@ class GuardSettings(BaseSettings):
         if self.admin_address != "off" and not (self.admin_address.startswith("unix:")
                                                 or self.admin_address.rpartition(":")[2].isdigit()):
             raise ValueError(f"--admin-address '{self.admin_address}' must be HOST:PORT, unix:PATH or off")
+        if self.admin_address != "off" and self.admin_token_file is None and not admin_is_local(self.admin_address):
+            raise ValueError(f"--admin-address {self.admin_address} is reachable from other hosts: it needs "
+                             f"--admin-token-file (or a loopback address, or unix:PATH)")
         if self.evidence_segment_bytes > self.evidence_max_bytes:
             raise ValueError("--evidence-segment-bytes must not exceed --evidence-max-bytes")
         return self

@@ -1,10 +1,13 @@
-"""Nobody gets around the guard or into it: admin isolation, signed bundles, mTLS, overload shedding."""
+"""Nobody gets around the guard or into it: admin isolation, signed bundles, mTLS, overload shedding, no score
+oracle, bounded evidence and concurrency."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,9 +47,14 @@ def test_admin_token_on_a_unix_socket(guard_only_bundle: Path, tmp_path: Path,
     token = tmp_path / "admin.token"
     token.write_text("s3cret-token-0123456789\n")
     socket = tmp_path / "admin.sock"
-    server = GuardProcess(guard_only_bundle, tmp_path, "--admin-address", f"unix:{socket}",
-                          "--admin-token-file", str(token))
+    umask = os.umask(0o022)  # a usual umask would leave the socket 0755: anyone on the host could connect
     try:
+        server = GuardProcess(guard_only_bundle, tmp_path, "--admin-address", f"unix:{socket}",
+                              "--admin-token-file", str(token))
+    finally:
+        os.umask(umask)
+    try:
+        assert stat.S_IMODE(socket.stat().st_mode) == 0o600
         with grpc.insecure_channel(f"unix:{socket}") as channel:
             admin = _admin(channel)
             for metadata in ((), (("authorization", "Bearer wrong-token-0123456789"),),
@@ -62,6 +70,22 @@ def test_admin_token_on_a_unix_socket(guard_only_bundle: Path, tmp_path: Path,
         assert int(logits_of(server.infer(traffic["clean_x"][:1])).argmax()) == int(traffic["clean_y"][0])
     finally:
         assert server.stop() == 0
+
+
+def test_an_admin_listener_off_loopback_needs_a_token(guard_only_bundle: Path, tmp_path: Path) -> None:
+    def serve(address: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(guard_only_bundle),
+                               "--port", "0", "--metrics-port", "0", "--admin-address", address, *flags],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    for address in ("0.0.0.0:8003", "[::]:8003", ":8003", "10.1.2.3:8003", "guard.example:8003"):
+        run = serve(address)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, (address, run.stderr)
+        assert f"--admin-address {address} is reachable from other hosts: it needs --admin-token-file" in lines[0]
+    from guard.settings import admin_is_local
+    assert all(admin_is_local(a) for a in ("127.0.0.1:8003", "127.0.0.9:1", "[::1]:8003", "localhost:8003",
+                                            "unix:/run/guard.sock"))
 
 
 # --- signed bundles -------------------------------------------------------------------------------------------
