@@ -45,6 +45,11 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--max-queue", dict(type=int, help="inputs that may wait to be screened (default 256); a request beyond it "
                                         "is shed at once with RESOURCE_EXHAUSTED, counted in "
                                         "trojan_guard_request_errors_total{reason=\"overloaded\"}")),
+    ("--expose-scores", dict(action="store_const", const=True,
+                             help="answers and refusals carry each detector's score and p-value, and clients "
+                                  "may ask for the features and guard_scores outputs; for trusted deployments "
+                                  "only, since scores let an attacker tune a trigger (default: clients get the "
+                                  "verdict; scores go to metrics and evidence)")),
     ("--evidence-dir", dict(help="keep flagged inputs here (append-only, fsync-ed; default: off)")),
     ("--evidence-max-bytes", dict(type=int, help="evidence kept before the oldest segments go (default 1 GiB)")),
     ("--tls-cert", dict(help="PEM certificate chain: serve gRPC over TLS")),

@@ -86,9 +86,9 @@ class Refused(GuardError):
     code = "PERMISSION_DENIED"
     reason = "refused"
 
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(f"refused by trojan-guard: input flagged as triggered by "
-                         f"{' and '.join(decision.detectors)} (policy enforce, bundle "
+    def __init__(self, decision: Decision, expose_scores: bool = False) -> None:
+        by = f" by {' and '.join(decision.detectors)}" if expose_scores else ""  # which detector: an oracle too
+        super().__init__(f"refused by trojan-guard: input flagged as triggered{by} (policy enforce, bundle "
                          f"{decision.bundle_sha256[:12]})")
         self.decision = decision
 
@@ -401,7 +401,7 @@ class Guard:
             await self._keep_evidence(state, x, decision, request_id)
             if decision.policy == "enforce":
                 decision.action = "refused"
-                raise Refused(decision)
+                raise Refused(decision, self.settings.expose_scores)
         return decision
 
     def _record(self, state: ServingState, decision: Decision) -> None:

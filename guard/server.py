@@ -99,17 +99,20 @@ class InferenceServicer:
         state = self.guard.current_state()
         m = state.bundle.manifest
         k = len(m.class_names)
+        outputs = [pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, k])]
+        if self.guard.settings.expose_scores:
+            outputs.append(pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
+                                                                   shape=[-1, len(state.columns)]))
         return pb.ModelMetadataResponse(
             name=self.guard.model_name, versions=["1"],
             platform="onnxruntime_onnx" if state.backend.name == "embedded" else "trojan-guard-upstream",
             inputs=[pb.ModelMetadataResponse.TensorMetadata(name=m.input.name, datatype="FP32",
                                                             shape=m.input.shape)],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, k]),
-                     pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
-                                                             shape=[-1, len(state.columns)])])
+            outputs=outputs)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         guard, metrics = self.guard, self.guard.metrics
+        expose = guard.settings.expose_scores
         start = time.perf_counter()
         metrics.in_flight.inc()
         try:
@@ -117,16 +120,16 @@ class InferenceServicer:
             state = guard.current_state()
             spec = state.bundle.manifest.input
             x = decode_inputs(request, spec.name, spec.shape, guard.settings.max_request_inputs)
-            outputs = requested_outputs(request)
+            outputs = requested_outputs(request, expose)
             metrics.stage["decode"].observe(time.perf_counter() - start)
             decision = await guard.infer(x, request.id)
-            response = encode_response(request, decision, guard.model_name, outputs)
+            response = encode_response(request, decision, guard.model_name, outputs, expose)
             guard.count_outcome(decision.verdict, "answered")
             return response
         except Refused as exc:
             guard.count_outcome("flagged", "refused")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc),
-                                trailing_metadata=trailing_metadata(exc.decision))
+                                trailing_metadata=trailing_metadata(exc.decision, expose))
         finally:
             metrics.in_flight.dec()
             metrics.stage["total"].observe(time.perf_counter() - start)

@@ -53,6 +53,9 @@ class GuardSettings(BaseSettings):
     max_request_inputs: int = Field(64, ge=1, description="inputs one request may carry")
     max_queue: int = Field(256, ge=1, description="inputs waiting for a batch; a request beyond it is shed "
                            "at once with RESOURCE_EXHAUSTED")
+    expose_scores: bool = Field(False, description="answers and refusals carry every detector's score and "
+                                "p-value, and clients may ask for the features and guard_scores outputs (trusted "
+                                "deployments only: scores let an attacker tune a trigger); default: the verdict")
     evidence_dir: Path | None = Field(None, description="where flagged inputs are kept; off when unset")
     evidence_max_bytes: int = Field(1 << 30, ge=1 << 16, description="evidence kept on disk before rotation")
     evidence_segment_bytes: int = Field(64 << 20, ge=1 << 12)

@@ -334,3 +334,40 @@ def test_a_flood_beyond_max_queue_is_shed_at_once_and_the_guard_serves_on(
         assert int(logits_of(server.infer(x[7:8])).argmax()) == int(traffic["clean_y"][7])
     finally:
         assert server.stop() == 0
+
+
+# --- scores are not an oracle ---------------------------------------------------------------------------------
+
+VERDICT_ONLY = {"guard_verdict", "guard_flagged", "guard_flagged_count", "guard_policy", "guard_bundle_sha256",
+                "guard_input_flags"}
+
+
+def test_scores_are_no_oracle_clients_get_the_verdict_only(
+        guard_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
+    from guard.evidence import read_evidence
+
+    p_values_before = guard_server.metric("trojan_guard_p_value_count", detector="combined")
+    # a refusal: the verdict in trailing metadata, no detector, score or p-value; not in the message either
+    with pytest.raises(grpc.RpcError) as info:
+        guard_server.infer(traffic["triggered_x"][2:3], request_id="tuning-1")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    trailer = {k for k, _ in info.value.trailing_metadata() if k.startswith("guard-")}
+    assert trailer == {k.replace("_", "-") for k in VERDICT_ONLY}, trailer
+    assert not any(name in info.value.details() for name in ("strip", "knn", "activation", "mahalanobis"))
+    # an answer: the verdict in parameters, nothing else
+    answer = guard_server.infer(traffic["clean_x"][:2])
+    assert set(answer.parameters) <= VERDICT_ONLY and "guard_verdict" in answer.parameters
+    # the score outputs: refused, with how a trusted deployment turns them on
+    for output in ("features", "guard_scores"):
+        with pytest.raises(grpc.RpcError) as info:
+            guard_server.infer(traffic["clean_x"][:1], outputs=("logits", output))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "--expose-scores" in info.value.details()
+    meta = guard_server.stub.ModelMetadata(pb.ModelMetadataRequest(name="model"), timeout=5)
+    assert [o.name for o in meta.outputs] == ["logits"]
+    # the operators still get them: metrics and evidence
+    assert guard_server.metric("trojan_guard_p_value_count", detector="combined") >= p_values_before + 3
+    kept = [r for r in read_evidence(guard_server.evidence_dir) if r.get("request_id") == "tuning-1"]
+    assert len(kept) == 1 and kept[0]["scores"] and kept[0]["p_values"] and kept[0]["detectors"]
+
+
