@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 OUTPUTS = ("logits", "features", "guard_scores")
 # outputs that let a client tune a trigger against the detectors: served only with ``serve --expose-scores``
 SCORE_OUTPUTS = ("features", "guard_scores")
+MAX_REQUEST_ID_BYTES = 256  # request.id is copied into every evidence record of the request
 # typed-content field of each datatype, to name what a client sent
 _TYPED = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents", "INT64": "int64_contents",
           "UINT32": "uint_contents", "UINT64": "uint64_contents", "BOOL": "bool_contents", "BYTES": "bytes_contents"}
@@ -104,6 +105,14 @@ def output_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
             arr = np.asarray(out.contents.fp64_contents, dtype=np.float64)
         arrays[out.name] = arr.reshape(tuple(out.shape)).astype(np.float32, copy=False)
     return arrays
+
+
+def check_request_id(request: pb.ModelInferRequest) -> None:
+    """``request.id`` is echoed and kept with the evidence: at most :data:`MAX_REQUEST_ID_BYTES` bytes."""
+    size = len(request.id.encode("utf-8", "surrogatepass"))
+    if size > MAX_REQUEST_ID_BYTES:
+        raise InvalidInput(f"request id is {size} bytes; the guard accepts at most {MAX_REQUEST_ID_BYTES}",
+                           reason="request_id")
 
 
 def requested_outputs(request: pb.ModelInferRequest, expose_scores: bool = False) -> list[str]:

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from guard import __version__
 from guard.bundle import MANIFEST, GuardBundle, sha256_file
-from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
+from guard.codec import check_request_id, decode_inputs, encode_response, requested_outputs, trailing_metadata
 from guard.dataplane import Guard, Refused
 from guard.errors import GuardError, InvalidInput, ModelNotFound, Unauthenticated
 from guard.proto import guard_admin_pb2 as admin_pb
@@ -119,6 +119,7 @@ class InferenceServicer:
             self._check_model(request.model_name, request.model_version)
             state = guard.current_state()
             spec = state.bundle.manifest.input
+            check_request_id(request)
             x = decode_inputs(request, spec.name, spec.shape, guard.settings.max_request_inputs)
             outputs = requested_outputs(request, expose)
             metrics.stage["decode"].observe(time.perf_counter() - start)

@@ -59,6 +59,10 @@ class GuardSettings(BaseSettings):
     evidence_dir: Path | None = Field(None, description="where flagged inputs are kept; off when unset")
     evidence_max_bytes: int = Field(1 << 30, ge=1 << 16, description="evidence kept on disk before rotation")
     evidence_segment_bytes: int = Field(64 << 20, ge=1 << 12)
+    evidence_key_file: Path | None = Field(None, description="HMAC-SHA256 key chaining the evidence records "
+                                           "(keep it off the evidence volume); without it they are checksummed")
+    evidence_max_backlog: int = Field(64, ge=1, description="flagged inputs waiting to be written; beyond it a "
+                                      "record is dropped and counted")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
+from guard.codec import check_request_id, decode_inputs, encode_response, requested_outputs, trailing_metadata
 from guard.dataplane import Decision, InputVerdict
 from guard.errors import InvalidInput, TooLarge
 from guard.proto import inference_pb2 as pb
@@ -99,3 +99,11 @@ def test_clients_get_the_verdict_only_unless_scores_are_exposed() -> None:
     with pytest.raises(InvalidInput, match="--expose-scores"):
         requested_outputs(req)
     assert requested_outputs(req, expose_scores=True) == ["features"]
+
+
+def test_request_ids_are_capped_at_256_bytes() -> None:
+    check_request_id(pb.ModelInferRequest(id="a" * 256))
+    for long_id in ("a" * 257, "\u00e9" * 129):
+        with pytest.raises(InvalidInput, match="at most 256") as info:
+            check_request_id(pb.ModelInferRequest(id=long_id))
+        assert info.value.code == "INVALID_ARGUMENT"

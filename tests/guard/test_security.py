@@ -3,6 +3,7 @@ oracle, bounded evidence and concurrency."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -370,4 +372,58 @@ def test_scores_are_no_oracle_clients_get_the_verdict_only(
     kept = [r for r in read_evidence(guard_server.evidence_dir) if r.get("request_id") == "tuning-1"]
     assert len(kept) == 1 and kept[0]["scores"] and kept[0]["p_values"] and kept[0]["detectors"]
 
+
+
+# --- request ids, the evidence backlog and concurrent calls are bounded ---------------------------------------
+
+def test_a_request_id_longer_than_256_bytes_is_refused(guard_server: GuardProcess,
+                                                        traffic: dict[str, np.ndarray]) -> None:
+    x = traffic["triggered_x"][3:4]  # a flagged input: its id would be copied into the evidence
+    for long_id in ("x" * 257, "\u00e9" * 129, "y" * 65536):  # (a MiB is beyond the message limit)
+        with pytest.raises(grpc.RpcError) as info:
+            guard_server.infer(x, request_id=long_id)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request id is" in info.value.details() and "at most 256" in info.value.details()
+    assert guard_server.metric("trojan_guard_request_errors_total", reason="request_id") == 3
+    answer = guard_server.infer(traffic["clean_x"][:1], request_id="z" * 256)
+    assert answer.id == "z" * 256
+
+
+def test_a_flood_of_flagged_inputs_cannot_queue_evidence_without_bound(
+        guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
+    from guard.dataplane import Guard
+    from guard.evidence import audit_evidence
+    from guard.settings import GuardSettings
+
+    settings = GuardSettings(bundle=guard_only_bundle, policy="flag", metrics_port=0, max_batch=16,
+                             evidence_dir=tmp_path / "ev", evidence_max_backlog=2)
+    guard = Guard(settings, GuardBundle.load(guard_only_bundle))
+    x = traffic["triggered_x"][:1]
+
+    async def flood():
+        await guard.start()
+        store, write = guard.evidence, guard.evidence.append
+
+        def slow_disk(*args, **kwargs):  # each fsync takes a while: records pile up behind the one thread
+            time.sleep(0.2)
+            return write(*args, **kwargs)
+
+        store.append = slow_disk
+        try:
+            decisions = await asyncio.gather(*(guard.infer(x, f"flood-{i}") for i in range(16)))
+            return decisions, await asyncio.gather(guard.infer(x, "after"))
+        finally:
+            await guard.close()
+
+    decisions, after = asyncio.run(flood())
+    flagged = sum(d.flagged for d in decisions)
+    assert flagged >= 15 and after[0].flagged
+    written = guard.metrics.evidence_records._value.get()
+    dropped = guard.metrics.evidence_dropped._value.get()
+    assert dropped > 0 and written + dropped == flagged + 1
+    assert written <= 2 + 1 + 1  # at most the backlog of one batch's 16 flagged inputs, then 'after'
+    audit = audit_evidence(tmp_path / "ev")
+    assert [r["request_id"] for r in audit.records][-1] == "after"
+    assert sum(r.get("dropped_before", 0) for r in audit.records) == dropped  # the chain says how many went
+    assert audit.problems == []
 
