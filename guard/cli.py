@@ -50,6 +50,9 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
                                   "may ask for the features and guard_scores outputs; for trusted deployments "
                                   "only, since scores let an attacker tune a trigger (default: clients get the "
                                   "verdict; scores go to metrics and evidence)")),
+    ("--max-concurrent-rpcs", dict(type=int, help="calls the gRPC port handles at once; beyond it a call gets "
+                                                  "RESOURCE_EXHAUSTED before its request is decoded (default: "
+                                                  "--max-queue + --max-batch + --evidence-max-backlog + 16)")),
     ("--evidence-dir", dict(help="keep flagged inputs here (append-only, fsync-ed; default: off)")),
     ("--evidence-max-bytes", dict(type=int, help="evidence kept before the oldest segments go (default 1 GiB)")),
     ("--evidence-key-file", dict(help="HMAC-SHA256 key (at least 32 bytes, e.g. a mounted Secret; never on the "

@@ -258,11 +258,13 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
     """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle."""
     guard = Guard(settings, bundle)
     limit = max_message_bytes(guard.first_bundle, settings)
+    # calls beyond maximum_concurrent_rpcs get RESOURCE_EXHAUSTED before their request is read: memory for
+    # requests is bounded before --max-queue can apply
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", max(limit, 64 << 20)),
         ("grpc.so_reuseport", 0),
-    ])
+    ], maximum_concurrent_rpcs=settings.concurrent_rpcs)
     inference = InferenceServicer(guard)
     server.add_generic_rpc_handlers(_inference_handlers(inference))
     health = health_aio.HealthServicer()

@@ -56,6 +56,10 @@ class GuardSettings(BaseSettings):
     expose_scores: bool = Field(False, description="answers and refusals carry every detector's score and "
                                 "p-value, and clients may ask for the features and guard_scores outputs (trusted "
                                 "deployments only: scores let an attacker tune a trigger); default: the verdict")
+    max_concurrent_rpcs: int | None = Field(None, ge=1, description="calls the gRPC port handles at once; "
+                                            "beyond it a call gets RESOURCE_EXHAUSTED before its request is "
+                                            "decoded; default: --max-queue + --max-batch + "
+                                            "--evidence-max-backlog + 16")
     evidence_dir: Path | None = Field(None, description="where flagged inputs are kept; off when unset")
     evidence_max_bytes: int = Field(1 << 30, ge=1 << 16, description="evidence kept on disk before rotation")
     evidence_segment_bytes: int = Field(64 << 20, ge=1 << 12)
@@ -77,6 +81,14 @@ class GuardSettings(BaseSettings):
                                          "off saves CPU on cores shared with other work)")
     seed: int = 0
     log_level: str = "INFO"
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        """The bound on concurrent calls: every request the queue, a batch and the evidence backlog can hold,
+        each holding at least one input, plus 16 for health, metadata and requests being decoded."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return self.max_queue + self.max_batch + self.evidence_max_backlog + 16
 
     @model_validator(mode="after")
     def _consistent(self) -> GuardSettings:

@@ -427,3 +427,33 @@ def test_a_flood_of_flagged_inputs_cannot_queue_evidence_without_bound(
     assert sum(r.get("dropped_before", 0) for r in audit.records) == dropped  # the chain says how many went
     assert audit.problems == []
 
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_before_decoding_and_the_guard_serves_on(
+        guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
+    from guard.settings import GuardSettings
+
+    default = GuardSettings(bundle=guard_only_bundle, max_queue=100, max_batch=4, evidence_max_backlog=10)
+    assert default.concurrent_rpcs == 130
+    # a batch that waits 3 s to fill holds the calls admitted; the others must not even be read
+    server = GuardProcess(guard_only_bundle, tmp_path, "--max-concurrent-rpcs", "3", "--max-batch", "64",
+                          "--max-delay-ms", "3000")
+    try:
+        x = traffic["clean_x"]
+
+        def send(i: int) -> str:
+            try:
+                server.stub.ModelInfer(request(x[i:i + 1]), timeout=30)
+                return "OK"
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "Concurrent RPC limit exceeded" in exc.details(), exc.details()
+                return exc.code().name
+
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(send, range(12)))
+        assert codes.count("RESOURCE_EXHAUSTED") >= 9 - 1, codes  # 3 held, at most one more slipped in later
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"}, codes
+        assert int(logits_of(server.infer(x[7:8])).argmax()) == int(traffic["clean_y"][7])
+        assert server.health() == 1  # SERVING
+    finally:
+        assert server.stop() == 0
