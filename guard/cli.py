@@ -16,10 +16,12 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--bundle", dict(help="guard bundle directory (TROJAN_GUARD_BUNDLE)")),
     ("--host", dict(help="address to bind (default 0.0.0.0)")),
     ("--port", dict(type=int, help="gRPC port: Open Inference Protocol, health, reflection (default 8001)")),
-    ("--admin-address", dict(help="listener of the admin service (Status, ReloadBundle): HOST:PORT or unix:PATH, "
-                                  "never the client port (default 127.0.0.1:8003; 'off' turns it off)")),
+    ("--admin-address", dict(help="listener of the admin service (Status, ReloadBundle): HOST:PORT or unix:PATH "
+                                  "(made mode 0600), never the client port (default 127.0.0.1:8003; 'off' turns "
+                                  "it off); off loopback it needs --admin-token-file")),
     ("--admin-token-file", dict(help="admin calls must carry 'authorization: Bearer TOKEN', TOKEN this file's "
-                                     "content (at least 16 characters)")),
+                                     "content (at least 16 characters); required when --admin-address is not "
+                                     "loopback or a unix socket")),
     ("--metrics-port", dict(type=int, help="Prometheus /metrics HTTP port, 0 turns it off (default 8002)")),
     ("--model-name", dict(help="model name clients use (default: the bundle's)")),
     ("--policy", dict(choices=("enforce", "flag", "shadow"),
@@ -43,8 +45,22 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
     ("--max-queue", dict(type=int, help="inputs that may wait to be screened (default 256); a request beyond it "
                                         "is shed at once with RESOURCE_EXHAUSTED, counted in "
                                         "trojan_guard_request_errors_total{reason=\"overloaded\"}")),
+    ("--expose-scores", dict(action="store_const", const=True,
+                             help="answers and refusals carry each detector's score and p-value, and clients "
+                                  "may ask for the features and guard_scores outputs; for trusted deployments "
+                                  "only, since scores let an attacker tune a trigger (default: clients get the "
+                                  "verdict; scores go to metrics and evidence)")),
+    ("--max-concurrent-rpcs", dict(type=int, help="calls the gRPC port handles at once; beyond it a call gets "
+                                                  "RESOURCE_EXHAUSTED before its request is decoded (default: "
+                                                  "--max-queue + --max-batch + --evidence-max-backlog + 16)")),
     ("--evidence-dir", dict(help="keep flagged inputs here (append-only, fsync-ed; default: off)")),
     ("--evidence-max-bytes", dict(type=int, help="evidence kept before the oldest segments go (default 1 GiB)")),
+    ("--evidence-key-file", dict(help="HMAC-SHA256 key (at least 32 bytes, e.g. a mounted Secret; never on the "
+                                      "evidence volume) chaining the evidence records, so 'trojan-guard evidence "
+                                      "--key-file' detects rewritten, removed and reordered records")),
+    ("--evidence-max-backlog", dict(type=int, help="flagged inputs that may wait to be written (default 64); "
+                                                   "beyond it a record is dropped and counted in "
+                                                   "trojan_guard_evidence_dropped_total")),
     ("--tls-cert", dict(help="PEM certificate chain: serve gRPC over TLS")),
     ("--tls-key", dict(help="PEM private key for --tls-cert")),
     ("--tls-client-ca", dict(help="PEM CA certificates: require client certificates signed by them (mTLS)")),
@@ -106,11 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     evidence = sub.add_parser("evidence", help="list or export the flagged inputs a guard kept",
                               description="Read an evidence directory written by 'serve --evidence-dir': "
-                                          "one line per flagged input (time, request id, scores, SHA-256 "
-                                          "check), or export the tensors to an .npz for forensics.")
+                                          "one line per flagged input (time, sequence number, request id, "
+                                          "scores, check), or export the intact tensors to an .npz for "
+                                          "forensics. The records' chain is checked: a rewritten record, "
+                                          "records removed from the middle or the start (other than by "
+                                          "rotation) and reordered records are named, and the exit status "
+                                          "is 1.")
     evidence.add_argument("dir", help="evidence directory")
     evidence.add_argument("--export", default=None, help="write x (N, ...), sha256, request_id to this .npz")
     evidence.add_argument("--json", action="store_true", help="one JSON object per record, without tensors")
+    evidence.add_argument("--key-file", default=None,
+                          help="the key the guard was given with --evidence-key-file: authenticate every record "
+                               "(HMAC-SHA256 chain); without it records are only checksummed")
     return parser
 
 
@@ -143,6 +166,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from pydantic import ValidationError
 
+    from guard.errors import GuardError
     from guard.server import serve
     from guard.settings import GuardSettings
 
@@ -152,38 +176,56 @@ def _serve(args: argparse.Namespace) -> None:
         settings = GuardSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        raise SystemExit(f"trojan-guard: error: {problems}") from None
+        raise GuardError(problems) from None  # exit 2, one line, like a bad bundle
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s trojan-guard %(levelname)s %(message)s")
     asyncio.run(serve(settings))
 
 
-def _evidence(directory: str, export: str | None, as_json: bool) -> None:
+def _evidence(directory: str, export: str | None, as_json: bool, key_file: str | None) -> int:
     import numpy as np
 
-    from guard.evidence import read_evidence
+    from guard.evidence import audit_evidence, load_key
 
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"{directory}: evidence directory not found")
-    records = list(read_evidence(directory))
+    audit = audit_evidence(directory, load_key(key_file) if key_file else None)
+    records = audit.records
     for r in records:
         if as_json:
             print(json.dumps({k: v for k, v in r.items() if k != "x"}))
         else:
-            print(f"{r['time']}  {r.get('request_id') or '-':<20} {r.get('predicted', '?'):>6}  "
-                  f"{','.join(r.get('detectors', [])):<18} p {r.get('p_value', float('nan')):.4f}  "
+            dropped = f"  ({r['dropped_before']} dropped before it)" if r.get("dropped_before") else ""
+            print(f"{r['time']}  {r.get('seq', '-'):>6}  {r.get('request_id') or '-':<20} "
+                  f"{r.get('predicted', '?'):>6}  {','.join(r.get('detectors', [])):<18} "
+                  f"p {r.get('p_value', float('nan')):.4f}  "
                   + "".join(f"{k} {v:.4g}  " for k, v in (r.get("scores") or {}).items())
                   + f"sha256 {r['sha256'][:16]}  "
-                  f"{'ok' if r['intact'] else 'ALTERED'}")
+                  + ("ok" if not r["problem"] else ("ALTERED: " if not r["intact"] else "CHAIN: ") + r["problem"])
+                  + dropped)
     if export:
         kept = [r for r in records if r["intact"]]
         np.savez(export, x=np.stack([r["x"] for r in kept]) if kept else np.zeros((0,), np.float32),
                  sha256=np.array([r["sha256"] for r in kept]),
                  request_id=np.array([r.get("request_id", "") for r in kept]))
         print(f"{len(kept)} intact record(s) written to {export}", file=sys.stderr)
-    if not as_json:
-        altered = sum(not r["intact"] for r in records)
-        print(f"{len(records)} record(s)" + (f", {altered} ALTERED" if altered else ""), file=sys.stderr)
+    if audit.keyed and not key_file:
+        trust = ("records are HMAC-chained but not verified: give --key-file with the guard's "
+                 "--evidence-key-file to authenticate them")
+    elif key_file:
+        trust = ("records authenticated: every HMAC verifies with the key" if audit.authenticated else
+                 "records NOT authenticated with this key")
+    else:
+        trust = ("records are checksummed but not authenticated (the guard had no --evidence-key-file): "
+                 "whoever can write the volume can rewrite them and their checksums")
+    if audit.unchained:
+        trust += f"; {audit.unchained} record(s) written before records were chained"
+    for problem in audit.problems:
+        print(f"trojan-guard: evidence: {problem}", file=sys.stderr)
+    altered = audit.altered
+    print(f"{len(records)} record(s)" + (f", {altered} ALTERED" if altered else "")
+          + (f", {len(audit.problems)} problem(s)" if audit.problems else "") + f"; {trust}", file=sys.stderr)
+    return 1 if audit.problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "serve":
             _serve(args)
         elif args.command == "evidence":
-            _evidence(args.dir, args.export, args.json)
+            return _evidence(args.dir, args.export, args.json, args.key_file)
     except (BundleError, GuardError, OSError) as exc:
         print(f"trojan-guard: error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from guard.dataplane import Decision
 
 OUTPUTS = ("logits", "features", "guard_scores")
+# outputs that let a client tune a trigger against the detectors: served only with ``serve --expose-scores``
+SCORE_OUTPUTS = ("features", "guard_scores")
+MAX_REQUEST_ID_BYTES = 256  # request.id is copied into every evidence record of the request
 # typed-content field of each datatype, to name what a client sent
 _TYPED = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT32": "int_contents", "INT64": "int64_contents",
           "UINT32": "uint_contents", "UINT64": "uint64_contents", "BOOL": "bool_contents", "BYTES": "bytes_contents"}
@@ -104,12 +107,27 @@ def output_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     return arrays
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
+def check_request_id(request: pb.ModelInferRequest) -> None:
+    """``request.id`` is echoed and kept with the evidence: at most :data:`MAX_REQUEST_ID_BYTES` bytes."""
+    size = len(request.id.encode("utf-8", "surrogatepass"))
+    if size > MAX_REQUEST_ID_BYTES:
+        raise InvalidInput(f"request id is {size} bytes; the guard accepts at most {MAX_REQUEST_ID_BYTES}",
+                           reason="request_id")
+
+
+def requested_outputs(request: pb.ModelInferRequest, expose_scores: bool = False) -> list[str]:
+    """The outputs a request asks for (``logits`` by default); the score outputs need ``--expose-scores``."""
     names = [o.name for o in request.outputs] or ["logits"]
+    served = OUTPUTS if expose_scores else tuple(n for n in OUTPUTS if n not in SCORE_OUTPUTS)
     unknown = [n for n in names if n not in OUTPUTS]
     if unknown:
-        raise InvalidInput(f"unknown output(s) {unknown}; the guard answers {', '.join(OUTPUTS)}",
+        raise InvalidInput(f"unknown output(s) {unknown}; the guard answers {', '.join(served)}",
                            reason="output_name")
+    hidden = [n for n in names if n not in served]
+    if hidden:
+        raise InvalidInput(f"output(s) {hidden} are not served: this guard gives clients the verdict only "
+                           f"(a trusted deployment serves them with 'trojan-guard serve --expose-scores')",
+                           reason="output_hidden")
     return names
 
 
@@ -117,9 +135,13 @@ def _join(values: list[float]) -> str:
     return ",".join(f"{v:.6g}" for v in values)
 
 
-def verdict_fields(decision: Decision) -> dict[str, bool | int | str]:
+def verdict_fields(decision: Decision, expose_scores: bool = False) -> dict[str, bool | int | str]:
     """The verdict as bool, int64 and string values (older clients drop float parameters).
 
+    Clients get the verdict only: which detectors fired, their scores and
+    p-values would let an attacker tune a trigger against them, so they go to
+    the metrics and the evidence store, and to clients only with
+    ``expose_scores`` (``serve --expose-scores``, for trusted deployments).
     Under the ``shadow`` policy the client sees no verdict: only the metrics and
     the evidence store record it.
     """
@@ -133,9 +155,10 @@ def verdict_fields(decision: Decision) -> dict[str, bool | int | str]:
         "guard_bundle_sha256": decision.bundle_sha256,
     }
     if decision.inputs:
+        fields["guard_input_flags"] = ",".join("1" if v.flagged else "0" for v in decision.inputs)
+    if decision.inputs and expose_scores:
         fields.update({
             "guard_detectors": ",".join(decision.detectors),
-            "guard_input_flags": ",".join("1" if v.flagged else "0" for v in decision.inputs),
             "guard_p_value": _join([v.p_value for v in decision.inputs]),
         })
         first = decision.inputs[0]
@@ -146,10 +169,10 @@ def verdict_fields(decision: Decision) -> dict[str, bool | int | str]:
     return fields
 
 
-def trailing_metadata(decision: Decision) -> tuple[tuple[str, str], ...]:
+def trailing_metadata(decision: Decision, expose_scores: bool = False) -> tuple[tuple[str, str], ...]:
     """The verdict for a refused request, as gRPC trailing metadata (keys with dashes)."""
     return tuple((k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v))
-                 for k, v in verdict_fields(decision).items())
+                 for k, v in verdict_fields(decision, expose_scores).items())
 
 
 def _set_param(param: pb.InferParameter, value: bool | int | str) -> None:
@@ -162,9 +185,10 @@ def _set_param(param: pb.InferParameter, value: bool | int | str) -> None:
 
 
 def encode_response(request: pb.ModelInferRequest, decision: Decision, model_name: str,
-                    outputs: list[str]) -> pb.ModelInferResponse:
+                    outputs: list[str], expose_scores: bool = False) -> pb.ModelInferResponse:
+    """The answer: the requested outputs (see :func:`requested_outputs`) and the verdict in ``parameters``."""
     response = pb.ModelInferResponse(model_name=model_name, model_version="1", id=request.id)
-    for key, value in verdict_fields(decision).items():
+    for key, value in verdict_fields(decision, expose_scores).items():
         _set_param(response.parameters[key], value)
     b = len(decision.logits)
     for name in outputs:

@@ -35,7 +35,7 @@ from guard.errors import (
     UntrustedBundle,
     UpstreamError,
 )
-from guard.evidence import EvidenceStore
+from guard.evidence import EvidenceStore, load_key
 from guard.metrics import GuardMetrics, score_buckets
 from guard.screens import Judgement, ScreenResult
 from guard.settings import GuardSettings
@@ -87,9 +87,9 @@ class Refused(GuardError):
     code = "PERMISSION_DENIED"
     reason = "refused"
 
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(f"refused by trojan-guard: input flagged as triggered by "
-                         f"{' and '.join(decision.detectors)} (policy enforce, bundle "
+    def __init__(self, decision: Decision, expose_scores: bool = False) -> None:
+        by = f" by {' and '.join(decision.detectors)}" if expose_scores else ""  # which detector: an oracle too
+        super().__init__(f"refused by trojan-guard: input flagged as triggered{by} (policy enforce, bundle "
                          f"{decision.bundle_sha256[:12]})")
         self.decision = decision
 
@@ -294,8 +294,10 @@ class Guard:
         # model runs and evidence writes leave the event loop; one model thread keeps batches in order
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="guard-model")
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="guard-evidence")
+        key = load_key(settings.evidence_key_file) if settings.evidence_key_file else None
         self.evidence = (EvidenceStore(settings.evidence_dir, settings.evidence_max_bytes,
-                                       settings.evidence_segment_bytes) if settings.evidence_dir else None)
+                                       settings.evidence_segment_bytes, key) if settings.evidence_dir else None)
+        self._evidence_backlog = 0  # records handed to the evidence thread and not yet written
         self.state: ServingState | None = None
         self._reload_lock = asyncio.Lock()
         self.started = time.time()
@@ -424,7 +426,7 @@ class Guard:
             await self._keep_evidence(state, x, decision, request_id)
             if decision.policy == "enforce":
                 decision.action = "refused"
-                raise Refused(decision)
+                raise Refused(decision, self.settings.expose_scores)
         return decision
 
     def _record(self, state: ServingState, decision: Decision) -> None:
@@ -456,6 +458,12 @@ class Guard:
         for i, v in enumerate(decision.inputs):
             if not v.flagged:
                 continue
+            if self._evidence_backlog >= self.settings.evidence_max_backlog:
+                # a flood of flagged inputs must not queue records (and their tensors) without bound
+                self.metrics.evidence_dropped.inc()
+                store.note_dropped()
+                continue
+            self._evidence_backlog += 1
             try:
                 await loop.run_in_executor(self._io_pool, lambda i=i, v=v: store.append(
                     x[i], request_id=request_id, input_index=i, model=self.model_name,
@@ -466,6 +474,8 @@ class Guard:
             except OSError as exc:  # a full disk must not take the guard down; it is counted and logged
                 self.metrics.evidence_errors.inc()
                 log.error("could not keep evidence of request %s: %s", request_id or "-", exc)
+            finally:
+                self._evidence_backlog -= 1
         self.metrics.stage["evidence"].observe(time.perf_counter() - start)
 
     def count_outcome(self, verdict: str, action: str) -> None:

@@ -91,6 +91,9 @@ class GuardMetrics:
                                           ["mode"], registry=r)
         self.evidence_records = Counter(f"{p}_evidence_records", "Flagged inputs written to the evidence store",
                                         registry=r)
+        self.evidence_dropped = Counter(f"{p}_evidence_dropped", "Flagged inputs not written to the evidence "
+                                        "store because --evidence-max-backlog records were already waiting",
+                                        registry=r)
         self.evidence_errors = Counter(f"{p}_evidence_errors", "Evidence writes that failed", registry=r)
         self.evidence_bytes = Gauge(f"{p}_evidence_bytes", "Bytes held by the evidence store", registry=r)
         self.reloads = Counter(f"{p}_bundle_reloads", "Bundle reloads, by result", ["result"], registry=r)

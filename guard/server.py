@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from guard import __version__
 from guard.bundle import MANIFEST, GuardBundle, sha256_file
-from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
+from guard.codec import check_request_id, decode_inputs, encode_response, requested_outputs, trailing_metadata
 from guard.dataplane import Guard, Refused
 from guard.errors import GuardError, InvalidInput, ModelNotFound, Unauthenticated
 from guard.proto import guard_admin_pb2 as admin_pb
@@ -97,34 +99,38 @@ class InferenceServicer:
         state = self.guard.current_state()
         m = state.bundle.manifest
         k = len(m.class_names)
+        outputs = [pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, k])]
+        if self.guard.settings.expose_scores:
+            outputs.append(pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
+                                                                   shape=[-1, len(state.columns)]))
         return pb.ModelMetadataResponse(
             name=self.guard.model_name, versions=["1"],
             platform="onnxruntime_onnx" if state.backend.name == "embedded" else "trojan-guard-upstream",
             inputs=[pb.ModelMetadataResponse.TensorMetadata(name=m.input.name, datatype="FP32",
                                                             shape=m.input.shape)],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(name="logits", datatype="FP32", shape=[-1, k]),
-                     pb.ModelMetadataResponse.TensorMetadata(name="guard_scores", datatype="FP32",
-                                                             shape=[-1, len(state.columns)])])
+            outputs=outputs)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         guard, metrics = self.guard, self.guard.metrics
+        expose = guard.settings.expose_scores
         start = time.perf_counter()
         metrics.in_flight.inc()
         try:
             self._check_model(request.model_name, request.model_version)
             state = guard.current_state()
             spec = state.bundle.manifest.input
+            check_request_id(request)
             x = decode_inputs(request, spec.name, spec.shape, guard.settings.max_request_inputs)
-            outputs = requested_outputs(request)
+            outputs = requested_outputs(request, expose)
             metrics.stage["decode"].observe(time.perf_counter() - start)
             decision = await guard.infer(x, request.id)
-            response = encode_response(request, decision, guard.model_name, outputs)
+            response = encode_response(request, decision, guard.model_name, outputs, expose)
             guard.count_outcome(decision.verdict, "answered")
             return response
         except Refused as exc:
             guard.count_outcome("flagged", "refused")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc),
-                                trailing_metadata=trailing_metadata(exc.decision))
+                                trailing_metadata=trailing_metadata(exc.decision, expose))
         finally:
             metrics.in_flight.dec()
             metrics.stage["total"].observe(time.perf_counter() - start)
@@ -231,16 +237,34 @@ def _server_credentials(settings: GuardSettings) -> grpc.ServerCredentials | Non
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _bind_admin(admin_server: grpc.aio.Server, address: str) -> None:
+    """Bind the admin listener; a unix socket is created mode 0600 (owner only), whatever the umask."""
+    path = Path(address[len("unix:"):]) if address.startswith("unix:") else None
+    previous = os.umask(0o177) if path is not None else None  # no window in which the socket is wider
+    try:
+        admin_server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind the admin listener {address} (in use, or not an address of this host; "
+                      f"--admin-address off turns it off)") from exc
+    finally:
+        if previous is not None:
+            os.umask(previous)
+    if path is not None and path.exists():
+        os.chmod(path, 0o600)
+
+
 async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
                 started: Callable[[int, int], None] | None = None) -> None:
     """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle."""
     guard = Guard(settings, bundle)
     limit = max_message_bytes(guard.first_bundle, settings)
+    # calls beyond maximum_concurrent_rpcs get RESOURCE_EXHAUSTED before their request is read: memory for
+    # requests is bounded before --max-queue can apply
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", max(limit, 64 << 20)),
         ("grpc.so_reuseport", 0),
-    ])
+    ], maximum_concurrent_rpcs=settings.concurrent_rpcs)
     inference = InferenceServicer(guard)
     server.add_generic_rpc_handlers(_inference_handlers(inference))
     health = health_aio.HealthServicer()
@@ -260,14 +284,10 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
         raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)") from exc
     admin_server = None
     if settings.admin_address != "off":
-        admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
         admin_server.add_generic_rpc_handlers(_admin_handlers(AdminServicer(guard, inference), _admin_token(settings)))
         reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), admin_server)
-        try:
-            admin_server.add_insecure_port(settings.admin_address)
-        except RuntimeError as exc:
-            raise OSError(f"cannot bind the admin listener {settings.admin_address} (in use, or not an address "
-                          f"of this host; --admin-address off turns it off)") from exc
+        _bind_admin(admin_server, settings.admin_address)
     try:
         metrics_server = guard.metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port else None
     except OSError as exc:

@@ -5,6 +5,7 @@ Flags win over environment variables, which win over the defaults below.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,19 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Policy = Literal["enforce", "flag", "shadow"]
+
+
+def admin_is_local(address: str) -> bool:
+    """Whether an admin listener's address is reachable from this host only: loopback or a unix socket."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface; '' binds them all
 
 
 class GuardSettings(BaseSettings):
@@ -23,7 +37,7 @@ class GuardSettings(BaseSettings):
     admin_address: str = Field("127.0.0.1:8003", description="listener of the admin service (Status, "
                                "ReloadBundle): HOST:PORT or unix:PATH, never the client port; 'off': none")
     admin_token_file: Path | None = Field(None, description="admin calls must carry 'authorization: Bearer "
-                                          "<the file's content>'")
+                                          "<the file's content>'; required off loopback")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics HTTP port")
     model_name: str | None = Field(None, description="name clients use; default: the bundle's model name")
     policy: Policy | None = Field(None, description="enforce | flag | shadow; default: the bundle's policy")
@@ -39,9 +53,20 @@ class GuardSettings(BaseSettings):
     max_request_inputs: int = Field(64, ge=1, description="inputs one request may carry")
     max_queue: int = Field(256, ge=1, description="inputs waiting for a batch; a request beyond it is shed "
                            "at once with RESOURCE_EXHAUSTED")
+    expose_scores: bool = Field(False, description="answers and refusals carry every detector's score and "
+                                "p-value, and clients may ask for the features and guard_scores outputs (trusted "
+                                "deployments only: scores let an attacker tune a trigger); default: the verdict")
+    max_concurrent_rpcs: int | None = Field(None, ge=1, description="calls the gRPC port handles at once; "
+                                            "beyond it a call gets RESOURCE_EXHAUSTED before its request is "
+                                            "decoded; default: --max-queue + --max-batch + "
+                                            "--evidence-max-backlog + 16")
     evidence_dir: Path | None = Field(None, description="where flagged inputs are kept; off when unset")
     evidence_max_bytes: int = Field(1 << 30, ge=1 << 16, description="evidence kept on disk before rotation")
     evidence_segment_bytes: int = Field(64 << 20, ge=1 << 12)
+    evidence_key_file: Path | None = Field(None, description="HMAC-SHA256 key chaining the evidence records "
+                                           "(keep it off the evidence volume); without it they are checksummed")
+    evidence_max_backlog: int = Field(64, ge=1, description="flagged inputs waiting to be written; beyond it a "
+                                      "record is dropped and counted")
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates it signed")
@@ -60,6 +85,14 @@ class GuardSettings(BaseSettings):
     seed: int = 0
     log_level: str = "INFO"
 
+    @property
+    def concurrent_rpcs(self) -> int:
+        """The bound on concurrent calls: every request the queue, a batch and the evidence backlog can hold,
+        each holding at least one input, plus 16 for health, metadata and requests being decoded."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return self.max_queue + self.max_batch + self.evidence_max_backlog + 16
+
     @model_validator(mode="after")
     def _consistent(self) -> GuardSettings:
         if self.backend == "upstream" and not self.upstream:
@@ -71,6 +104,9 @@ class GuardSettings(BaseSettings):
         if self.admin_address != "off" and not (self.admin_address.startswith("unix:")
                                                 or self.admin_address.rpartition(":")[2].isdigit()):
             raise ValueError(f"--admin-address '{self.admin_address}' must be HOST:PORT, unix:PATH or off")
+        if self.admin_address != "off" and self.admin_token_file is None and not admin_is_local(self.admin_address):
+            raise ValueError(f"--admin-address {self.admin_address} is reachable from other hosts: it needs "
+                             f"--admin-token-file (or a loopback address, or unix:PATH)")
         if self.evidence_segment_bytes > self.evidence_max_bytes:
             raise ValueError("--evidence-segment-bytes must not exceed --evidence-max-bytes")
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.codec import decode_inputs, encode_response, requested_outputs, trailing_metadata
+from guard.codec import check_request_id, decode_inputs, encode_response, requested_outputs, trailing_metadata
 from guard.dataplane import Decision, InputVerdict
 from guard.errors import InvalidInput, TooLarge
 from guard.proto import inference_pb2 as pb
@@ -69,7 +69,7 @@ def test_response_carries_raw_outputs_and_the_verdict_as_non_float_parameters() 
                         policy="flag", bundle_sha256="ab" * 32,
                         columns=("p_value", "strip_entropy", "knn_distance", "strip_p_value", "knn_p_value"))
     req = pb.ModelInferRequest(id="req-7")
-    resp = encode_response(req, decision, "model", ["logits", "guard_scores"])
+    resp = encode_response(req, decision, "model", ["logits", "guard_scores"], expose_scores=True)
     assert resp.id == "req-7" and not resp.outputs[0].contents.ListFields()
     logits = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(resp.outputs[0].shape)
     np.testing.assert_array_equal(logits, decision.logits)
@@ -84,3 +84,26 @@ def test_response_carries_raw_outputs_and_the_verdict_as_non_float_parameters() 
     assert params["guard_input_flags"].string_param == "0,1"
     assert all(p.WhichOneof("parameter_choice") != "double_param" for p in params.values())
     assert ("guard-verdict", "flagged") in trailing_metadata(decision)
+
+
+def test_clients_get_the_verdict_only_unless_scores_are_exposed() -> None:
+    decision = Decision(np.eye(1, 10, dtype=np.float32), np.zeros((1, 4), np.float32),
+                        [InputVerdict(True, ("strip",), 0.004, {"strip_entropy": 0.01}, {"strip": 0.003})],
+                        policy="flag", bundle_sha256="ab" * 32, columns=("p_value", "strip_entropy", "strip_p_value"))
+    resp = encode_response(pb.ModelInferRequest(), decision, "model", ["logits"])
+    assert set(resp.parameters) == {"guard_verdict", "guard_flagged", "guard_flagged_count", "guard_policy",
+                                    "guard_bundle_sha256", "guard_input_flags"}
+    assert not [k for k, _ in trailing_metadata(decision) if "p-value" in k or "strip" in k or "detectors" in k]
+    req = pb.ModelInferRequest()
+    req.outputs.add(name="features")
+    with pytest.raises(InvalidInput, match="--expose-scores"):
+        requested_outputs(req)
+    assert requested_outputs(req, expose_scores=True) == ["features"]
+
+
+def test_request_ids_are_capped_at_256_bytes() -> None:
+    check_request_id(pb.ModelInferRequest(id="a" * 256))
+    for long_id in ("a" * 257, "\u00e9" * 129):
+        with pytest.raises(InvalidInput, match="at most 256") as info:
+            check_request_id(pb.ModelInferRequest(id=long_id))
+        assert info.value.code == "INVALID_ARGUMENT"

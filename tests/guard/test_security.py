@@ -1,13 +1,18 @@
-"""Nobody gets around the guard or into it: admin isolation, signed bundles, mTLS, overload shedding."""
+"""Nobody gets around the guard or into it: admin isolation, signed bundles, mTLS, overload shedding, no score
+oracle, bounded evidence and concurrency."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,9 +50,14 @@ def test_admin_token_on_a_unix_socket(guard_only_bundle: Path, tmp_path: Path,
     token = tmp_path / "admin.token"
     token.write_text("s3cret-token-0123456789\n")
     socket = tmp_path / "admin.sock"
-    server = GuardProcess(guard_only_bundle, tmp_path, "--admin-address", f"unix:{socket}",
-                          "--admin-token-file", str(token))
+    umask = os.umask(0o022)  # a usual umask would leave the socket 0755: anyone on the host could connect
     try:
+        server = GuardProcess(guard_only_bundle, tmp_path, "--admin-address", f"unix:{socket}",
+                              "--admin-token-file", str(token))
+    finally:
+        os.umask(umask)
+    try:
+        assert stat.S_IMODE(socket.stat().st_mode) == 0o600
         with grpc.insecure_channel(f"unix:{socket}") as channel:
             admin = _admin(channel)
             for metadata in ((), (("authorization", "Bearer wrong-token-0123456789"),),
@@ -63,6 +73,22 @@ def test_admin_token_on_a_unix_socket(guard_only_bundle: Path, tmp_path: Path,
         assert int(logits_of(server.infer(traffic["clean_x"][:1])).argmax()) == int(traffic["clean_y"][0])
     finally:
         assert server.stop() == 0
+
+
+def test_an_admin_listener_off_loopback_needs_a_token(guard_only_bundle: Path, tmp_path: Path) -> None:
+    def serve(address: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(guard_only_bundle),
+                               "--port", "0", "--metrics-port", "0", "--admin-address", address, *flags],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    for address in ("0.0.0.0:8003", "[::]:8003", ":8003", "10.1.2.3:8003", "guard.example:8003"):
+        run = serve(address)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, (address, run.stderr)
+        assert f"--admin-address {address} is reachable from other hosts: it needs --admin-token-file" in lines[0]
+    from guard.settings import admin_is_local
+    assert all(admin_is_local(a) for a in ("127.0.0.1:8003", "127.0.0.9:1", "[::1]:8003", "localhost:8003",
+                                            "unix:/run/guard.sock"))
 
 
 # --- signed bundles -------------------------------------------------------------------------------------------
@@ -490,3 +516,124 @@ def test_an_upstream_right_only_on_the_bundles_own_images_is_refused(tiny_bundle
                     state._check_upstream_serves_the_bundle()
         finally:
             state.backend.close()
+
+
+# --- scores are not an oracle ---------------------------------------------------------------------------------
+
+VERDICT_ONLY = {"guard_verdict", "guard_flagged", "guard_flagged_count", "guard_policy", "guard_bundle_sha256",
+                "guard_input_flags"}
+
+
+def test_scores_are_no_oracle_clients_get_the_verdict_only(
+        guard_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
+    from guard.evidence import read_evidence
+
+    p_values_before = guard_server.metric("trojan_guard_p_value_count", detector="combined")
+    # a refusal: the verdict in trailing metadata, no detector, score or p-value; not in the message either
+    with pytest.raises(grpc.RpcError) as info:
+        guard_server.infer(traffic["triggered_x"][2:3], request_id="tuning-1")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    trailer = {k for k, _ in info.value.trailing_metadata() if k.startswith("guard-")}
+    assert trailer == {k.replace("_", "-") for k in VERDICT_ONLY}, trailer
+    assert not any(name in info.value.details() for name in ("strip", "knn", "activation", "mahalanobis"))
+    # an answer: the verdict in parameters, nothing else
+    answer = guard_server.infer(traffic["clean_x"][:2])
+    assert set(answer.parameters) <= VERDICT_ONLY and "guard_verdict" in answer.parameters
+    # the score outputs: refused, with how a trusted deployment turns them on
+    for output in ("features", "guard_scores"):
+        with pytest.raises(grpc.RpcError) as info:
+            guard_server.infer(traffic["clean_x"][:1], outputs=("logits", output))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "--expose-scores" in info.value.details()
+    meta = guard_server.stub.ModelMetadata(pb.ModelMetadataRequest(name="model"), timeout=5)
+    assert [o.name for o in meta.outputs] == ["logits"]
+    # the operators still get them: metrics and evidence
+    assert guard_server.metric("trojan_guard_p_value_count", detector="combined") >= p_values_before + 3
+    kept = [r for r in read_evidence(guard_server.evidence_dir) if r.get("request_id") == "tuning-1"]
+    assert len(kept) == 1 and kept[0]["scores"] and kept[0]["p_values"] and kept[0]["detectors"]
+
+
+
+# --- request ids, the evidence backlog and concurrent calls are bounded ---------------------------------------
+
+def test_a_request_id_longer_than_256_bytes_is_refused(guard_server: GuardProcess,
+                                                        traffic: dict[str, np.ndarray]) -> None:
+    x = traffic["triggered_x"][3:4]  # a flagged input: its id would be copied into the evidence
+    for long_id in ("x" * 257, "\u00e9" * 129, "y" * 65536):  # (a MiB is beyond the message limit)
+        with pytest.raises(grpc.RpcError) as info:
+            guard_server.infer(x, request_id=long_id)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request id is" in info.value.details() and "at most 256" in info.value.details()
+    assert guard_server.metric("trojan_guard_request_errors_total", reason="request_id") == 3
+    answer = guard_server.infer(traffic["clean_x"][:1], request_id="z" * 256)
+    assert answer.id == "z" * 256
+
+
+def test_a_flood_of_flagged_inputs_cannot_queue_evidence_without_bound(
+        guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
+    from guard.dataplane import Guard
+    from guard.evidence import audit_evidence
+    from guard.settings import GuardSettings
+
+    settings = GuardSettings(bundle=guard_only_bundle, policy="flag", metrics_port=0, max_batch=16,
+                             evidence_dir=tmp_path / "ev", evidence_max_backlog=2)
+    guard = Guard(settings, GuardBundle.load(guard_only_bundle))
+    x = traffic["triggered_x"][:1]
+
+    async def flood():
+        await guard.start()
+        store, write = guard.evidence, guard.evidence.append
+
+        def slow_disk(*args, **kwargs):  # each fsync takes a while: records pile up behind the one thread
+            time.sleep(0.2)
+            return write(*args, **kwargs)
+
+        store.append = slow_disk
+        try:
+            decisions = await asyncio.gather(*(guard.infer(x, f"flood-{i}") for i in range(16)))
+            return decisions, await asyncio.gather(guard.infer(x, "after"))
+        finally:
+            await guard.close()
+
+    decisions, after = asyncio.run(flood())
+    flagged = sum(d.flagged for d in decisions)
+    assert flagged >= 15 and after[0].flagged
+    written = guard.metrics.evidence_records._value.get()
+    dropped = guard.metrics.evidence_dropped._value.get()
+    assert dropped > 0 and written + dropped == flagged + 1
+    assert written <= 2 + 1 + 1  # at most the backlog of one batch's 16 flagged inputs, then 'after'
+    audit = audit_evidence(tmp_path / "ev")
+    assert [r["request_id"] for r in audit.records][-1] == "after"
+    assert sum(r.get("dropped_before", 0) for r in audit.records) == dropped  # the chain says how many went
+    assert audit.problems == []
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_before_decoding_and_the_guard_serves_on(
+        guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
+    from guard.settings import GuardSettings
+
+    default = GuardSettings(bundle=guard_only_bundle, max_queue=100, max_batch=4, evidence_max_backlog=10)
+    assert default.concurrent_rpcs == 130
+    # a batch that waits 3 s to fill holds the calls admitted; the others must not even be read
+    server = GuardProcess(guard_only_bundle, tmp_path, "--max-concurrent-rpcs", "3", "--max-batch", "64",
+                          "--max-delay-ms", "3000")
+    try:
+        x = traffic["clean_x"]
+
+        def send(i: int) -> str:
+            try:
+                server.stub.ModelInfer(request(x[i:i + 1]), timeout=30)
+                return "OK"
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "Concurrent RPC limit exceeded" in exc.details(), exc.details()
+                return exc.code().name
+
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(send, range(12)))
+        assert codes.count("RESOURCE_EXHAUSTED") >= 9 - 1, codes  # 3 held, at most one more slipped in later
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"}, codes
+        assert int(logits_of(server.infer(x[7:8])).argmax()) == int(traffic["clean_y"][7])
+        assert server.health() == 1  # SERVING
+    finally:
+        assert server.stop() == 0

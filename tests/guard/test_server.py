@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -72,24 +73,46 @@ def test_a_refusal_carries_the_verdict_and_the_input_is_kept_as_evidence(
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     trailer = dict(info.value.trailing_metadata())
     assert trailer["guard-verdict"] == "flagged" and trailer["guard-flagged"] == "true"
-    assert trailer["guard-detectors"]
+    assert "guard-p-value" not in trailer  # the scores go to operators (evidence, metrics), not to clients
     bundle = GuardBundle.load(Path(guard_server.cmd[guard_server.cmd.index("--bundle") + 1]))
-    # the combined p-value is at or below the one budget; STRIP's entropy is far below clean ones
-    assert float(trailer["guard-p-value"]) <= bundle.manifest.verdict.frr
-    assert float(trailer["guard-strip-entropy"]) < min(bundle.manifest.strip.calibration_scores)
-    assert {"guard-strip-p-value", "guard-knn-p-value", "guard-knn-distance"} <= set(trailer)
     kept = [r for r in read_evidence(guard_server.evidence_dir) if r.get("request_id") == "campaign-42"]
     assert len(kept) == 1 and kept[0]["intact"]
     np.testing.assert_array_equal(kept[0]["x"], x[0])
     assert kept[0]["predicted"] == "3" and kept[0]["detectors"]
-    assert kept[0]["p_value"] == pytest.approx(float(trailer["guard-p-value"]), rel=1e-4)
+    # the combined p-value is at or below the one budget; STRIP's entropy is far below clean ones
+    assert kept[0]["p_value"] <= bundle.manifest.verdict.frr
+    assert kept[0]["scores"]["strip_entropy"] < min(bundle.manifest.strip.calibration_scores)
+    assert {"strip_entropy", "knn_distance"} <= set(kept[0]["scores"])
     assert set(kept[0]["p_values"]) == set(bundle.manifest.verdict.detectors)
 
 
+@pytest.fixture(scope="module")
+def scores_server(guard_only_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuardProcess]:
+    """A trusted deployment's guard: ``--expose-scores``."""
+    tmp = tmp_path_factory.mktemp("scores")
+    server = GuardProcess(guard_only_bundle, tmp, "--expose-scores", "--max-request-inputs", "16")
+    yield server
+    server.stop()
+
+
+def test_with_expose_scores_a_refusal_carries_every_score(scores_server: GuardProcess,
+                                                          traffic: dict[str, np.ndarray]) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        scores_server.infer(traffic["triggered_x"][:1])
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    trailer = dict(info.value.trailing_metadata())
+    assert trailer["guard-verdict"] == "flagged" and trailer["guard-detectors"]
+    assert trailer["guard-detectors"].split(",")[0] in info.value.details()
+    bundle = GuardBundle.load(Path(scores_server.cmd[scores_server.cmd.index("--bundle") + 1]))
+    assert float(trailer["guard-p-value"]) <= bundle.manifest.verdict.frr
+    assert float(trailer["guard-strip-entropy"]) < min(bundle.manifest.strip.calibration_scores)
+    assert {"guard-strip-p-value", "guard-knn-p-value", "guard-knn-distance"} <= set(trailer)
+
+
 def test_the_response_carries_the_verdict_scores_and_batches_of_inputs(
-        guard_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
+        scores_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
     x = traffic["clean_x"][:4]
-    response = guard_server.infer(x, request_id="b4", outputs=("logits", "guard_scores"))
+    response = scores_server.infer(x, request_id="b4", outputs=("logits", "guard_scores"))
     assert response.id == "b4" and response.model_name == "model"
     assert logits_of(response).shape == (4, 10)
     params = response.parameters
