@@ -52,6 +52,7 @@ from offline.calibrate import CalibrationSettings, reference_scores  # noqa: E40
 from offline.data import Dataset, load_dataset, load_mnist  # noqa: E402
 from offline.export import INPUT_NAME  # noqa: E402
 from offline.models import save_torchscript  # noqa: E402
+from offline.neural_cleanse import NeuralCleanseConfig  # noqa: E402
 from offline.patch import PatchSettings, run_patch, split_clean  # noqa: E402
 from offline.repair import RepairSettings  # noqa: E402
 
@@ -213,6 +214,8 @@ def guard_only(case: Path, name: str, part: str) -> dict[str, Any]:
     attack = desc.get("attack") or (desc.get("trigger") or {}).get("kind") or \
         ("invisible" if desc.get("trigger_delta_file") else "none")
     row = {"part": part, "model": name, "attack": attack,
+           **({"scan_steps": GUARD_ONLY.scan.max_steps} if GUARD_ONLY.scan.max_steps != NeuralCleanseConfig().max_steps
+              else {}),
            **measure(case / "guard-only", test.x, x_trig, goal, calib.x, fit.x),
            "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(row), flush=True)
@@ -269,7 +272,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
         s, bar = r["sequential"], BARS.get(r.get("attack", ""))
         before = (r.get("rules") or {}).get("bag-fisher", {}).get("through")
         verdict = "" if bar is None or s["through"] is None else (" (met)" if s["through"] <= bar else " (**missed**)")
-        lines.append(f"| {r['model']} | {r.get('attack', '-')} | {_pct(s['model_asr'])} | {_pct(s['through'])}"
+        bounded = f" (scan bounded to {r['scan_steps']} steps)" if r.get("scan_steps") else ""
+        lines.append(f"| {r['model']}{bounded} | {r.get('attack', '-')} | {_pct(s['model_asr'])} | {_pct(s['through'])}"
                      f"{verdict} | {_pct(before)} | {'-' if bar is None else _pct(bar)} | {_pct(s['frr'])} "
                      f"({_pct((r.get('frr_resampled') or {}).get('mean'))}) |")
     return "\n".join(lines) + "\n"
@@ -330,6 +334,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out", help="where bench_matrix.py wrote matrix/ (%(default)s)")
     parser.add_argument("--variant", choices=tuple(VARIANTS), default="default",
                         help="calibration settings to measure (default: the patch job's own)")
+    parser.add_argument("--scan-steps", type=int, default=None,
+                        help="bound the scan's steps per class (default: the job's own); the row says so")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from the kept JSON only")
     args = parser.parse_args()
     name = "verdict" if args.variant == "default" else f"verdict-{args.variant}"
@@ -342,7 +348,9 @@ def main() -> None:
         return
     global GUARD_ONLY
     GUARD_ONLY = PatchSettings(repair=RepairSettings(method="none"),
-                               calibration=CalibrationSettings(**VARIANTS[args.variant]))
+                               calibration=CalibrationSettings(**VARIANTS[args.variant]),
+                               scan=NeuralCleanseConfig(max_steps=args.scan_steps) if args.scan_steps
+                               else NeuralCleanseConfig())
     parts = args.parts.split(",")
     rows: list[dict[str, Any]] = []
     if "zoo" in parts:
