@@ -301,6 +301,8 @@ class GuardBundle:
         names = [Path(name).as_posix() for name, _ in listed]
         if len(set(names)) != len(names):
             raise BundleError(f"{manifest_path}: a file is listed twice")
+        for name in names:  # a name that leaves the bundle is the first thing to say
+            _inside(root, name)
         _only_listed(root, {*names, MANIFEST, SIGNATURE})
         read: dict[str, bytes] = {}  # the files the guard uses, each read once: hashed and parsed from these bytes
         attachments = {a.file for a in manifest.attachments}

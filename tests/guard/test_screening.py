@@ -18,6 +18,8 @@ from guard.screens import (
     softmax,
     softmax_entropy,
 )
+from tests.toy import toy_images as _images
+from tests.toy import toy_infer as _infer
 
 
 def test_entropy_of_certain_and_uniform_predictions() -> None:
@@ -181,21 +183,6 @@ def test_an_expert_override_refuses_on_its_own_rate_too() -> None:
     override = OneBudget(("strip", "knn"), ("low", "high"), cal, 0.01, alone=(0.2, None))
     x = np.array([[-1.2, 0.0]])  # a fifth of the way into STRIP's low tail, nothing for k-NN
     assert not plain.judge(x).flagged[0] and override.judge(x).flagged[0]
-
-
-def _images(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Toy clean images: dim, with the trigger pixel (0, 0) off."""
-    x = rng.random((n, 1, 4, 4)).astype(np.float32) * 0.5
-    x[:, 0, 0, 0] = 0.0
-    return x
-
-
-def _infer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A toy model: class 0 whenever pixel (0, 0) is bright (the 'trigger'), else by mean brightness."""
-    flat = x.reshape(len(x), -1)
-    trig = flat[:, 0] > 0.9
-    logits = np.stack([np.where(trig, 20.0, 0.0), 10 * flat[:, 1:].mean(1), 10 * (1 - flat[:, 1:].mean(1))], 1)
-    return logits, np.stack([flat[:, 0] * 10, flat[:, 1:].mean(1)], 1)
 
 
 def test_screen_flags_triggered_inputs_and_passes_clean_ones() -> None:
