@@ -368,10 +368,7 @@ class GuardBundle:
             + (f"; refuses only inputs answered as {[m.class_names[k] for k in v.classes]}" if v.classes else ""),
         ]
         for d, spec in m.detector_specs():
-            line = spec.describe(self.arrays.get(d.name, {}))
-            if d is BY_NAME["strip"]:
-                line += f", pool {len(self.pool)} images"
-            lines.append(f"{d.name:<11} {line}")
+            lines.append(f"{d.name:<11} {spec.describe(self)}")
             if spec.alone_frr is not None:
                 lines.append(f"override    {d.name} also refuses on its own at {spec.alone_frr:.1%}")
         lines += [

@@ -32,6 +32,7 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,18 @@ def _split(line: bytes) -> tuple[dict[str, Any], bytes | None, str | None]:
     return record, line[:-len(suffix)] + b"}", link
 
 
+def _chained(segment: Path) -> Iterator[tuple[int, str]]:
+    """(seq, link) of each complete chained record of a segment, in order; torn lines skipped."""
+    with open(segment, "rb") as fh:
+        for line in fh:
+            try:
+                record, body, link = _split(line.rstrip(b"\n"))
+            except ValueError:
+                continue  # a torn tail
+            if body is not None and isinstance(record.get("seq"), int):
+                yield record["seq"], str(link)
+
+
 class EvidenceStore:
     """Appends chained records; ``key`` (bytes) makes the links HMAC-SHA256, authenticated."""
 
@@ -107,17 +120,9 @@ class EvidenceStore:
     def _chain_head(segments: list[Path]) -> tuple[int, str]:
         """(seq, link) of the newest complete chained record: a restarted guard continues its chain."""
         for segment in reversed(segments):
-            head = None
-            with open(segment, "rb") as fh:
-                for line in fh:
-                    try:
-                        record, body, link = _split(line.rstrip(b"\n"))
-                    except ValueError:
-                        continue  # a torn tail
-                    if body is not None and isinstance(record.get("seq"), int):
-                        head = record["seq"], str(link)
-            if head is not None:
-                return head
+            last = deque(_chained(segment), maxlen=1)
+            if last:
+                return last[0]
         return 0, GENESIS
 
     @property
@@ -156,7 +161,8 @@ class EvidenceStore:
             self._open_next()
             deleted = self._enforce_budget()
             if deleted:  # said in the chain, so a reader tells rotation from records removed by someone
-                kept = self._first_seq(_segments(self.root)[0], self._last_seq + 1)
+                # the first record kept, or the next one when the kept segment is the new, empty one
+                kept = next((seq for seq, _ in _chained(_segments(self.root)[0])), self._last_seq + 1)
                 self._chain({"time": _now(), "unix_time": time.time(), "kind": "rotation",
                              "deleted_segments": deleted, "kept_from": kept})
         self._chain(record)
@@ -173,18 +179,6 @@ class EvidenceStore:
         self._size += len(line)
         self._total += len(line)
         self._last_seq, self._last_link = record["seq"], link
-
-    @staticmethod
-    def _first_seq(segment: Path, default: int) -> int:
-        with open(segment, "rb") as fh:
-            for line in fh:
-                try:
-                    record, body, _ = _split(line.rstrip(b"\n"))
-                except ValueError:
-                    continue
-                if body is not None and isinstance(record.get("seq"), int):
-                    return record["seq"]
-        return default  # the kept segment is the new, empty one
 
     def note_dropped(self) -> None:
         """A record the guard could not keep (backlog full): the next record written says how many."""
@@ -317,10 +311,9 @@ def audit_evidence(root: str | Path, key: bytes | None = None) -> EvidenceAudit:
             audit.problems.extend(f"{where} (rotation record): {p}" for p in problems)
             continue
         raw = base64.b64decode(record.pop("tensor_b64"))
-        record["intact"] = hashlib.sha256(raw).hexdigest() == record.get("sha256") and not any(
-            p.startswith(("rewritten", "not authenticated")) for p in problems)
         if hashlib.sha256(raw).hexdigest() != record.get("sha256"):
             problems.insert(0, "rewritten: the tensor does not match its SHA-256")
+        record["intact"] = not any(p.startswith(("rewritten", "not authenticated")) for p in problems)
         try:
             record["x"] = np.frombuffer(raw, dtype=np.float32).reshape(record["shape"])
         except (ValueError, KeyError, TypeError):

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,20 +120,8 @@ def sign_finished_bundle(root: str | Path, key_file: str | Path) -> str:
 
 def report_files(report_dir: Path) -> dict[str, bytes]:
     """Every file of a report directory as ``report/NAME`` -> its bytes, each read once; links refused."""
-    from guard.bundle import BundleError, read_file
-
-    out = {}
-    for here, dirs, names in os.walk(report_dir):
-        for entry in sorted(dirs + names):
-            path = Path(here) / entry
-            if path.is_symlink():
-                raise ForensicsError(f"{path}: a symbolic link; the job copies no links into a bundle (remove it)")
-            if entry in names:
-                try:
-                    out[f"report/{path.relative_to(report_dir).as_posix()}"] = read_file(path)
-                except BundleError as exc:
-                    raise ForensicsError(str(exc)) from exc
-    return out
+    return {f"report/{rel}": data for rel, data in
+            _plain_files(report_dir, "and the job copies no links into a bundle (remove it)")}
 
 
 def attach(manifest: GuardManifest, files: dict[str, bytes]) -> GuardManifest:
@@ -266,18 +254,19 @@ def _phase_files(root: Path) -> dict[str, str]:
     """
     if root.is_symlink() or not root.is_dir():
         raise ForensicsError(f"{root}: not a plain directory")
-    out = {}
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in _plain_files(root, "which no phase writes")
+            if rel != "result.json"}
+
+
+def _plain_files(root: Path, link_refused: str) -> Iterator[tuple[str, bytes]]:
+    """(path relative to ``root``, bytes) of every file below it, each read once; a symbolic link anywhere
+    (to a file or a directory) is refused with :class:`ForensicsError`: '<path> is a symbolic link, <link_refused>'."""
     for here, dirs, names in os.walk(root):
-        for name in dirs + names:
-            path = Path(here) / name
-            if path.is_symlink():
-                raise ForensicsError(f"{path} is a symbolic link, which no phase writes")
-        for name in names:
-            path = Path(here) / name
-            rel = path.relative_to(root).as_posix()
-            if rel != "result.json":
-                out[rel] = hashlib.sha256(_read_no_links(path)).hexdigest()
-    return out
+        for name in sorted(dirs + names):
+            if (Path(here) / name).is_symlink():
+                raise ForensicsError(f"{Path(here) / name} is a symbolic link, {link_refused}")
+        for name in sorted(names):
+            yield (Path(here) / name).relative_to(root).as_posix(), _read_no_links(Path(here) / name)
 
 
 def run_patch(

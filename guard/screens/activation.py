@@ -43,7 +43,7 @@ class ActivationFilterSpec(DetectorSpec):
             raise ValueError("activation_filter weights must be finite numbers")
         return self
 
-    def describe(self, arrays: dict[str, np.ndarray]) -> str:
+    def describe(self, bundle: Any) -> str:
         return f"layer '{self.layer}', {filter_kind(self.neurons, self.weights)}"
 
     @classmethod

@@ -41,7 +41,7 @@ class KnnSpec(DetectorSpec):
         return {"reference": read.array(self.reference_file, "k-NN reference", lambda a: a.ndim == 2 and len(a) == m
                                         and a.dtype == np.float32, f"float32 ({m}, D), one row per label")}
 
-    def describe(self, arrays: dict[str, np.ndarray]) -> str:
+    def describe(self, bundle: Any) -> str:
         return f"k={self.k} over {len(self.labels)} clean features"
 
 
@@ -58,8 +58,8 @@ class MahalanobisSpec(DetectorSpec):
             "means": lambda a: a.ndim == 2 and len(a) == k,
             "precision": lambda a: a.ndim == 2 and a.shape[0] == a.shape[1]})
 
-    def describe(self, arrays: dict[str, np.ndarray]) -> str:
-        return f"{arrays['means'].shape[1]} features, shared shrunk covariance"
+    def describe(self, bundle: Any) -> str:
+        return f"{bundle.arrays['mahalanobis']['means'].shape[1]} features, shared shrunk covariance"
 
 
 def _normalise(features: np.ndarray) -> np.ndarray:

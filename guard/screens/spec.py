@@ -70,8 +70,8 @@ class DetectorSpec(Strict):
         """The detector's arrays, read from the bundle and checked."""
         return {}
 
-    def describe(self, arrays: dict[str, np.ndarray]) -> str:
-        """One line for ``trojan-guard inspect``."""
+    def describe(self, bundle: Any) -> str:
+        """One line for ``trojan-guard inspect`` (``bundle``: the loaded ``guard.bundle.GuardBundle``)."""
         return ""
 
     @classmethod

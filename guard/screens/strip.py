@@ -57,9 +57,9 @@ class StripSpec(DetectorSpec):
         if self.class_mean and len(self.class_mean) != num_classes:
             raise ValueError(f"strip.class_mean has {len(self.class_mean)} entries for {num_classes} classes")
 
-    def describe(self, arrays: dict[str, np.ndarray]) -> str:
-        return f"n={self.n}, blend '{self.blend_rule}'" + (f", sequential in rounds of {self.group} (z={self.z:g})"
-                                                           if self.group else "")
+    def describe(self, bundle: Any) -> str:
+        return (f"n={self.n}, blend '{self.blend_rule}', pool {len(bundle.pool)} images"
+                + (f", sequential in rounds of {self.group} (z={self.z:g})" if self.group else ""))
 
     @classmethod
     def finish(cls, calibration_scores: np.ndarray) -> dict[str, Any]:
