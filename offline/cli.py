@@ -102,6 +102,8 @@ def _restarts_arg(parser: argparse.ArgumentParser) -> None:
 # offline.calibrate's filter uses, named here so that --help does not load onnxruntime (the detectors come
 # from guard.screens.registry and the verdict's rules from guard.screens.verdict, which need numpy only)
 FILTER_USE = ("auto", "always", "off")
+# offline.repair.METHODS, named here so that --help does not import torch (a test holds them equal)
+REPAIR_METHODS = ("auto", "unlearn", "anp", "i-bau", "nad", "prune", "fine-prune", "none")
 
 
 def _detector_list(text: str) -> tuple[str, ...]:
@@ -177,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--repeats", type=_positive(int), default=1, help="scan runs with different seeds (%(default)s)")
     _restarts_arg(pa)
     r = pa.add_argument_group("repair")
-    r.add_argument("--repair", choices=("unlearn", "prune", "fine-prune", "none"), default="unlearn",
-                   help="repair method (default: %(default)s)")
+    r.add_argument("--repair", choices=REPAIR_METHODS, default="auto",
+                   help="repair method: unlearn (Neural Cleanse), anp (adversarial neuron pruning), i-bau "
+                        "(implicit backdoor adversarial unlearning), nad (neural attention distillation), prune, "
+                        "fine-prune, none, or auto: the method measured best for the number of clean images the "
+                        "repair gets (docs/repair.md; the job prints which and why) (default: %(default)s)")
     r.add_argument("--unlearn-fraction", type=_share, default=1.0,
                    help="share of the fit data to fine-tune on when unlearning (%(default)s)")
     r.add_argument("--unlearn-stamp-share", type=_fraction, default=0.2,

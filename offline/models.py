@@ -91,8 +91,7 @@ class ForensicModel(nn.Module):
         self._captured: torch.Tensor | None = None
         self._masks: dict[str, torch.Tensor] = {}
         self._hooked: set[str] = set()
-        self._probe: str | None = None
-        self._probe_out: torch.Tensor | None = None
+        self._taps: dict[str, torch.Tensor | None] = {}
         self._check_layer(features_layer)
         self._hook(features_layer)
         self.freeze()
@@ -134,23 +133,30 @@ class ForensicModel(nn.Module):
             out = out * shaped_mask(mask, out)
         if name == self.features_layer:
             self._captured = out
-        if name == self._probe:
-            self._probe_out = out
+        if name in self._taps:
+            self._taps[name] = out
         return out
 
     @torch.no_grad()
     def layer_output(self, layer: str, x: torch.Tensor) -> torch.Tensor:
         """The output of any named layer (after its mask, if one is set)."""
-        self._check_layer(layer)
-        self._hook(layer)
-        self._probe, self._probe_out = layer, None
+        return self.tapped(x, [layer])[1][layer]
+
+    def tapped(self, x: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the outputs of ``layers`` (after their masks), in the autograd graph when grad is on."""
+        for layer in layers:
+            self._check_layer(layer)
+            self._hook(layer)
+        self._taps = dict.fromkeys(layers)
         try:
-            self.features_and_logits(x)
+            logits = self.features_and_logits(x)[1]
+            outputs = dict(self._taps)
         finally:
-            self._probe = None
-        if self._probe_out is None:
-            raise ModelLoadError(f"layer '{layer}' is not used by the forward pass")
-        return self._probe_out
+            self._taps = {}
+        unused = [name for name, out in outputs.items() if out is None]
+        if unused:
+            raise ModelLoadError(f"layer '{unused[0]}' is not used by the forward pass")
+        return logits, outputs  # type: ignore[return-value]
 
     def set_output_mask(self, layer: str, mask: torch.Tensor | None) -> None:
         """Multiply ``layer``'s output by ``mask``: one value per channel, or per output unit."""
@@ -393,8 +399,7 @@ class _DualOutputModel(ForensicModel):
         self._captured = None
         self._masks = {}
         self._hooked = set()
-        self._probe = None
-        self._probe_out = None
+        self._taps = {}
         self.freeze()
 
     @property

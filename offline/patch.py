@@ -367,6 +367,9 @@ def run_patch(
         model.net.load_state_dict(state["state_dict"])
         for layer, m in state["masks"].items():
             model.set_output_mask(layer, m)
+    if flagged:
+        say(f"      method: {repair_result['method']}" + (f", {repair_result['chosen_by']}"
+                                                          if repair_result.get("chosen_by") else ""))
     for key, value in repair_result["summary"].items():
         if value is not None:
             say(f"      {key.replace('_', ' ')}: {value}")

@@ -109,3 +109,10 @@ def test_unknown_optimizer_is_refused(setup) -> None:
     model, fit, select, measure = setup
     with pytest.raises(ForensicsError, match="unknown optimizer 'rmsprop'"):
         repair(model, fit.x, fit.y, select, measure, RepairSettings(optimizer="rmsprop"))
+
+
+def test_the_cli_offers_every_repair_method() -> None:
+    from offline.cli import REPAIR_METHODS
+    from offline.repair import METHODS
+
+    assert sorted(REPAIR_METHODS) == sorted(METHODS)

@@ -1,0 +1,83 @@
+"""Repair a backdoored model in place, and measure it before and after.
+
+Each method changes a :class:`~offline.models.ForensicModel` in place and
+:func:`repair` returns a :class:`RepairReport` with clean accuracy, the share
+of clean answers left unchanged, and the success rate of the reversed trigger
+(and of the true trigger, in evaluation mode) before and after. Every method
+stops by the same rules on the selection split: the reversed trigger's success
+rate below ``asr_bound``, clean accuracy within ``accuracy_budget``.
+
+- ``unlearn``, ``prune``, ``fine-prune``: :mod:`offline.repair.classic`;
+- ``anp``: adversarial neuron pruning, :mod:`offline.repair.anp`;
+- ``i-bau``: implicit backdoor adversarial unlearning, :mod:`offline.repair.ibau`;
+- ``nad``: neural attention distillation, :mod:`offline.repair.nad`;
+- ``auto`` (the default): the method :func:`default_method` picks for the
+  number of images repair gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+
+from offline.errors import ForensicsError
+from offline.models import ForensicModel
+from offline.repair.anp import anp
+from offline.repair.classic import fine_prune, last_conv_layer, prune, trigger_neuron_ranking, unlearn
+from offline.repair.core import OPTIMIZERS, Evaluator, Measure, RepairReport, RepairSettings, grow_mask
+from offline.repair.ibau import ibau
+from offline.repair.nad import nad
+
+__all__ = ["METHODS", "OPTIMIZERS", "Evaluator", "Measure", "RepairReport", "RepairSettings", "default_method",
+           "grow_mask", "last_conv_layer", "repair", "trigger_neuron_ranking"]
+
+Method = Callable[[ForensicModel, np.ndarray, np.ndarray, Evaluator, RepairSettings, Measure], dict[str, Any]]
+
+_METHODS: dict[str, Method] = {
+    "unlearn": unlearn,
+    "anp": anp,
+    "i-bau": ibau,
+    "nad": nad,
+    "prune": lambda model, x, _y, select, s, baseline: prune(model, x, select, s, baseline),
+    "fine-prune": fine_prune,
+    "none": lambda *_: {},
+}
+METHODS = (*_METHODS, "auto")
+
+# (fewest repair images, method): bench/bench_repair.py --clean-images 250,500,1000 (docs/repair.md)
+DEFAULT_BY_SIZE: tuple[tuple[int, str], ...] = ((0, "unlearn"),)
+
+
+def default_method(images: int) -> tuple[str, str]:
+    """The method ``auto`` runs with ``images`` repair images, and why."""
+    method = next(m for least, m in sorted(DEFAULT_BY_SIZE, reverse=True) if images >= least)
+    return method, f"the default for {images} repair images (docs/repair.md: best measured at that size)"
+
+
+def repair(model: ForensicModel, x_train: np.ndarray, y_train: np.ndarray, select: Evaluator,
+           report: Evaluator | None = None, settings: RepairSettings | None = None) -> RepairReport:
+    """Run the chosen repair on ``model`` (in place).
+
+    ``select`` is the validation data the methods stop on; ``report``
+    (default: ``select``) is where accuracy and ASR before and after are measured,
+    so the reported figures can come from data no decision was made on.
+    """
+    s = settings or RepairSettings()
+    if s.optimizer not in OPTIMIZERS:
+        raise ForensicsError(f"unknown optimizer '{s.optimizer}' (one of {', '.join(OPTIMIZERS)})")
+    if s.method not in METHODS:
+        raise ForensicsError(f"unknown repair method '{s.method}' (one of {', '.join(METHODS)})")
+    chosen = {}
+    if s.method == "auto":
+        method, why = default_method(len(x_train))
+        s = replace(s, method=method)
+        chosen = {"chosen_by": why}
+    report = report or select
+    for evaluator in {id(e): e for e in (select, report)}.values():
+        evaluator.remember(model)
+    before = report(model)
+    details = _METHODS[s.method](model, x_train, y_train, select, s, select(model))
+    return RepairReport(s.method, before, report(model), {"settings": asdict(s), **chosen, **details})
