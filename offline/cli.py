@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--accuracy-budget", type=_fraction, default=0.015,
                    help="pruning never costs more clean accuracy than this; unlearning that never reaches "
                         "--asr-bound keeps its best epoch within it (%(default)s)")
+    r.add_argument("--accuracy-rule", choices=("broken", "change"), default="broken",
+                   help="how the stop rules read accuracy on the calibration split: broken (the share of "
+                        "images the model answered right before repair and wrong now; a few lucky fixes cannot "
+                        "hide damage) or change (accuracy now against before) (default: %(default)s)")
     r.add_argument("--fine-tune-epochs", type=_positive(int), default=1,
                    help="fine-pruning's clean epochs (%(default)s)")
     c = pa.add_argument_group("guard calibration")
@@ -666,6 +670,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                               unlearn_accuracy_tolerance=args.unlearn_accuracy_tolerance,
                               unlearn_grow=args.unlearn_grow, optimizer=args.repair_optimizer, lr=args.repair_lr,
                               asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
+                              accuracy_rule=args.accuracy_rule,
                               fine_tune_epochs=args.fine_tune_epochs),
         calibration=CalibrationSettings(frr=args.frr, rule=args.combine, p_values=args.p_values,
                                         detectors=args.detectors, filter=args.filter_use, strip_n=args.strip_n,

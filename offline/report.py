@@ -265,7 +265,11 @@ def _html(r: dict[str, Any], images: dict[str, str | None]) -> str:
     rep, g = r["repair"], r["repair"]["guard"]
     before, after = rep["before"], rep["after"]
     repair_rows = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{_pct(before.get(k))}</td>"
-                          f"<td>{_pct(after.get(k))}</td></tr>" for k in before)
+                          f"<td>{_pct(after.get(k))}</td></tr>" for k in before if k != "change_interval")
+    if after.get("change_interval"):
+        low, high = after["change_interval"]
+        repair_rows += (f"<tr><td>accuracy change, 95 % interval (paired)</td><td></td>"
+                        f"<td>{100 * low:+.1f} to {100 * high:+.1f} points</td></tr>")
     scope = f"; refusing only inputs answered as class(es) {e(str(g['classes']))}" if g.get("classes") else ""
     guarantee_ = g.get("guarantee") or {}
     parts = [f"STRIP (n={g['strip_n']})" if g.get("strip_n") else "", *[d for d in g.get("detectors", [])

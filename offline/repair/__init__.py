@@ -27,12 +27,21 @@ from offline.errors import ForensicsError
 from offline.models import ForensicModel
 from offline.repair.anp import anp
 from offline.repair.classic import fine_prune, last_conv_layer, prune, trigger_neuron_ranking, unlearn
-from offline.repair.core import OPTIMIZERS, Evaluator, Measure, RepairReport, RepairSettings, grow_mask
+from offline.repair.core import (
+    ACCURACY_RULES,
+    CLEAN_TARGETS,
+    OPTIMIZERS,
+    Evaluator,
+    Measure,
+    RepairReport,
+    RepairSettings,
+    grow_mask,
+)
 from offline.repair.ibau import ibau
 from offline.repair.nad import nad
 
-__all__ = ["METHODS", "OPTIMIZERS", "Evaluator", "Measure", "RepairReport", "RepairSettings", "default_method",
-           "grow_mask", "last_conv_layer", "repair", "trigger_neuron_ranking"]
+__all__ = ["ACCURACY_RULES", "CLEAN_TARGETS", "METHODS", "OPTIMIZERS", "Evaluator", "Measure", "RepairReport",
+           "RepairSettings", "default_method", "grow_mask", "last_conv_layer", "repair", "trigger_neuron_ranking"]
 
 Method = Callable[[ForensicModel, np.ndarray, np.ndarray, Evaluator, RepairSettings, Measure], dict[str, Any]]
 
@@ -66,10 +75,11 @@ def repair(model: ForensicModel, x_train: np.ndarray, y_train: np.ndarray, selec
     so the reported figures can come from data no decision was made on.
     """
     s = settings or RepairSettings()
-    if s.optimizer not in OPTIMIZERS:
-        raise ForensicsError(f"unknown optimizer '{s.optimizer}' (one of {', '.join(OPTIMIZERS)})")
-    if s.method not in METHODS:
-        raise ForensicsError(f"unknown repair method '{s.method}' (one of {', '.join(METHODS)})")
+    checks = (("optimizer", s.optimizer, OPTIMIZERS), ("accuracy rule", s.accuracy_rule, ACCURACY_RULES),
+              ("clean targets", s.unlearn_clean_targets, CLEAN_TARGETS), ("repair method", s.method, METHODS))
+    for what, value, allowed in checks:
+        if value not in allowed:
+            raise ForensicsError(f"unknown {what} '{value}' (one of {', '.join(allowed)})")
     chosen = {}
     if s.method == "auto":
         method, why = default_method(len(x_train))

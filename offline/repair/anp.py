@@ -13,7 +13,8 @@ with one signed ascent step for the inner maximum, as in the paper. The
 backdoor's neurons are the ones the perturbed loss drives to small masks. They
 are then pruned in the order of their masks, smallest first: all those below
 ``anp_threshold``, and more while the reversed trigger still works, within the
-accuracy budget on the selection split. The weights themselves never change,
+accuracy budget on the selection split (a neuron that would break it is
+passed over, until five in a row were). The weights themselves never change,
 which is why ANP needs so little data: it fits one number per neuron.
 
 The paper perturbs BatchNorm's scale and shift; these models may have no
@@ -93,7 +94,7 @@ def anp(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluator, s
     low = sum(v < s.anp_threshold for v, _, _ in order)
     pruned, curve = prune_in_order(
         model, [(layer, i) for _, layer, i in order], {layer: len(m) for layer, m in masks.items()}, select, s,
-        baseline, lambda n, m: n < low or m.reversed_asr >= s.asr_bound)
+        baseline, lambda n, m: n < low or m.reversed_asr >= s.asr_bound, skips=5)
     return {"layers": list(masks), "neurons": len(order), "below_threshold": int(low),
             "pruned": [f"{layer}[{i}]" for layer, i in pruned], "curve": curve,
             "mask_values": {layer: [round(float(v), 4) for v in m] for layer, m in masks.items()}}

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -28,8 +27,7 @@ import torch.nn.functional as F
 from offline.attacks import stamp
 from offline.errors import ForensicsError
 from offline.models import ForensicModel, module_kind
-from offline.repair.core import (EpochKeeper, Evaluator, Measure, RepairSettings, fine_tune, grow_mask,
-                                 prune_in_order)
+from offline.repair.core import EpochKeeper, Evaluator, Measure, RepairSettings, fine_tune, grow_mask, prune_in_order
 
 
 @torch.no_grad()
@@ -39,12 +37,24 @@ def _mean_features(model: ForensicModel, x: np.ndarray, batch_size: int = 512) -
     return torch.cat([model.features(xt[i:i + batch_size]) for i in range(0, len(xt), batch_size)]).mean(0).numpy()
 
 
-def shift(x: torch.Tensor, pixels: int, rng: np.random.Generator) -> torch.Tensor:
-    """Each image moved by up to ``pixels`` in each direction (a random whole-pixel shift, zero fill)."""
+def shift(x: torch.Tensor, dy: np.ndarray, dx: np.ndarray, pixels: int) -> torch.Tensor:
+    """Image i moved by ``dy[i] - pixels`` rows and ``dx[i] - pixels`` columns (zero fill)."""
     h, w = x.shape[-2:]
     padded = F.pad(x, (pixels, pixels, pixels, pixels))
-    dy, dx = rng.integers(0, 2 * pixels + 1, size=(2, len(x)))
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(len(x))])
+
+
+@torch.no_grad()
+def _own_answers(model: ForensicModel, x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """The model's softmax on every image at every shift: (shift dy * (2 * pixels + 1) + dx, image, class)."""
+    model.eval()
+    side = 2 * pixels + 1
+    out = []
+    for dy in range(side):
+        for dx in range(side):
+            moved = shift(x, np.full(len(x), dy), np.full(len(x), dx), pixels)
+            out.append(torch.cat([F.softmax(model(moved[i:i + 512]), 1) for i in range(0, len(x), 512)]))
+    return torch.stack(out)
 
 
 def trigger_neuron_ranking(model: ForensicModel, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
@@ -67,25 +77,27 @@ def unlearn(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluato
     m, p = torch.from_numpy(select.mask[None]), torch.from_numpy(select.pattern)
     grown = grow_mask(m, s.unlearn_grow)
 
-    teacher = copy.deepcopy(model).eval() if s.unlearn_clean_targets == "original" else None
+    pixels = s.unlearn_shift
+    xs = torch.from_numpy(x[idx])
+    own = _own_answers(model, xs, pixels) if s.unlearn_clean_targets == "original" else None
     rng = np.random.default_rng(s.seed + 1)
 
-    def loss(net: ForensicModel, xb: torch.Tensor, yb: torch.Tensor, _b: np.ndarray) -> torch.Tensor:
+    def loss(net: ForensicModel, xb: torch.Tensor, yb: torch.Tensor, b: np.ndarray) -> torch.Tensor:
         """Stamped images: cross-entropy with the true label; clean ones: with the label, or with the
         model's own answer before repair (``unlearn_clean_targets``)."""
-        if s.unlearn_shift:
-            xb = shift(xb, s.unlearn_shift, rng)
+        dy, dx = rng.integers(0, 2 * pixels + 1, size=(2, len(xb)))
+        if pixels:
+            xb = shift(xb, dy, dx, pixels)
         draw = torch.from_numpy(rng.random(len(xb)))[:, None, None, None]
         stamped = torch.where(draw < s.unlearn_stamp_share / 2, stamp(xb, m, p), stamp(xb, grown, p))
         xb = torch.where(draw < s.unlearn_stamp_share, stamped, xb)
         logits = net(xb)
         labels = F.cross_entropy(logits, yb, reduction="none")
-        if teacher is None:
+        if own is None:
             return labels.mean()
-        with torch.no_grad():
-            own = F.softmax(teacher(xb), 1)
+        answers = own[torch.from_numpy(dy * (2 * pixels + 1) + dx), torch.from_numpy(b)]
         return torch.where(draw.flatten() < s.unlearn_stamp_share, labels,
-                           -(own * F.log_softmax(logits, 1)).sum(1)).mean()
+                           -(answers * F.log_softmax(logits, 1)).sum(1)).mean()
 
     keeper = EpochKeeper(model, select, s, baseline, s.unlearn_accuracy_tolerance)
     fine_tune(model, x[idx], y[idx], s.unlearn_epochs, s, stop=keeper, loss_fn=loss)

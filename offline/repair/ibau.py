@@ -63,7 +63,7 @@ def _hypergradient(model: ForensicModel, params: list[torch.Tensor], delta: torc
         v = jv + grad_delta
     implicit = torch.autograd.grad(mapped, params, grad_outputs=v, allow_unused=True)
     return [(d if d is not None else torch.zeros_like(p)) + (i if i is not None else 0)
-            for p, d, i in zip(params, grad_direct, implicit)]
+            for p, d, i in zip(params, grad_direct, implicit, strict=True)]
 
 
 def ibau(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluator, s: RepairSettings,
@@ -92,7 +92,7 @@ def ibau(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluator, 
                 grads = _hypergradient(model, params, delta, (xt[inner], yt[inner]), (xt[b], yt[b]), stamped,
                                        s.ibau_fixed_point)
                 opt.zero_grad()
-                for p, g in zip(params, grads):
+                for p, g in zip(params, grads, strict=True):
                     p.grad = g.detach()
                 opt.step()
             model.eval()

@@ -116,3 +116,65 @@ def test_the_cli_offers_every_repair_method() -> None:
     from offline.repair import METHODS
 
     assert sorted(REPAIR_METHODS) == sorted(METHODS)
+
+
+def test_anp_prunes_by_its_masks_within_the_budget(setup) -> None:
+    model, fit, select, measure = setup
+    baseline = select(model).accuracy
+    s = RepairSettings(method="anp", anp_iterations=150)
+    report = repair(model, fit.x, fit.y, select, measure, s)
+    d = report.details
+    assert d["layers"] == ["body.0", "body.3", "body.7"] and d["neurons"] == 8 + 16 + 64
+    values = [v for layer in d["layers"] for v in d["mask_values"][layer]]
+    assert len(values) == d["neurons"] and min(values) >= 0.0 and max(values) <= 1.0
+    # pruned in the order of the learnt masks, each pruned neuron silenced in the model's forward pass
+    assert baseline - select(model).accuracy <= s.accuracy_budget
+    for name in d["pruned"]:
+        layer, unit = name[:-1].split("[")
+        assert float(model.output_masks[layer][int(unit)]) == 0.0
+    assert all(baseline - c["accuracy"] <= s.accuracy_budget for c in d["curve"])
+    assert report.after.true_asr <= report.before.true_asr
+
+
+def test_ibau_unlearns_the_trigger_it_finds_itself(setup) -> None:
+    model, fit, select, measure = setup
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="i-bau", ibau_rounds=4))
+    d = report.details
+    assert report.before.true_asr > 0.95
+    assert d["epochs"] <= 4 and all(n <= d["radius"] + 1e-3 for n in d["perturbation_norms"])
+    kept = d["curve"][d["kept_epoch"] - 1]
+    assert (select(model).accuracy, select(model).reversed_asr) == (kept["accuracy"], kept["reversed_asr"])
+    assert report.after.true_asr < 0.5 * report.before.true_asr
+
+
+def test_nad_distills_attention_from_a_fine_tuned_teacher(setup) -> None:
+    model, fit, select, measure = setup
+    baseline = select(model).accuracy
+    s = RepairSettings(method="nad", nad_teacher_epochs=2, nad_epochs=2)
+    report = repair(model, fit.x, fit.y, select, measure, s)
+    d = report.details
+    assert d["layers"] == ["body.0", "body.3"] and set(d["teacher"]) == {"accuracy", "reversed_asr"}
+    assert d["epochs"] <= 2
+    # the epoch kept is within the accuracy budget whenever one was
+    if any(baseline - c["accuracy"] <= s.accuracy_budget for c in d["curve"]):
+        assert baseline - select(model).accuracy <= s.accuracy_budget
+
+
+def test_auto_picks_the_method_for_the_data_size_and_says_why(setup) -> None:
+    from offline.repair import default_method
+
+    model, fit, select, measure = setup
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(unlearn_epochs=1))
+    method, why = default_method(len(fit))
+    assert report.method == method and report.details["chosen_by"] == why and str(len(fit)) in why
+    assert report.before.agreement == 1.0 and 0.0 < report.after.agreement <= 1.0
+
+
+def test_unlearning_keeps_the_clean_answers_it_fits_to(setup) -> None:
+    """Fitted to the model's own answers on clean images, unlearning changes few of them on held-out data."""
+    model, fit, select, measure = setup
+    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="unlearn"))
+    assert report.after.true_asr < 0.05
+    assert report.after.agreement > 0.97
+    low, high = report.after.change_interval
+    assert low < report.after.accuracy - report.before.accuracy < high and high - low < 0.05
