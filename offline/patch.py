@@ -370,6 +370,10 @@ def run_patch(
     if flagged:
         say(f"      method: {repair_result['method']}" + (f", {repair_result['chosen_by']}"
                                                           if repair_result.get("chosen_by") else ""))
+        if repair_result.get("kept_epoch") == 0:
+            say(f"      warning: no {repair_result['method']} epoch kept clean accuracy within --accuracy-budget "
+                f"on the calibration split, so the model is left unrepaired (the guard still screens it); give "
+                f"more clean data or another --repair")
     for key, value in repair_result["summary"].items():
         if value is not None:
             say(f"      {key.replace('_', ' ')}: {value}")

@@ -4,7 +4,9 @@
   trigger activates them than clean inputs do; silence them in that order until
   the reversed trigger's success rate falls below ``asr_bound`` or clean
   accuracy would drop by more than ``accuracy_budget``.
-- ``unlearn``: fine-tune on a slice of the clean data in which a share is
+- ``unlearn``: fine-tune on a slice of the clean data (each image shifted by up
+  to two pixels, the unstamped ones fitted to the model's own answers before
+  repair) in which a share is
   stamped with the reversed trigger and keeps its true label, epoch by epoch
   until the reversed trigger's success rate falls below ``asr_bound`` with
   clean accuracy back within ``unlearn_accuracy_tolerance`` of where it was;
@@ -67,8 +69,11 @@ def unlearn(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluato
             s: RepairSettings, baseline: Measure) -> dict[str, Any]:
     """Fine-tune on a clean slice, a share of it stamped with the reversed trigger but kept at its label.
 
-    Half the stamped images get the reversed mask grown by ``unlearn_grow``
-    pixels (the pattern is the reversed one there too). Stops by
+    Every image is first moved by up to ``unlearn_shift`` pixels. Half the
+    stamped images get the reversed mask grown by ``unlearn_grow`` pixels (the
+    pattern is the reversed one there too). The unstamped images are fitted to
+    the model's own softmax before repair on that shifted image (computed once,
+    for every shift) unless ``unlearn_clean_targets`` is "labels". Stops by
     :class:`~offline.repair.core.EpochKeeper` with ``unlearn_accuracy_tolerance``.
     """
     rng = np.random.default_rng(s.seed)

@@ -211,15 +211,19 @@ class EpochKeeper:
     Training stops at the first epoch whose reversed-trigger ASR on ``select``
     is below ``asr_bound`` and whose accuracy there is within ``tolerance`` of
     ``baseline``. If no epoch gets there, :meth:`finish` puts back the epoch
-    with the lowest reversed-trigger ASR among those within ``accuracy_budget``
-    (the most accurate epoch if none is).
+    with the lowest reversed-trigger ASR among those within ``accuracy_budget``,
+    the model as it was before training (epoch 0) included: a repair that
+    cannot stay within the budget leaves the model unrepaired rather than
+    ship one that lost more (measured: unlearning from 100 fit images kept
+    epochs 11-24 points less accurate on the latent models).
     """
 
     def __init__(self, model: ForensicModel, select: Evaluator, s: RepairSettings, baseline: Measure,
                  tolerance: float) -> None:
         self.model, self.select, self.s, self.baseline, self.tolerance = model, select, s, baseline, tolerance
         self.curve: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {}
+        self.best: dict[str, Any] = {"rank": (False, baseline.reversed_asr), "epoch": 0,
+                                     "state": copy.deepcopy(model.state_dict())}
         self.reached = False
 
     def _within(self, measure: Measure, tolerance: float) -> bool:
@@ -232,7 +236,7 @@ class EpochKeeper:
                            "broken": measure.broken})
         ok = self._within(measure, self.s.accuracy_budget)
         rank = (not ok, measure.reversed_asr if ok else -measure.accuracy)
-        if not self.best or rank < self.best["rank"]:
+        if rank < self.best["rank"]:
             self.best.update(rank=rank, epoch=len(self.curve), state=copy.deepcopy(self.model.state_dict()))
         self.reached = measure.reversed_asr < self.s.asr_bound and self._within(measure, self.tolerance)
         return self.reached

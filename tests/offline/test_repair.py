@@ -50,16 +50,29 @@ def test_unlearning_stops_only_once_accuracy_is_back(setup) -> None:
 
 def test_unlearning_that_never_reaches_the_bound_keeps_its_best_epoch(setup) -> None:
     model, fit, select, measure = setup
-    baseline = select(model).accuracy
+    baseline, start_asr = select(model).accuracy, select(model).reversed_asr
     s = RepairSettings(method="unlearn", asr_bound=0.0, unlearn_epochs=3)  # a bound no epoch can reach
     report = repair(model, fit.x, fit.y, select, measure, s)
     curve = report.details["curve"]
     assert report.details["epochs"] == 3 and not report.details["reached_bound"]
-    within = [c for c in curve if baseline - c["accuracy"] <= s.accuracy_budget]
-    best = min(within, key=lambda c: c["reversed_asr"]) if within else max(curve, key=lambda c: c["accuracy"])
+    start = {"epoch": 0, "accuracy": baseline, "reversed_asr": start_asr, "broken": 0.0}
+    # the model before training is a candidate too: an epoch is kept only if it is within the budget and the
+    # reversed trigger works less on it
+    within = [start, *(c for c in curve if c["broken"] <= s.accuracy_budget)]
+    best = min(within, key=lambda c: (c["reversed_asr"], c["epoch"]))
     assert report.details["kept_epoch"] == best["epoch"]
     now = select(model)  # the model holds that epoch's weights, not the last epoch's
     assert (now.accuracy, now.reversed_asr) == (best["accuracy"], best["reversed_asr"])
+
+
+def test_a_repair_that_cannot_stay_within_the_budget_leaves_the_model_as_it_was(setup) -> None:
+    model, fit, select, measure = setup
+    before = select(model)
+    s = RepairSettings(method="unlearn", accuracy_budget=0.0, unlearn_epochs=2, lr=0.5)  # wrecks every epoch
+    report = repair(model, fit.x, fit.y, select, measure, s)
+    assert report.details["kept_epoch"] == 0 and not report.details["reached_bound"]
+    after = select(model)
+    assert (after.accuracy, after.reversed_asr, after.agreement) == (before.accuracy, before.reversed_asr, 1.0)
 
 
 def test_grow_mask_dilates_by_whole_pixels() -> None:
@@ -136,15 +149,41 @@ def test_anp_prunes_by_its_masks_within_the_budget(setup) -> None:
     assert report.after.true_asr <= report.before.true_asr
 
 
-def test_ibau_unlearns_the_trigger_it_finds_itself(setup) -> None:
+def test_ibau_keeps_a_round_within_the_budget_or_the_model_as_it_was(setup) -> None:
     model, fit, select, measure = setup
-    report = repair(model, fit.x, fit.y, select, measure, RepairSettings(method="i-bau", ibau_rounds=4))
+    start = select(model)
+    s = RepairSettings(method="i-bau", ibau_rounds=3)
+    report = repair(model, fit.x, fit.y, select, measure, s)
     d = report.details
     assert report.before.true_asr > 0.95
-    assert d["epochs"] <= 4 and all(n <= d["radius"] + 1e-3 for n in d["perturbation_norms"])
-    kept = d["curve"][d["kept_epoch"] - 1]
-    assert (select(model).accuracy, select(model).reversed_asr) == (kept["accuracy"], kept["reversed_asr"])
-    assert report.after.true_asr < 0.5 * report.before.true_asr
+    assert d["epochs"] <= 3 and all(n <= d["radius"] + 1e-3 for n in d["perturbation_norms"])
+    now = select(model)
+    if d["kept_epoch"]:
+        kept = d["curve"][d["kept_epoch"] - 1]
+        assert (now.accuracy, now.reversed_asr) == (kept["accuracy"], kept["reversed_asr"])
+        assert kept["broken"] <= s.accuracy_budget or d["reached_bound"]
+    else:
+        assert (now.accuracy, now.reversed_asr, now.agreement) == (start.accuracy, start.reversed_asr, 1.0)
+
+
+def test_ibau_hypergradient_adds_the_implicit_term(setup) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from offline.repair.ibau import _hypergradient, universal_perturbation
+
+    model, fit, _, _ = setup
+    x, y = torch.from_numpy(fit.x[:64]), torch.from_numpy(fit.y[:64])
+    delta = universal_perturbation(model, x, y, 2.0, np.random.default_rng(0), steps=5)
+    assert float(delta.norm()) <= 2.0 + 1e-4
+    model.unfreeze()
+    params = [p for p in model.net.parameters() if p.requires_grad]
+    half = torch.ones(32, 1, 1, 1)
+    direct = _hypergradient(model, params, delta, (x[:32], y[:32]), (x[32:], y[32:]), half, 0)
+    full = _hypergradient(model, params, delta, (x[:32], y[:32]), (x[32:], y[32:]), half, 5)
+    plain = torch.autograd.grad(F.cross_entropy(model(x[32:] + delta), y[32:]), params)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(direct, plain, strict=True))
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(direct, full, strict=True))
 
 
 def test_nad_distills_attention_from_a_fine_tuned_teacher(setup) -> None:
