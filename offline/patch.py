@@ -371,9 +371,9 @@ def run_patch(
         say(f"      method: {repair_result['method']}" + (f", {repair_result['chosen_by']}"
                                                           if repair_result.get("chosen_by") else ""))
         if repair_result.get("kept_epoch") == 0:
-            say(f"      warning: no {repair_result['method']} epoch kept clean accuracy within --accuracy-budget "
-                f"on the calibration split, so the model is left unrepaired (the guard still screens it); give "
-                f"more clean data or another --repair")
+            say(f"      warning: every {repair_result['method']} epoch lost more than "
+                f"{s.repair.give_up_loss:.0%} of clean accuracy on the calibration split, so the model is left "
+                f"unrepaired (the guard still screens it); give more clean data or another --repair")
     for key, value in repair_result["summary"].items():
         if value is not None:
             say(f"      {key.replace('_', ' ')}: {value}")
