@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--accuracy-budget", type=_fraction, default=0.015,
                    help="pruning never costs more clean accuracy than this; unlearning that never reaches "
                         "--asr-bound keeps its best epoch within it (%(default)s)")
+    r.add_argument("--give-up-loss", type=_fraction, default=0.05,
+                   help="a training repair (unlearn, i-bau, nad) whose most accurate epoch still lost more clean "
+                        "accuracy than this on the calibration split leaves the model unrepaired (%(default)s)")
     r.add_argument("--accuracy-rule", choices=("broken", "change"), default="broken",
                    help="how the stop rules read accuracy on the calibration split: broken (the share of "
                         "images the model answered right before repair and wrong now; a few lucky fixes cannot "
@@ -670,7 +673,7 @@ def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
                               unlearn_accuracy_tolerance=args.unlearn_accuracy_tolerance,
                               unlearn_grow=args.unlearn_grow, optimizer=args.repair_optimizer, lr=args.repair_lr,
                               asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
-                              accuracy_rule=args.accuracy_rule,
+                              accuracy_rule=args.accuracy_rule, give_up_loss=args.give_up_loss,
                               fine_tune_epochs=args.fine_tune_epochs),
         calibration=CalibrationSettings(frr=args.frr, rule=args.combine, p_values=args.p_values,
                                         detectors=args.detectors, filter=args.filter_use, strip_n=args.strip_n,
