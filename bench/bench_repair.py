@@ -74,10 +74,8 @@ def _cases(models: str, matrix: Path, out: Path, only: str | None) -> list[tuple
         listed = [(name, matrix / name, target) for name, attack, target, _seed, _kwargs in MATRIX
                   if attack not in ("none", "all-to-all")]
     else:
-        listed = [(name, None, target, trigger, seed) for name, trigger, target, seed in SETS[models]
-                  if target is not None]
-        listed = [(name, _scanned_case(name, trigger, target, seed, out / "models") if not only or only in name
-                   else None, target) for name, _, target, trigger, seed in listed]
+        listed = [(name, _scanned_case(name, trigger, target, seed, out / "models"), target)
+                  for name, trigger, target, seed in SETS[models] if target is not None and (not only or only in name)]
     found = []
     for name, case, target in listed:
         if only and only not in name:

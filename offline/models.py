@@ -59,6 +59,10 @@ def is_linear(module: nn.Module) -> bool:
     return module_kind(module) in ("Linear", "Gemm") or isinstance(module, nn.Linear)
 
 
+def is_conv(module: nn.Module) -> bool:
+    return module_kind(module) in ("Conv2d", "Conv") or isinstance(module, nn.Conv2d)
+
+
 def shaped_mask(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """A unit or channel mask reshaped to broadcast against a layer output ``out``."""
     if mask.numel() == out[0].numel():  # one value per output unit

@@ -86,8 +86,9 @@ def repair(model: ForensicModel, x_train: np.ndarray, y_train: np.ndarray, selec
         s = replace(s, method=method)
         chosen = {"chosen_by": why}
     report = report or select
-    for evaluator in {id(e): e for e in (select, report)}.values():
-        evaluator.remember(model)
+    select.remember(model)
+    if report is not select:
+        report.remember(model)
     before = report(model)
     details = _METHODS[s.method](model, x_train, y_train, select, s, select(model))
     return RepairReport(s.method, before, report(model), {"settings": asdict(s), **chosen, **details})

@@ -34,9 +34,9 @@ from offline.models import ForensicModel
 from offline.repair.core import Evaluator, Measure, RepairSettings, neuron_layers, prune_in_order, units_of
 
 
-def _set(model: ForensicModel, masks: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None) -> None:
+def _apply(model: ForensicModel, masks: dict[str, torch.Tensor]) -> None:
     for layer, mask in masks.items():
-        model.set_output_mask(layer, mask if noise is None else mask + noise[layer].detach())
+        model.set_output_mask(layer, mask)
 
 
 def learn_masks(model: ForensicModel, x: np.ndarray, y: np.ndarray, s: RepairSettings) -> dict[str, np.ndarray]:
@@ -60,19 +60,19 @@ def learn_masks(model: ForensicModel, x: np.ndarray, y: np.ndarray, s: RepairSet
                 with torch.no_grad():
                     for d in noise.values():
                         d.uniform_(-s.anp_eps, s.anp_eps)
-                for layer, mask in masks.items():  # the neurons' worst perturbation: one ascent step
-                    model.set_output_mask(layer, mask.detach() + noise[layer])
+                # the neurons' worst perturbation: one ascent step
+                _apply(model, {layer: mask.detach() + noise[layer] for layer, mask in masks.items()})
                 noise_opt.zero_grad()
                 (-F.cross_entropy(model(xb), yb)).backward()
                 noise_opt.step()
                 with torch.no_grad():
                     for d in noise.values():
                         d.clamp_(-s.anp_eps, s.anp_eps)
-                _set(model, masks, noise)
+                _apply(model, {layer: mask + noise[layer].detach() for layer, mask in masks.items()})
                 robust = F.cross_entropy(model(xb), yb)
             else:
                 robust = torch.zeros(())
-            _set(model, masks, None)
+            _apply(model, masks)
             loss = s.anp_alpha * F.cross_entropy(model(xb), yb) + (1 - s.anp_alpha) * robust
             mask_opt.zero_grad()
             loss.backward()
@@ -81,8 +81,7 @@ def learn_masks(model: ForensicModel, x: np.ndarray, y: np.ndarray, s: RepairSet
                 for mask in masks.values():
                     mask.clamp_(0.0, 1.0)
     finally:
-        for layer in masks:
-            model.set_output_mask(layer, None)
+        _apply(model, dict.fromkeys(masks))
     return {layer: mask.detach().numpy().copy() for layer, mask in masks.items()}
 
 

@@ -28,8 +28,17 @@ import torch.nn.functional as F
 
 from offline.attacks import stamp
 from offline.errors import ForensicsError
-from offline.models import ForensicModel, module_kind
-from offline.repair.core import EpochKeeper, Evaluator, Measure, RepairSettings, fine_tune, grow_mask, prune_in_order
+from offline.models import ForensicModel
+from offline.repair.core import (
+    EpochKeeper,
+    Evaluator,
+    Measure,
+    RepairSettings,
+    conv_layers,
+    fine_tune,
+    grow_mask,
+    prune_in_order,
+)
 
 
 @torch.no_grad()
@@ -121,7 +130,7 @@ def prune(model: ForensicModel, x_rank: np.ndarray, evaluate: Evaluator, s: Repa
 
 
 def last_conv_layer(model: ForensicModel) -> str:
-    names = [n for n, m in model.leaf_modules() if module_kind(m) in ("Conv2d", "Conv")]
+    names = conv_layers(model)
     if not names:
         raise ForensicsError("fine-pruning needs a convolutional layer, and this model has none; "
                              "use --repair unlearn or prune")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from offline.attacks import Trigger, stamp
 from offline.errors import ForensicsError
-from offline.models import ForensicModel, is_linear, module_kind
+from offline.models import ForensicModel, is_conv, is_linear
 
 OPTIMIZERS = ("sgd", "adam")
 ACCURACY_RULES = ("broken", "change")
@@ -267,9 +267,14 @@ def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     return grown.reshape(shape)
 
 
+def conv_layers(model: ForensicModel) -> list[str]:
+    """The model's convolutional layers, in order."""
+    return [n for n, m in model.leaf_modules() if is_conv(m)]
+
+
 def neuron_layers(model: ForensicModel) -> list[str]:
     """The convolutional and linear layers whose output units are neurons: all of them but the output layer."""
-    names = [n for n, m in model.leaf_modules() if module_kind(m) in ("Conv2d", "Conv") or is_linear(m)]
+    names = [n for n, m in model.leaf_modules() if is_conv(m) or is_linear(m)]
     if len(names) < 2:
         raise ForensicsError("this repair needs a convolutional or linear layer before the output layer, and the "
                              "model has none; use --repair unlearn")
@@ -295,31 +300,33 @@ def prune_in_order(model: ForensicModel, order: list[tuple[str, int]], sizes: di
     a time.
     """
     keep = {layer: torch.ones(n) for layer, n in sizes.items()}
-    for layer, mask in keep.items():
-        model.set_output_mask(layer, mask)
+
+    def apply(layers: set[str]) -> None:
+        for layer in layers:
+            model.set_output_mask(layer, keep[layer])
+
     step = max(1, len(order) // 100) if len(order) > 200 else 1
     curve = [{"pruned": 0, "accuracy": baseline.accuracy, "reversed_asr": baseline.reversed_asr}]
     pruned: list[tuple[str, int]] = []
-    candidates = list(order)
+    units = iter(order)
     put_back = 0
-    while candidates:
+    while True:
         batch = []
-        while candidates and len(batch) < step:
-            layer, unit = candidates.pop(0)
-            if keep[layer].sum() > 1:
+        for layer, unit in units:
+            if keep[layer].sum() > 1:  # every layer keeps a neuron
+                keep[layer][unit] = 0.0
                 batch.append((layer, unit))
+                if len(batch) == step:
+                    break
         if not batch:
             break
-        for layer, unit in batch:
-            keep[layer][unit] = 0.0
-        for layer in {layer for layer, _ in batch}:
-            model.set_output_mask(layer, keep[layer])
+        touched = {layer for layer, _ in batch}
+        apply(touched)
         m = evaluate(model)
         if accuracy_loss(baseline, m, s) > s.accuracy_budget:
             for layer, unit in batch:  # one step too many: undo it
                 keep[layer][unit] = 1.0
-            for layer in {layer for layer, _ in batch}:
-                model.set_output_mask(layer, keep[layer])
+            apply(touched)
             put_back += 1
             if put_back > skips:
                 break

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from offline.models import ForensicModel, module_kind
-from offline.repair.core import EpochKeeper, Evaluator, Measure, RepairSettings, fine_tune
+from offline.models import ForensicModel
+from offline.repair.core import EpochKeeper, Evaluator, Measure, RepairSettings, conv_layers, fine_tune
 
 
 def attention(out: torch.Tensor) -> torch.Tensor:
@@ -30,14 +30,13 @@ def attention(out: torch.Tensor) -> torch.Tensor:
 
 
 def attention_layers(model: ForensicModel) -> list[str]:
-    convs = [n for n, m in model.leaf_modules() if module_kind(m) in ("Conv2d", "Conv")]
-    return convs or [model.features_layer]
+    return conv_layers(model) or [model.features_layer]
 
 
 def nad(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluator, s: RepairSettings,
         baseline: Measure) -> dict[str, Any]:
     layers = attention_layers(model)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    keeper = EpochKeeper(model, select, s, baseline, s.unlearn_accuracy_tolerance)  # holds the weights to start from
     fine_tune(model, x, y, s.nad_teacher_epochs, s)
     teacher = select(model)
     with torch.no_grad():
@@ -47,7 +46,7 @@ def nad(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluator, s
             for layer, out in model.tapped(xt[i:i + 256], layers)[1].items():
                 maps[layer].append(attention(out))
         targets = {layer: torch.cat(parts) for layer, parts in maps.items()}
-    model.load_state_dict(original)
+    model.load_state_dict(keeper.start)  # the student starts from the backdoored model
 
     def loss(student: ForensicModel, xb: torch.Tensor, yb: torch.Tensor, b: np.ndarray) -> torch.Tensor:
         logits, outputs = student.tapped(xb, layers)
@@ -55,7 +54,6 @@ def nad(model: ForensicModel, x: np.ndarray, y: np.ndarray, select: Evaluator, s
         distill = sum((attention(out) - targets[layer][index]).pow(2).mean() for layer, out in outputs.items())
         return F.cross_entropy(logits, yb) + s.nad_beta * distill
 
-    keeper = EpochKeeper(model, select, s, baseline, s.unlearn_accuracy_tolerance)
     fine_tune(model, x, y, s.nad_epochs, s, stop=keeper, loss_fn=loss)
     return {"layers": layers, "teacher": {"accuracy": teacher.accuracy, "reversed_asr": teacher.reversed_asr},
             **keeper.finish()}
