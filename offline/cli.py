@@ -22,7 +22,7 @@ ATTACK_ACCURACY_BAR = 0.02
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    from offline.neural_cleanse import ANOMALY_SCALES, METHODS, TABOR_TERMS, NeuralCleanseConfig
+    from offline.neural_cleanse import ANOMALY_SCALES, METHODS, SCHEDULES, TABOR_TERMS, NeuralCleanseConfig
 
     defaults = NeuralCleanseConfig()
     g = parser.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)")
@@ -54,6 +54,18 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tabor-weights", type=_weights, default=defaults.tabor_weights, metavar="W,W,W,W,W,W",
                    help="weights of TABOR's terms " + ", ".join(TABOR_TERMS) + " (pixels in [0, 1]; default: "
                         + ",".join(f"{w:g}" for w in defaults.tabor_weights) + ")")
+    g.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
+                   help="adaptive: every class for --warmup-steps steps, then only the classes that may be "
+                        "outliers (anomaly index above --candidate-index) and one reference class go on; full: "
+                        "every class until its own early stop (the original; 3-5x slower) (%(default)s)")
+    g.add_argument("--warmup-steps", type=_positive(int), default=defaults.warmup_steps,
+                   help="steps every class gets under the adaptive schedule (%(default)s)")
+    g.add_argument("--candidate-index", type=float, default=defaults.candidate_index,
+                   help="after the warm-up, classes whose anomaly index is above this go on being optimised "
+                        "(keep it below --threshold) (%(default)s)")
+    g.add_argument("--candidate-steps", type=_positive(int), default=defaults.candidate_steps,
+                   help="under the adaptive schedule, no class is optimised for more steps than this "
+                        "(%(default)s)")
     g.add_argument("--anomaly-scale", choices=ANOMALY_SCALES, default=defaults.anomaly_scale,
                    help="the verdict's MAD anomaly index over the logarithms of the mask norms, or over the "
                         "norms themselves (linear: the original Neural Cleanse index) (%(default)s)")

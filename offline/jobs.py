@@ -142,7 +142,7 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
     np.save(out / "triggers" / "patterns.npy", best.triggers.patterns)
     recovered = []
     for target in result.flagged if recover else []:
-        with step_progress(progress, config.max_steps * (1 + 2 * restarts),
+        with step_progress(progress, config.max_steps + (config.candidate_steps if restarts else 0),
                            f"recovering class {target} ({1 + restarts} starts)") as bar:
             rev, asr, candidates = recover_trigger(
                 case.model, fit.x, held_out.x, held_out.y, target, best.triggers.for_class(target), config,

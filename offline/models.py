@@ -9,8 +9,10 @@ activations of the features (penultimate) layer.
 
 from __future__ import annotations
 
+import io
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,20 +86,24 @@ class ForensicModel(nn.Module):
     so of the exported model.
     """
 
-    def __init__(self, net: nn.Module, features_layer: str, *,
+    def __init__(self, net: nn.Module, features_layer: str | None, *,
                  leaves: list[tuple[str, nn.Module]] | None = None,
-                 output_index: int | None = None) -> None:
+                 output_index: int | None = None, no_features: str = "") -> None:
         super().__init__()
         self.net = net
         self.features_layer = features_layer
         self.leaves = leaves
         self.output_index = output_index
+        # why there is no features layer (a model whose penultimate layer cannot be found): the scan needs only
+        # the logits, the phases that need features (filter, pruning, audit, export) raise this
+        self.no_features = no_features
         self._captured: torch.Tensor | None = None
         self._masks: dict[str, torch.Tensor] = {}
         self._hooked: set[str] = set()
         self._taps: dict[str, torch.Tensor | None] = {}
-        self._check_layer(features_layer)
-        self._hook(features_layer)
+        if features_layer is not None:
+            self._check_layer(features_layer)
+            self._hook(features_layer)
         self.freeze()
 
     @property
@@ -153,7 +159,7 @@ class ForensicModel(nn.Module):
             self._hook(layer)
         self._taps = dict.fromkeys(layers)
         try:
-            logits = self.features_and_logits(x)[1]
+            logits = self._run(x)
             outputs = dict(self._taps)
         finally:
             self._taps = {}
@@ -189,17 +195,22 @@ class ForensicModel(nn.Module):
         return out  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(x)[1]
+        return self._run(x)
 
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         self._captured = None
         if self.leaves is not None:
             h = x
             for name, leaf in self.leaves:
                 h = self._after(name, leaf(h))
-            logits = self._select(h)
-        else:
-            logits = self._select(self.net(x))
+            return self._select(h)
+        return self._select(self.net(x))
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.features_layer is None:
+            raise ModelLoadError(f"{self.no_features or 'the model has no features layer'}; "
+                                 "name the layer before the output layer with --features-layer")
+        logits = self._run(x)
         if self._captured is None:
             raise ModelLoadError(f"features layer '{self.features_layer}' is not used by the forward pass")
         return self._captured.flatten(1), logits
@@ -244,27 +255,50 @@ def _does_not_fit(sample: torch.Tensor, exc: Exception) -> ModelLoadError:
     )
 
 
-def _verified_script_leaves(net: nn.Module, sample: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """Leaves of a TorchScript model, checked to reproduce its output when run in order."""
+def _script_output(net: nn.Module, sample: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         try:
             full = net(sample)
         except Exception as exc:
             raise _does_not_fit(sample, exc) from exc
-        leaves = _script_leaves(net)
-        try:
+    return full[0] if isinstance(full, (tuple, list)) else full
+
+
+def _verified_script_leaves(net: nn.Module, sample: torch.Tensor,
+                            full: torch.Tensor) -> list[tuple[str, nn.Module]] | None:
+    """Leaves of a TorchScript model if running them in order reproduces its output ``full``, else None.
+
+    Scripted ``nn.Sequential``-style models pass; a traced model (``torch.jit.trace``) whose forward calls
+    functions between its modules (``F.relu``, ``x.view``) does not.
+    """
+    leaves = _script_leaves(net)
+    try:
+        with torch.no_grad():
             h = sample
             for _, leaf in leaves:
                 h = leaf(h)
-        except Exception:
-            h = None
-    full = full[0] if isinstance(full, (tuple, list)) else full
-    if len(leaves) < 2 or h is None or h.shape != full.shape or not torch.allclose(h, full, atol=1e-5):
-        raise ModelLoadError(
-            "this TorchScript model does not run its modules in order, so its features layer "
-            "cannot be isolated; export it to ONNX instead"
-        )
+    except Exception:
+        return None
+    if len(leaves) < 2 or h.shape != full.shape or not torch.allclose(h, full, atol=1e-5):
+        return None
     return leaves
+
+
+def _script_as_onnx(net: nn.Module, sample: torch.Tensor, path: Path) -> bytes:
+    """The TorchScript graph exported to ONNX in memory, so that onnx2torch rebuilds it module by module."""
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (sample,), buffer, input_names=["input"], opset_version=17, dynamo=False,
+                              dynamic_axes={"input": {0: "batch"}})
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path}: this TorchScript model does not run its modules in order and cannot be exported to ONNX "
+            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+            "export it to ONNX yourself"
+        ) from exc
+    return buffer.getvalue()
 
 
 def _import_onnx2torch() -> types.ModuleType:
@@ -292,13 +326,13 @@ def _import_onnx2torch() -> types.ModuleType:
     return onnx2torch
 
 
-def _load_onnx(path: Path, sample: np.ndarray) -> tuple[nn.Module, int, list[str]]:
-    """Convert ONNX to torch and verify it against onnxruntime on ``sample``."""
+def _load_onnx(path: Path, sample: np.ndarray, content: bytes | None = None) -> tuple[nn.Module, int, list[str]]:
+    """Convert ONNX (the file, or ``content`` in memory) to torch and verify it against onnxruntime on ``sample``."""
     import onnx
     import onnxruntime as ort
 
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path)) if content is None else onnx.load_from_string(content)
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a valid ONNX model ({str(exc).splitlines()[0]})") from exc
@@ -308,7 +342,7 @@ def _load_onnx(path: Path, sample: np.ndarray) -> tuple[nn.Module, int, list[str
         net = _import_onnx2torch().convert(proto)
     except Exception as exc:
         raise ModelLoadError(f"{path}: onnx2torch cannot convert this model ({exc})") from exc
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path) if content is None else content, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     try:
         expected = session.run([outputs[output_index]], {input_name: sample.astype(np.float32)})[0]
@@ -354,12 +388,7 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
         raise ModelLoadError(f"model file '{path}' not found")
     sample_t = torch.from_numpy(np.ascontiguousarray(sample[:8], dtype=np.float32))
     if path.suffix.lower() == ".onnx":
-        net, output_index, outputs = _load_onnx(path, sample_t.numpy())
-        if "features" in outputs and features_layer in (None, "features"):
-            model: ForensicModel = _DualOutputModel(net, output_index, outputs.index("features"))
-        else:
-            layer = features_layer or default_features_layer(list(net.named_modules()))
-            model = ForensicModel(net, layer, output_index=output_index)
+        model = _onnx_model(path, sample_t, features_layer)
     elif path.suffix.lower() in (".pt", ".pth", ".ts"):
         from offline.triage import check_torchscript_ops, triage_model
 
@@ -373,14 +402,23 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
             ) from exc
         check_torchscript_ops(net, path)  # before anything runs: file, storage and foreign ops are refused
         net.eval()
-        leaves = _verified_script_leaves(net, sample_t)
-        model = ForensicModel(net, features_layer or default_features_layer(leaves), leaves=leaves)
+        full = _script_output(net, sample_t)
+        leaves = _verified_script_leaves(net, sample_t, full)
+        if leaves is not None:
+            model = _with_features(net, features_layer, leaves, leaves=leaves)
+        else:  # a traced model: rebuilt from its graph through ONNX, checked against the TorchScript output
+            model = _onnx_model(path, sample_t, features_layer, _script_as_onnx(net, sample_t, path))
+            with torch.no_grad():
+                err = float((model(sample_t) - full).abs().max())
+            if not err <= ONNX_VERIFY_TOL:
+                raise ModelLoadError(f"{path}: the model rebuilt from its TorchScript graph disagrees with it "
+                                     f"(max abs error {err:.2e}); export it to ONNX yourself")
     else:
         raise ModelLoadError(f"{path}: unsupported model format '{path.suffix}'; use .pt (TorchScript) or .onnx")
     model.eval()
     try:
         with torch.no_grad():
-            feats, logits = model.features_and_logits(sample_t)
+            logits = model(sample_t) if model.features_layer is None else model.features_and_logits(sample_t)[1]
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -388,6 +426,25 @@ def load_model(path: str | Path, sample: np.ndarray, features_layer: str | None 
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ModelLoadError(f"{path}: expected logits of shape (N, classes>=2), got {tuple(logits.shape)}")
     return model
+
+
+def _with_features(net: nn.Module, features_layer: str | None, named: list[tuple[str, nn.Module]],
+                   **kwargs: object) -> ForensicModel:
+    """A ForensicModel on the named layer, or on the default one; without one where none can be found."""
+    if features_layer is not None:
+        return ForensicModel(net, features_layer, **kwargs)  # type: ignore[arg-type]
+    try:
+        return ForensicModel(net, default_features_layer(named), **kwargs)  # type: ignore[arg-type]
+    except ModelLoadError as exc:
+        return ForensicModel(net, None, no_features=str(exc).split(";")[0], **kwargs)  # type: ignore[arg-type]
+
+
+def _onnx_model(path: Path, sample: torch.Tensor, features_layer: str | None,
+                content: bytes | None = None) -> ForensicModel:
+    net, output_index, outputs = _load_onnx(path, sample.numpy(), content)
+    if "features" in outputs and features_layer in (None, "features"):
+        return _DualOutputModel(net, output_index, outputs.index("features"))
+    return _with_features(net, features_layer, list(net.named_modules()), output_index=output_index)
 
 
 class _DualOutputModel(ForensicModel):
@@ -404,6 +461,7 @@ class _DualOutputModel(ForensicModel):
         self._masks = {}
         self._hooked = set()
         self._taps = {}
+        self.no_features = ""
         self.freeze()
 
     @property

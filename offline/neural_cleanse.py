@@ -49,6 +49,9 @@ from offline.attacks import stamp
 
 METHODS = ("neural-cleanse", "tabor")
 ANOMALY_SCALES = ("log", "linear")
+SCHEDULES = ("adaptive", "full")
+# what the adaptive schedule did with each class after the warm-up
+ROLES = ("candidate", "reference", "set aside", "converged")
 # TABOR's regularisers, in the order of its weights. Our pixels are in [0, 1] (the original's in [0, 255]),
 # so the weights are ours, not the paper's: each term is a sum over pixels like Neural Cleanse's mask L1.
 TABOR_TERMS = (
@@ -92,11 +95,22 @@ class NeuralCleanseConfig:
     tabor_weights: tuple[float, ...] = (1e-3, 1e-5, 1e-3, 1e-4, 1e-2, 1e-2)
     # the verdict's MAD index over the mask norms ("log") or the norms themselves ("linear", the original)
     anomaly_scale: str = "log"
+    # "adaptive": every class for warmup_steps, then only the classes whose anomaly index stays above
+    # candidate_index (and one reference class) go on; "full": every class until its own early stop
+    schedule: str = "adaptive"
+    warmup_steps: int = 12
+    candidate_index: float = 1.0
+    candidate_steps: int = 50  # the adaptive schedule stops every class here (trigger recovery refines further)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         _check_scale(self.anomaly_scale)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not 1 <= self.warmup_steps <= self.candidate_steps:
+            raise ValueError(f"the warm-up needs between 1 and candidate_steps ({self.candidate_steps}) steps, "
+                             f"got {self.warmup_steps}")
         if len(self.tabor_weights) != len(TABOR_TERMS) or any(w < 0 for w in self.tabor_weights):
             raise ValueError(f"TABOR needs {len(TABOR_TERMS)} weights >= 0 ({', '.join(TABOR_TERMS)}), "
                              f"got {list(self.tabor_weights)}")
@@ -177,6 +191,15 @@ class ReversedTriggers:
     steps: np.ndarray  # (K,) steps run before early stop
     fit_accuracy: np.ndarray  # (K,) attack success during optimisation at the best step
     seconds: float = 0.0
+    # the norms the verdict compares: a class the schedule set aside after the warm-up counts with its mask
+    # norm times the shrink its reference classes went through from then on (the norms otherwise)
+    verdict_norms: np.ndarray | None = None
+    roles: list[str] | None = None  # ROLES, per class, for the adaptive schedule
+    shrink: float = 1.0  # the reference classes' median shrink applied to the classes set aside
+
+    def __post_init__(self) -> None:
+        if self.verdict_norms is None:
+            self.verdict_norms = self.norms
 
     def for_class(self, target: int) -> tuple[np.ndarray, np.ndarray]:
         k = self.targets.index(target)
@@ -218,6 +241,67 @@ def tabor_terms(model: nn.Module, xb: torch.Tensor, mask: torch.Tensor, pattern:
     overlay = need is None or need[TABOR_TERMS.index("overlay")] > 0
     terms.append(F.cross_entropy(model(visible), targets, reduction="none") if overlay else zero)
     return torch.stack(terms, dim=1)
+
+
+class _ClassSchedule:
+    """Spend the optimisation where a backdoor can be: after a joint warm-up, only classes that may be outliers.
+
+    Every class runs ``warmup_steps`` steps. The MAD anomaly index over the best norms found so far then
+    splits them: classes above ``candidate_index`` (below the verdict's threshold, so a class on its way to
+    it is kept) go on until their own early stop or ``candidate_steps`` in all (by then a mask is within a
+    few per cent of where the original's patience would leave it; trigger recovery refines the flagged
+    class further); the most anomalous of the others goes on as the reference;
+    the rest are set aside with the norm they had. Mask norms still shrink after the warm-up (3-12 % for
+    clean classes on the zoo at step 15), so comparing a candidate's converged norm with norms frozen at
+    the warm-up would inflate its index; instead a set-aside class counts with its norm times the shrink its
+    reference has gone through since (the median over references). At every later step the index is
+    recomputed that way and a candidate that falls back to ``candidate_index`` or below stops; once no
+    candidate is left, the references stop too. A scan where no class is a candidate ends at the warm-up.
+    """
+
+    def __init__(self, config: NeuralCleanseConfig, k: int, references: int = 1) -> None:
+        self.config = config
+        self.references = references
+        self.roles = ["candidate"] * k
+        self.at_warmup: np.ndarray | None = None
+        self.refs: list[int] = []
+
+    def shrink(self, norms: np.ndarray) -> float:
+        if not self.refs or self.at_warmup is None:
+            return 1.0
+        return float(min(1.0, np.median(norms[self.refs] / self.at_warmup[self.refs])))
+
+    def verdict_norms(self, norms: np.ndarray) -> np.ndarray:
+        if self.at_warmup is None:
+            return norms
+        aside = np.array([r == "set aside" for r in self.roles])
+        return np.where(aside, self.at_warmup * self.shrink(norms), norms)
+
+    def after_step(self, step: int, norms: np.ndarray, active: np.ndarray) -> None:
+        """Update ``active`` in place after ``step`` steps; ``norms`` are the best masks' norms so far."""
+        c = self.config
+        if step < c.warmup_steps:
+            return
+        if step == c.warmup_steps:
+            self.at_warmup = norms.copy()
+            ai = anomaly_index(norms, c.anomaly_scale)
+            for i in range(len(norms)):
+                self.roles[i] = "converged" if not active[i] else (
+                    "candidate" if ai[i] > c.candidate_index else "set aside")
+            others = [i for i in np.argsort(-ai) if self.roles[i] == "set aside"]
+            self.refs = [int(i) for i in others[:self.references]]
+            for i in self.refs:
+                self.roles[i] = "reference"
+            for i, role in enumerate(self.roles):
+                if role == "set aside":
+                    active[i] = False
+        else:
+            ai = anomaly_index(self.verdict_norms(norms), c.anomaly_scale)
+            for i, role in enumerate(self.roles):
+                if role == "candidate" and active[i] and ai[i] <= c.candidate_index:
+                    active[i] = False
+        if step >= c.candidate_steps or not any(active[i] for i, r in enumerate(self.roles) if r == "candidate"):
+            active[:] = False
 
 
 def _to_tanh(v: torch.Tensor) -> torch.Tensor:
@@ -278,6 +362,8 @@ def reverse_engineer_triggers(
     steps = np.zeros(k, int)
     fit_acc = np.zeros(k)
     active = np.ones(k, bool)
+    # the adaptive schedule compares classes, so it applies to a scan over several; recovery refines one
+    schedule = _ClassSchedule(c, k) if c.schedule == "adaptive" and init is None and k > 2 else None
     target_t = torch.as_tensor(targets)
     tabor = torch.tensor(c.tabor_weights) if c.method == "tabor" else None
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -328,21 +414,27 @@ def reverse_engineer_triggers(
                 fit_acc[i] = avg_acc[j]
             if stop:
                 active[i] = False
+        if schedule is not None:
+            schedule.after_step(step + 1, best_masks.sum(dim=(1, 2, 3)).numpy(), active)
         if progress is not None:
             progress(step + 1, int(active.sum()), k)
         if not active.any():
             break
 
     masks = best_masks[:, 0].numpy()
+    norms = masks.reshape(k, -1).sum(1)
     return ReversedTriggers(
         targets=list(targets),
         masks=masks,
         patterns=best_patterns.numpy(),
-        norms=masks.reshape(k, -1).sum(1),
+        norms=norms,
         reached=reached,
         steps=steps,
         fit_accuracy=fit_acc,
         seconds=time.perf_counter() - started,
+        verdict_norms=None if schedule is None else schedule.verdict_norms(norms),
+        roles=None if schedule is None else schedule.roles,
+        shrink=1.0 if schedule is None else schedule.shrink(norms),
     )
 
 
@@ -446,6 +538,11 @@ class ScanResult:
                     "class": int(k),
                     "mask_l1_norm": float(np.median(norms[:, i])),
                     "mask_l1_norm_per_run": [round(float(v), 4) for v in norms[:, i]],
+                    "steps_per_run": [int(r.triggers.steps[i]) for r in self.runs],
+                    **({} if self.runs[0].triggers.roles is None else {
+                        "schedule_role_per_run": [r.triggers.roles[i] for r in self.runs],  # type: ignore[index]
+                        "verdict_norm_per_run": [round(float(r.triggers.verdict_norms[i]), 4)  # type: ignore[index]
+                                                 for r in self.runs]}),
                     "anomaly_index": float(np.median(ai[:, i])),
                     "anomaly_index_per_run": [round(float(v), 4) for v in ai[:, i]],
                     "reversed_trigger_asr": float(np.median(asr[:, i])),
@@ -465,6 +562,8 @@ class ScanResult:
             "flagged_per_run": [r.flagged for r in self.runs],
             "seconds_per_run": [round(r.triggers.seconds, 2) for r in self.runs],
             "steps_per_run": [r.triggers.steps.tolist() for r in self.runs],
+            "class_steps_per_run": [int(r.triggers.steps.sum()) for r in self.runs],
+            "shrink_of_set_aside_per_run": [round(r.triggers.shrink, 4) for r in self.runs],
             "settings": asdict(self.config),
         }
 
@@ -493,7 +592,7 @@ def scan(
         cfg = NeuralCleanseConfig(**{**asdict(base), "seed": base.seed + r})
         cb = None if progress is None else (lambda s, a, t, r=r: progress(r, s, a, t))
         rev = reverse_engineer_triggers(model, x_fit, targets, cfg, progress=cb)
-        ai = anomaly_index(rev.norms, cfg.anomaly_scale)
+        ai = anomaly_index(rev.verdict_norms, cfg.anomaly_scale)
         asr = np.array([trigger_success_rate(model, x_eval, y_eval, rev.masks[i], rev.patterns[i], k)
                         for i, k in enumerate(targets)])
         runs.append(ScanRun(cfg.seed, rev, ai, asr, [k for k in targets if ai[k] > threshold],
@@ -516,34 +615,34 @@ def recover_trigger(
     restarts: int = 0,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> tuple[ReversedTriggers, float, list[dict[str, Any]]]:
-    """Refine one class's reversed trigger on more data; return the smallest that works, its held-out ASR
-    and every candidate tried.
+    """Refine one class's reversed trigger on more data; return it, its held-out ASR and every start tried.
 
-    Starts from the scan's best mask and pattern and runs the same schedule with
-    every step covering all of ``x_fit`` (at least the scan's step size). With
-    ``restarts``, the class is also reverse-engineered alone from that many
-    fresh random starts (seeds ``seed + 1``, ...), each refined the same way,
-    and the smallest mask among the candidates that reached the success
-    threshold is kept: one random start can settle on a looser trigger (twice
-    the mask of the best start on the demo model, 39 % of it on the true patch),
-    and Neural Cleanse's premise is that the backdoor is the smallest trigger
-    there is.
+    The scan's own trigger is the first start. With ``restarts``, the class is also reverse-engineered from
+    that many fresh random starts (seeds ``seed + 1``, ...), all in one batched optimisation stopped after
+    the scan's ``candidate_steps`` (``max_steps`` under the full schedule), as the scan's candidates were:
+    one random start can settle on a looser trigger (twice the mask of the best start on the demo model, 39 %
+    of it on the true patch), and Neural Cleanse's premise is that the backdoor is the smallest trigger there
+    is. The smallest start that reached the success threshold is then refined once with the original's full
+    schedule, every step covering all of ``x_fit`` (at least the scan's step size).
     """
     base = config or NeuralCleanseConfig()
-    cfg = NeuralCleanseConfig(**{**asdict(base), "samples_per_step": max(base.samples_per_step, len(x_fit))})
-
-    def refine(mask: np.ndarray, pattern: np.ndarray) -> ReversedTriggers:
-        return reverse_engineer_triggers(model, x_fit, [target], cfg, init=(mask[None], pattern[None]),
-                                         progress=progress)
-
-    found = [("scan", refine(*start))]
-    for r in range(1, restarts + 1):
-        fresh = reverse_engineer_triggers(model, x_fit, [target], replace(base, seed=base.seed + r), progress=progress)
-        found.append((f"restart {r}", refine(fresh.masks[0], fresh.patterns[0])))
-    candidates = [{"start": name, "mask_l1_norm": float(rev.norms[0]), "reached": bool(rev.reached[0]),
-                   "held_out_asr": trigger_success_rate(model, x_eval, y_eval, rev.masks[0], rev.patterns[0], target)}
-                  for name, rev in found]
-    ok = [i for i, c in enumerate(candidates) if c["reached"]] or [0]
-    best = min(ok, key=lambda i: candidates[i]["mask_l1_norm"])
-    candidates[best]["kept"] = True
-    return found[best][1], candidates[best]["held_out_asr"], candidates
+    found: list[tuple[str, np.ndarray, np.ndarray, float, bool]] = [
+        ("scan", start[0], start[1], float(start[0].sum()), True)]
+    if restarts:
+        steps = base.candidate_steps if base.schedule == "adaptive" else base.max_steps
+        # a batch of one class's rows: each row its own random start, the rows' losses independent
+        fresh = reverse_engineer_triggers(model, x_fit, [target] * restarts,
+                                          replace(base, seed=base.seed + 1, schedule="full", max_steps=steps),
+                                          progress=progress)
+        found += [(f"restart {r + 1}", fresh.masks[r], fresh.patterns[r], float(fresh.norms[r]),
+                   bool(fresh.reached[r])) for r in range(restarts)]
+    ok = [i for i, f in enumerate(found) if f[4]] or [0]
+    best = min(ok, key=lambda i: found[i][3])
+    refine_cfg = replace(base, samples_per_step=max(base.samples_per_step, len(x_fit)), schedule="full")
+    rev = reverse_engineer_triggers(model, x_fit, [target], refine_cfg,
+                                    init=(found[best][1][None], found[best][2][None]), progress=progress)
+    asr = trigger_success_rate(model, x_eval, y_eval, rev.masks[0], rev.patterns[0], target)
+    candidates: list[dict[str, Any]] = [{"start": name, "mask_l1_norm": norm, "reached": reached}
+                                        for name, _, _, norm, reached in found]
+    candidates[best].update(kept=True, refined_mask_l1_norm=float(rev.norms[0]), held_out_asr=asr)
+    return rev, asr, candidates

@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 
 from offline.attacks import BackdoorResult
 from offline.errors import ModelLoadError
@@ -215,3 +216,65 @@ def test_torchscript_that_reads_files_is_refused_before_it_runs(tmp_path: Path, 
     checked = check_torchscript_ops(torch.jit.load(str(tmp_path / "clean.pt")), tmp_path / "clean.pt")
     assert checked["methods"] >= 2 and "aten::from_file" not in checked["ops"]
     load_model(tmp_path / "clean.pt", x)
+
+
+class ThirdPartyLeNet(torch.nn.Module):
+    """A classifier as other training pipelines write it: functions between the modules (F.relu, view), which a
+    traced export cannot run module by module."""
+
+    def __init__(self, source: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        src = source or SmallCNN()
+        self.conv1, self.conv2 = src.body[0], src.body[3]
+        self.fc1, self.fc2 = src.body[7], src.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.view(x.size(0), -1)))
+        return self.fc2(x)
+
+
+def save_traced(net: torch.nn.Module, path: Path) -> None:
+    """``torch.jit.trace``, the most common TorchScript export."""
+    torch.jit.trace(net.eval(), torch.zeros(2, 1, 28, 28)).save(str(path))
+
+
+def test_a_traced_model_is_rebuilt_from_its_graph_with_its_features_layer(tmp_path: Path, mnist_splits) -> None:
+    x = mnist_splits[1].x[:16]
+    net = ThirdPartyLeNet().eval()
+    save_traced(net, tmp_path / "traced.pt")
+    model = load_model(tmp_path / "traced.pt", x)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x))
+        feats, logits = model.features_and_logits(torch.from_numpy(x))
+        hidden = F.relu(net.fc1(F.max_pool2d(F.relu(net.conv2(F.max_pool2d(F.relu(net.conv1(torch.from_numpy(x))),
+                                                                              2))), 2).flatten(1)))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # the features layer is what feeds the last linear layer, found in the graph
+    torch.testing.assert_close(feats, hidden, atol=1e-4, rtol=1e-4)
+    xin = torch.from_numpy(x[:4]).requires_grad_(True)
+    model(xin).sum().backward()
+    assert xin.grad is not None and xin.grad.abs().sum() > 0
+
+
+class _GlobalPoolHead(torch.nn.Module):
+    """Logits from a convolution and a global average: no linear layer whose input could be the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_a_model_without_a_features_layer_gives_logits_and_a_clear_error_for_features(tmp_path: Path,
+                                                                                      mnist_splits) -> None:
+    x = mnist_splits[1].x[:8]
+    _export_onnx(_GlobalPoolHead(), tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx", x)  # the scan needs only the logits
+    assert model.features_layer is None
+    assert model(torch.from_numpy(x)).shape == (8, 10)
+    with pytest.raises(ModelLoadError, match="--features-layer"):
+        model.features(torch.from_numpy(x))

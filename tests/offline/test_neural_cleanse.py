@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from offline.neural_cleanse import (
+    ROLES,
     TABOR_TERMS,
     NeuralCleanseConfig,
+    _ClassSchedule,
     _CostSchedule,
     anomaly_index,
     reverse_engineer_triggers,
@@ -128,3 +132,52 @@ def test_tabor_settings_are_checked() -> None:
         NeuralCleanseConfig(method="strip")
     with pytest.raises(ValueError, match="6 weights"):
         NeuralCleanseConfig(method="tabor", tabor_weights=(1.0, 2.0))
+
+
+def test_adaptive_schedule_spends_the_steps_on_classes_that_may_be_outliers() -> None:
+    """After the warm-up only the outlier candidate and one reference go on; the classes set aside count with
+    the reference's shrink since, so a candidate's longer optimisation alone cannot make it an outlier."""
+    cfg = NeuralCleanseConfig(warmup_steps=3, candidate_index=1.0, candidate_steps=10)
+    schedule = _ClassSchedule(cfg, 6)
+    active = np.ones(6, bool)
+    at_warmup = np.array([100.0, 95.0, 110.0, 90.0, 105.0, 30.0])  # class 5: far below the others
+    schedule.after_step(2, at_warmup * 1.5, active)  # still warming up: everyone goes on
+    assert active.all()
+    schedule.after_step(3, at_warmup, active)
+    assert schedule.roles == ["set aside", "set aside", "set aside", "reference", "set aside", "candidate"]
+    assert active.tolist() == [False, False, False, True, False, True]
+    later = at_warmup.copy()
+    later[3] *= 0.9  # the reference shrank 10 %
+    later[5] *= 0.9  # so did the candidate: relative to the others it is where it was
+    verdict = schedule.verdict_norms(later)
+    np.testing.assert_allclose(verdict[[0, 1, 2, 4]], at_warmup[[0, 1, 2, 4]] * 0.9)
+    np.testing.assert_allclose(anomaly_index(verdict), anomaly_index(at_warmup), atol=1e-9)
+    schedule.after_step(4, later, active)
+    assert active[5] and active[3]
+    schedule.after_step(10, later, active)  # the step budget ends every class
+    assert not active.any()
+
+
+def test_adaptive_schedule_stops_at_the_warmup_when_no_class_stands_out() -> None:
+    cfg = NeuralCleanseConfig(warmup_steps=2)
+    schedule = _ClassSchedule(cfg, 5)
+    active = np.ones(5, bool)
+    schedule.after_step(2, np.array([100.0, 97.0, 150.0, 200.0, 99.0]), active)  # none below index 1
+    assert not active.any() and "candidate" not in schedule.roles
+
+
+def test_adaptive_scan_reports_each_class_steps_and_role() -> None:
+    model = _Linear().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = np.random.default_rng(0).random((200, 1, 6, 6)).astype(np.float32)
+    cfg = NeuralCleanseConfig(samples_per_step=64, warmup_steps=4, candidate_steps=8)
+    rev = reverse_engineer_triggers(model, x, [0, 1, 2], cfg)
+    assert rev.roles is not None and len(rev.roles) == 3 and set(rev.roles) <= set(ROLES)
+    assert rev.steps.max() <= 8 and rev.steps.min() >= 4
+    full = reverse_engineer_triggers(model, x, [0, 1, 2], replace(cfg, schedule="full", max_steps=8))
+    assert full.roles is None and (full.steps == 8).all()
+    with pytest.raises(ValueError, match="schedule"):
+        NeuralCleanseConfig(schedule="fast")
+    with pytest.raises(ValueError, match="warm-up"):
+        NeuralCleanseConfig(warmup_steps=60, candidate_steps=50)

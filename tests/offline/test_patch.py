@@ -363,3 +363,28 @@ def test_bundle_version_is_signed_into_guard_json(tiny_case: Path, tiny_bundle: 
                            "--signing-key", str(key)]) == 0
     bundle = GuardBundle.load(out, trusted_keys([pub]))
     assert bundle.manifest.bundle_version == 7 and b'"bundle_version": 7' in bundle.manifest_bytes
+
+
+def test_patch_on_a_traced_model_writes_a_bundle_the_guard_serves(tiny_case: Path, badnets_model: BackdoorResult,
+                                                                   tmp_path: Path) -> None:
+    """A model exported with torch.jit.trace by another pipeline: the job finds its features layer in the graph
+    and the bundle's model gives the same logits."""
+    import onnxruntime as ort
+    import torch
+
+    from tests.conftest import tiny_settings
+    from tests.offline.test_models import ThirdPartyLeNet, save_traced
+    from offline.patch import run_patch
+
+    net = ThirdPartyLeNet(badnets_model.model).eval()
+    save_traced(net, tmp_path / "traced.pt")
+    out = tmp_path / "bundle"
+    run_patch(tmp_path / "traced.pt", str(tiny_case / "clean.npz"), out, settings=tiny_settings(),
+              progress=False, say=lambda _: None, warn=lambda _: None)
+    bundle = GuardBundle.load(out)
+    x = np.load(tiny_case / "clean.npz")["x"][:16]
+    logits, features = ort.InferenceSession(str(out / bundle.manifest.model.file)).run(["logits", "features"],
+                                                                                      {bundle.manifest.input.name: x})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, net(torch.from_numpy(x)).numpy(), atol=1e-4)
+    assert features.shape == (16, 64)
