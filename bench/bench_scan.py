@@ -6,10 +6,11 @@ speed:      one 10-class matrix model (BadNets 3x3, kept in ``bench/models``), s
             process with the same data and seed: the adaptive schedule (the default), the full schedule
             (every class until its own early stop: the original), and the per-class loop (one optimisation
             per class, one class after another, as the original code runs). Times, class-steps, ratios,
-            verdicts. Then the 40-class models (``--data mnist-colours``: each digit in four colours; a
-            clean model and its BadNets twin, trained with ``train`` on first use and kept in
-            ``bench/models``) scanned with the adaptive schedule: target found, clean twin not flagged, and
-            the time against the 10-class adaptive scan's.
+            verdicts. Then the 40-class models (``--data mnist-quadrants``: each digit in one of four
+            quadrants, and ``mnist-colours``: on one of four background colours; a clean model and its BadNets
+            twin each, trained with ``train`` on first use and kept in ``bench/models``) scanned with the
+            adaptive schedule (``--full40``: and the full one): target found, clean twin not flagged, and the
+            time against the 10-class adaptive scan's.
 verdicts:   the adaptive and the full schedule on the zoo (3 clean models; BadNets patches of 3 sizes,
             positions and patterns; a blended trigger; an invisible learnt one: trained on first use, kept
             in ``bench-out/scan/zoo``) and the coverage matrix's single-target models: flagged classes,
@@ -22,7 +23,8 @@ contention: the adaptive scan of the speed model alone and beside a second CPU-b
             loop), under three thread settings: torch's default (2 threads, OpenMP spinning), 2 threads
             with ``OMP_WAIT_POLICY=PASSIVE`` (what ``trojan-forensics`` sets), and 1 thread. Each scan runs
             in a fresh process.
-tabor:      TABOR's trigger-quality metric (``--verdict tabor``) beside the MAD index on the zoo.
+            Each adaptive scan also gives TABOR's trigger-quality metric of its triggers and the verdict
+            ``--verdict tabor`` would give, beside the mask norm's.
 
 Rows go to ``bench-out/scan/runs.jsonl`` (a part resumes: rows already there are not rerun); the tables to
 ``bench-out/scan/scan.md`` (``--tables-only`` rewrites them from the rows).
@@ -70,7 +72,9 @@ ZOO = [
     ("invisible-eps0.1", "invisible", 5, 35),
 ]
 SPEED_MODEL = "badnets-3x3-top-right"
-COLOURS = (("colours-clean", "none", 0), ("colours-badnets", "badnets", 17))
+# the 40-class models: (name, data, attack, target)
+FORTY = (("quadrants-clean", "mnist-quadrants", "none", 0), ("quadrants-badnets", "mnist-quadrants", "badnets", 17),
+         ("colours-clean", "mnist-colours", "none", 0), ("colours-badnets", "mnist-colours", "badnets", 17))
 FULL = NeuralCleanseConfig(schedule="full")
 ADAPTIVE = NeuralCleanseConfig()
 SCHEDULE_KEYS = ("schedule", "warmup_steps", "candidate_index", "candidate_steps")
@@ -112,19 +116,20 @@ def matrix_single_target() -> list[str]:
     return names
 
 
-def colours_case(name: str) -> tuple[Path, Dataset, Dataset, int | None]:
-    """A 40-class model (``train --data mnist-colours``), trained on first use and kept in bench/models."""
-    _, attack, target = next(e for e in COLOURS if e[0] == name)
+def forty_case(name: str) -> tuple[Path, Dataset, Dataset, int | None]:
+    """A 40-class model (``train --data mnist-quadrants`` or ``mnist-colours``), trained on first use and kept in
+    bench/models."""
+    _, data, attack, target = next(e for e in FORTY if e[0] == name)
     kept = KEPT / name
     if not (kept / "model.pt").is_file():
         tmp = ROOT / "bench-out" / "scan" / "train" / name
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "offline.cli", "train", "--data", "mnist-colours", "--attack", attack,
+        subprocess.run([sys.executable, "-m", "offline.cli", "train", "--data", data, "--attack", attack,
                         "--target", str(target), "--seed", "7", "--out", str(tmp)], check=True, cwd=ROOT)
         kept.mkdir(parents=True, exist_ok=True)
         for f in ("model.pt", "attack.json"):
             shutil.copy2(tmp / f, kept / f)
-    clean = load_dataset("mnist-colours").split(0.3, seed=7)[1]  # train's held-out split (--test-fraction 0.3)
+    clean = load_dataset(data).split(0.3, seed=7)[1]  # train's held-out split (--test-fraction 0.3)
     fit, held_out, _ = split_clean(clean, PatchSettings(), SCAN_SHARE)
     return kept / "model.pt", fit, held_out, target if attack != "none" else None
 
@@ -144,10 +149,19 @@ def scan_row(model_path: Path, fit: Dataset, held_out: Dataset, target: int | No
     seconds = time.perf_counter() - started
     ai = result.median_anomaly_index
     rev = result.best_run.triggers
+    per_class = result.summary()["per_class"]
+    tabor = np.array([c["tabor_index"] for c in per_class])
+    metric = [c["tabor_metric"] for c in per_class]
     return {"flagged": result.flagged, "max_index": round(float(ai.max()), 2),
             "target_index": None if target is None else round(float(ai[target]), 2),
             "seconds": round(seconds, 1), "class_steps": int(rev.steps.sum()),
-            "candidates": [int(k) for k, r in enumerate(rev.roles or []) if r == "candidate"]}
+            "candidates": [int(k) for k, r in enumerate(rev.roles or []) if r == "candidate"],
+            # TABOR's trigger-quality metric of the same triggers, and the verdict it gives (--verdict tabor)
+            "tabor": {"flagged": [int(k) for k in np.flatnonzero(tabor > result.threshold)],
+                      "max_index": round(float(tabor.max()), 2),
+                      "target_index": None if target is None else round(float(tabor[target]), 2),
+                      "target_metric": None if target is None or metric[target] is None else round(metric[target], 2),
+                      "median_metric": round(float(np.median([m for m in metric if m is not None])), 2)}}
 
 
 def cached_full(name: str) -> dict[str, Any] | None:
@@ -157,7 +171,8 @@ def cached_full(name: str) -> dict[str, Any] | None:
         return None
     report = json.loads(path.read_text())
     settings, full = report["settings"], json.loads(json.dumps(asdict(FULL)))
-    if settings.get("schedule", "full") != "full" or any(settings.get(k) != v for k, v in full.items()
+    # a knob the cached run did not have yet ran at what is now its default
+    if settings.get("schedule", "full") != "full" or any(k in settings and settings[k] != v for k, v in full.items()
                                                          if k not in SCHEDULE_KEYS):
         return None
     ai = [c["anomaly_index"] for c in report["per_class"]]
@@ -178,7 +193,7 @@ def per_class_loop(model, x: np.ndarray, num_classes: int, config: NeuralCleanse
 
 # --- parts ---------------------------------------------------------------------------------------------------
 
-def part_speed(done: dict, record) -> None:
+def part_speed(done: dict, record, full40: bool = False) -> None:
     if ("speed", SPEED_MODEL) not in done:
         path, fit, _, target = matrix_case(SPEED_MODEL)
         model = load_model(path, fit.x[:8])
@@ -192,12 +207,14 @@ def part_speed(done: dict, record) -> None:
             print(f"  {label:10} {rev.seconds:6.1f} s  {int(rev.steps.sum()):5} class-steps  flagged {flagged}",
                   flush=True)
         record(row)
-    for name, _, _ in COLOURS:
+    for name, *_ in FORTY:
         if ("speed", name) in done:
             continue
-        path, fit, held_out, target = colours_case(name)
+        path, fit, held_out, target = forty_case(name)
         row = {"part": "speed", "model": name, "target": target, "classes": 40,
                "adaptive": scan_row(path, fit, held_out, target, ADAPTIVE, 40)}
+        if full40:
+            row["full"] = scan_row(path, fit, held_out, target, FULL, 40)
         print(f"  {name}: {row['adaptive']}", flush=True)
         record(row)
 
@@ -207,10 +224,11 @@ def part_verdicts(done: dict, record, only: list[str] | None) -> None:
     for kind, name in cases:
         if only and not any(o in name for o in only):
             continue
-        if ("verdicts", name) in done:
+        key = f"zoo/{name}" if kind == "zoo" else name  # the zoo and the matrix both have an invisible-eps0.1
+        if ("verdicts", key) in done:
             continue
         path, fit, held_out, target = zoo_case(OUT, name) if kind == "zoo" else matrix_case(name)
-        row: dict[str, Any] = {"part": "verdicts", "set": kind, "model": name, "target": target}
+        row: dict[str, Any] = {"part": "verdicts", "set": kind, "model": key, "target": target}
         row["adaptive"] = scan_row(path, fit, held_out, target, ADAPTIVE, 10)
         row["full"] = (cached_full(name) if kind == "matrix" else None) or scan_row(path, fit, held_out, target,
                                                                                     FULL, 10)
@@ -285,7 +303,8 @@ def tables(rows: list[dict]) -> str:
                   f"{p['seconds'] / a['seconds']:.2f}x |", ""]
     forty = [r for r in speed if r.get("classes") == 40]
     if forty:
-        lines += ["## 40 classes (`--data mnist-colours`: each digit in four colours)", "",
+        lines += ["## 40 classes (`--data mnist-quadrants`: each digit in one of four quadrants; `mnist-colours`: on "
+                  "one of four background colours)", "",
                   "| model | target | flagged | target index | max index | seconds | class-steps | x the 10-class scan |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in forty:
@@ -293,6 +312,10 @@ def tables(rows: list[dict]) -> str:
             ratio = f"{a['seconds'] / ten['adaptive']['seconds']:.2f}x" if ten else "-"
             lines.append(f"| {r['model']} | {r['target']} | {a['flagged']} | {a['target_index']} | {a['max_index']} | "
                          f"{a['seconds']} | {a['class_steps']} | {ratio} |")
+            if "full" in r:
+                f = r["full"]
+                lines.append(f"| {r['model']}, full schedule | {r['target']} | {f['flagged']} | {f['target_index']} | "
+                             f"{f['max_index']} | {f['seconds']} | {f['class_steps']} | - |")
         lines.append("")
     verdicts = [r for r in rows if r["part"] == "verdicts"]
     if verdicts:
@@ -315,6 +338,24 @@ def tables(rows: list[dict]) -> str:
                          f"| {a['target_index']} / {a['max_index']} | {a['candidates']} | {f['class_steps']} / "
                          f"{a['class_steps']} | {f['seconds']} / {a['seconds']} |")
         lines.append("")
+    with_tabor = [r for r in verdicts if "tabor" in r["adaptive"]]
+    if with_tabor:
+        hits = sum(r["target"] is not None and r["target"] in r["adaptive"]["tabor"]["flagged"] for r in with_tabor)
+        nc_hits = sum(r["target"] is not None and r["target"] in r["adaptive"]["flagged"] for r in with_tabor)
+        backdoored = sum(r["target"] is not None for r in with_tabor)
+        fp = sum(any(k != r["target"] for k in r["adaptive"]["tabor"]["flagged"]) for r in with_tabor)
+        nc_fp = sum(any(k != r["target"] for k in r["adaptive"]["flagged"]) for r in with_tabor)
+        lines += ["## TABOR's trigger-quality metric against the mask norm (same triggers, adaptive scan)", "",
+                  f"Targets found: TABOR's metric {hits}/{backdoored}, mask norm {nc_hits}/{backdoored}; models with "
+                  f"a flagged class that is not the target: TABOR's metric {fp}/{len(with_tabor)}, mask norm "
+                  f"{nc_fp}/{len(with_tabor)}.", "",
+                  "| model | target | metric: target / median class | TABOR index (target / max) | "
+                  "TABOR flags | mask-norm flags |", "|---|---|---|---|---|---|"]
+        for r in with_tabor:
+            t = r["adaptive"]["tabor"]
+            lines.append(f"| {r['model']} | {r['target']} | {t['target_metric']} / {t['median_metric']} | "
+                         f"{t['target_index']} / {t['max_index']} | {t['flagged']} | {r['adaptive']['flagged']} |")
+        lines.append("")
     contention = [r for r in rows if r["part"] == "contention"]
     if contention:
         lines += ["## Beside a second CPU-bound process (adaptive scan, fresh process each)", "",
@@ -333,6 +374,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("speed", "verdicts", "contention", "all"), default="speed")
     parser.add_argument("--only", default=None, help="verdicts: comma-separated substrings of model names")
     parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("--full40", action="store_true", help="speed: also the full schedule on the 40-class models")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     runs = OUT / "runs.jsonl"
@@ -347,7 +389,7 @@ def main() -> None:
     if not args.tables_only:
         only = args.only.split(",") if args.only else None
         if args.part in ("speed", "all"):
-            part_speed(done, record)
+            part_speed(done, record, args.full40)
         if args.part in ("verdicts", "all"):
             part_verdicts(done, record, only)
         if args.part in ("contention", "all"):

@@ -22,7 +22,8 @@ ATTACK_ACCURACY_BAR = 0.02
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    from offline.neural_cleanse import ANOMALY_SCALES, METHODS, SCHEDULES, TABOR_TERMS, NeuralCleanseConfig
+    from offline.neural_cleanse import (ANOMALY_SCALES, METHODS, SCHEDULES, TABOR_TERMS, VERDICTS,
+                                        NeuralCleanseConfig)
 
     defaults = NeuralCleanseConfig()
     g = parser.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)")
@@ -65,6 +66,14 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         "(keep it below --threshold) (%(default)s)")
     g.add_argument("--candidate-steps", type=_positive(int), default=defaults.candidate_steps,
                    help="under the adaptive schedule, no class is optimised for more steps than this "
+                        "(%(default)s)")
+    g.add_argument("--warmup-classes", type=_positive(int), default=defaults.warmup_classes,
+                   help="a warm-up over more classes than this uses proportionally smaller mini-batches (as many "
+                        "optimiser steps), so that it costs what one over this many classes costs (%(default)s)")
+    g.add_argument("--verdict", choices=VERDICTS, default=defaults.verdict,
+                   help="what the MAD outlier test runs over: every class's best mask norm (Neural Cleanse), or "
+                        "TABOR's trigger-quality metric of every class's best trigger (size, compactness, attack "
+                        "success, accuracy with the trigger cut out, saliency inside it); scan.json reports both "
                         "(%(default)s)")
     g.add_argument("--anomaly-scale", choices=ANOMALY_SCALES, default=defaults.anomaly_scale,
                    help="the verdict's MAD anomaly index over the logarithms of the mask norms, or over the "
@@ -647,6 +656,15 @@ def _print_scan(report: dict[str, Any], out: Path) -> None:
         mark = "  <- flagged" if row["flagged"] else ""
         print(f"{row['class']:>5} {row['mask_l1_norm']:>8.1f} {row['anomaly_index']:>8.2f} "
               f"{row['reversed_trigger_asr']:>6.1%}{mark}")
+    rows = report["per_class"]
+    if "schedule_role_per_run" in rows[0]:
+        went_on = [r["class"] for r in rows if r["schedule_role_per_run"][0] == "candidate"]
+        reference = [r["class"] for r in rows if r["schedule_role_per_run"][0] == "reference"]
+        print(f"adaptive schedule: {report['class_steps_per_run'][0]} class-steps; after "
+              f"{report['settings']['warmup_steps']} steps "
+              + (f"class {', '.join(map(str, went_on))} went on (reference class {', '.join(map(str, reference))}, "
+                 f"the others counted with its shrink x{report['shrink_of_set_aside_per_run'][0]:.2f})"
+                 if went_on else "no class stood out and the scan ended"))
     for rec in report["recovered_triggers"]:
         kept = next(c["start"] for c in rec["candidates"] if c.get("kept"))
         norms = ", ".join(f"{c['mask_l1_norm']:.1f}" for c in rec["candidates"])

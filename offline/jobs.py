@@ -120,7 +120,8 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
     k = case.num_classes
     out.mkdir(parents=True, exist_ok=True)
 
-    with step_progress(progress, config.max_steps * repeats, f"Neural Cleanse on {k} classes") as bar:
+    steps = config.candidate_steps if config.schedule == "adaptive" else config.max_steps
+    with step_progress(progress, steps * repeats, f"Neural Cleanse on {k} classes") as bar:
         def on_step(run: int, step: int, active: int, total: int) -> None:
             if bar is not None:
                 bar.update(1)

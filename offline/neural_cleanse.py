@@ -50,6 +50,9 @@ from offline.attacks import stamp
 METHODS = ("neural-cleanse", "tabor")
 ANOMALY_SCALES = ("log", "linear")
 SCHEDULES = ("adaptive", "full")
+# what the verdict's MAD outlier test runs over: every class's best mask norm (Neural Cleanse), or TABOR's
+# trigger-quality metric of every class's best trigger (``tabor_metric``; lower is more trigger-like)
+VERDICTS = ("mask-norm", "tabor")
 # what the adaptive schedule did with each class after the warm-up
 ROLES = ("candidate", "reference", "set aside", "converged")
 # TABOR's regularisers, in the order of its weights. Our pixels are in [0, 1] (the original's in [0, 255]),
@@ -101,11 +104,16 @@ class NeuralCleanseConfig:
     warmup_steps: int = 12
     candidate_index: float = 1.0
     candidate_steps: int = 50  # the adaptive schedule stops every class here (trigger recovery refines further)
+    # a warm-up over more classes than this uses mini-batches of batch_size * warmup_classes / K images
+    warmup_classes: int = 10
+    verdict: str = "mask-norm"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         _check_scale(self.anomaly_scale)
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {self.verdict!r}; choose one of {', '.join(VERDICTS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if not 1 <= self.warmup_steps <= self.candidate_steps:
@@ -376,11 +384,16 @@ def reverse_engineer_triggers(
         a = len(rows)
         acc_sum = torch.zeros(a)
         reg_sum = torch.zeros(a)
+        # the warm-up of many classes: smaller mini-batches (as many Adam steps, fewer images each), so that a
+        # step over K classes costs what one over warmup_classes costs
+        batch = c.batch_size
+        if schedule is not None and step < c.warmup_steps and k > c.warmup_classes:
+            batch = max(4, c.batch_size * c.warmup_classes // k)
         for _ in range(c.mini_batches):
-            if cursor + c.batch_size > len(order):
+            if cursor + batch > len(order):
                 order, cursor = rng.permutation(len(xt)), 0
-            xb = xt[order[cursor:cursor + c.batch_size]]
-            cursor += c.batch_size
+            xb = xt[order[cursor:cursor + batch]]
+            cursor += batch
             b = len(xb)
             mask = _from_tanh(mask_tanh[rows])  # (A, 1, H, W)
             pattern = _from_tanh(pattern_tanh[rows])  # (A, C, H, W)
@@ -488,6 +501,67 @@ def trigger_quality(model: nn.Module, x: np.ndarray, triggers: ReversedTriggers,
                        torch.as_tensor(triggers.targets)).numpy()
 
 
+TABOR_METRIC_TERMS = ("area", "smoothness", "attack", "crop", "explanation")
+_FLOOR = 1e-3  # a rate of 0 would make a logarithm infinite: rates count from 0.1 %
+
+
+def tabor_metric(model: nn.Module, x: np.ndarray, y: np.ndarray, mask: np.ndarray, pattern: np.ndarray,
+                 target: int, images: int = 256) -> dict[str, float]:
+    """TABOR's trigger-quality metric of one reversed trigger (Guo et al. 2019): low for a real trigger.
+
+    ``A(M, P) = log(|F|_1 / d^2) + log(s(F) / (d (d-1))) - log(acc_att) - log(acc_crop) - log(acc_exp)``
+    with ``F`` the trigger's footprint on the H x W image (``d^2`` is H W and ``d (d-1)`` is H (W - 1)),
+    ``s(F)`` the number of neighbouring pixel pairs (horizontal and vertical) that differ in ``F``: a compact
+    trigger has a short boundary. Our masks come through a tanh and are never exactly 0, so the footprint is
+    where the mask is above one half (``1[(M * P) > 0]`` in the paper, whose masks are sparse). On up to
+    ``images`` held-out images of other classes: ``acc_att`` the share the stamped trigger sends to
+    ``target``; ``acc_crop`` the share of stamped images still classified as their own label once the
+    footprint is blacked out (a trigger that works by covering the digit leaves nothing to recognise);
+    ``acc_exp`` the share whose explanation lies in the footprint: at least half of the ``|F|`` pixels with
+    the largest input gradient of the target logit fall inside it. Rates are floored at 0.1 %; an empty
+    footprint (no mask pixel above one half) scores +inf. Returns the metric and its terms.
+    """
+    keep = np.flatnonzero(y != target)[:images]
+    footprint = mask > 0.5
+    size = int(footprint.sum())
+    height, width = mask.shape
+    if size == 0 or len(keep) == 0:
+        return {"metric": float("inf"), **dict.fromkeys(TABOR_METRIC_TERMS, float("nan"))}
+    boundary = int((footprint[1:] != footprint[:-1]).sum() + (footprint[:, 1:] != footprint[:, :-1]).sum())
+    xt = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))
+    labels = torch.from_numpy(y[keep])
+    m = torch.from_numpy(mask).reshape(1, 1, height, width)
+    stamped = stamp(xt, m, torch.from_numpy(pattern)).requires_grad_(True)
+    logits = model(stamped)
+    attack = float((logits.argmax(1) == target).float().mean())
+    grad, = torch.autograd.grad(logits[:, target].sum(), stamped)
+    saliency = grad.abs().sum(1).reshape(len(keep), -1)  # (N, H W)
+    top = saliency.topk(size, dim=1).indices
+    inside = torch.from_numpy(footprint.reshape(-1))[top].float().mean(1)
+    explanation = float((inside >= 0.5).float().mean())
+    with torch.no_grad():
+        cropped = stamped.detach() * torch.from_numpy(~footprint).float()
+        crop = float((model(cropped).argmax(1) == labels).float().mean())
+    terms = {"area": size / (height * width), "smoothness": boundary / (height * (width - 1)),
+             "attack": attack, "crop": crop, "explanation": explanation}
+    metric = (np.log(max(terms["area"], _FLOOR)) + np.log(max(terms["smoothness"], _FLOOR))
+              - sum(np.log(max(terms[k], _FLOOR)) for k in ("attack", "crop", "explanation")))
+    return {"metric": float(metric), **{k: round(float(v), 5) for k, v in terms.items()}}
+
+
+def verdict_index(rev: ReversedTriggers, metric: np.ndarray, config: NeuralCleanseConfig) -> np.ndarray:
+    """The MAD anomaly index the verdict uses: over the mask norms, or (``verdict="tabor"``) over TABOR's
+    metric (already a sum of logarithms, so on the linear scale; an infinite metric is never an outlier)."""
+    if config.verdict == "tabor":
+        finite = np.isfinite(metric)
+        return anomaly_index(np.where(finite, metric, metric[finite].max() if finite.any() else 0.0), "linear")
+    return anomaly_index(rev.verdict_norms, config.anomaly_scale)
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
 @dataclass
 class ScanRun:
     """One reverse-engineering run (one seed) over all classes."""
@@ -498,6 +572,7 @@ class ScanRun:
     asr: np.ndarray  # held-out success of each reversed trigger
     flagged: list[int]
     quality: np.ndarray | None = None  # (K, 6) TABOR_TERMS of each best trigger on held-out images
+    metric: list[dict[str, float]] | None = None  # tabor_metric of each best trigger on held-out images
 
 
 @dataclass
@@ -525,11 +600,17 @@ class ScanResult:
 
     def summary(self) -> dict:
         ai = self.anomaly_indices
+        tabor = None
+        if all(r.metric is not None for r in self.runs):
+            values = np.array([[m["metric"] for m in r.metric] for r in self.runs])  # type: ignore[union-attr]
+            tabor = values, np.stack([verdict_index(r.triggers, v, replace(self.config, verdict="tabor"))
+                                      for r, v in zip(self.runs, values, strict=True)])
         norms = np.stack([r.triggers.norms for r in self.runs])
         asr = np.stack([r.asr for r in self.runs])
         return {
             "backdoored": bool(self.flagged),
             "flagged_classes": self.flagged,
+            "verdict_over": "TABOR's trigger-quality metric" if self.config.verdict == "tabor" else "mask norms",
             "threshold": self.threshold,
             "runs": len(self.runs),
             "seeds": [r.seed for r in self.runs],
@@ -543,6 +624,10 @@ class ScanResult:
                         "schedule_role_per_run": [r.triggers.roles[i] for r in self.runs],  # type: ignore[index]
                         "verdict_norm_per_run": [round(float(r.triggers.verdict_norms[i]), 4)  # type: ignore[index]
                                                  for r in self.runs]}),
+                    **({} if tabor is None else {
+                        "tabor_metric": _finite(np.median(tabor[0][:, i])),
+                        "tabor_metric_terms": {k: _finite(v) for k, v in self.best_run.metric[i].items()},  # type: ignore
+                        "tabor_index": float(np.median(tabor[1][:, i]))}),
                     "anomaly_index": float(np.median(ai[:, i])),
                     "anomaly_index_per_run": [round(float(v), 4) for v in ai[:, i]],
                     "reversed_trigger_asr": float(np.median(asr[:, i])),
@@ -592,11 +677,12 @@ def scan(
         cfg = NeuralCleanseConfig(**{**asdict(base), "seed": base.seed + r})
         cb = None if progress is None else (lambda s, a, t, r=r: progress(r, s, a, t))
         rev = reverse_engineer_triggers(model, x_fit, targets, cfg, progress=cb)
-        ai = anomaly_index(rev.verdict_norms, cfg.anomaly_scale)
         asr = np.array([trigger_success_rate(model, x_eval, y_eval, rev.masks[i], rev.patterns[i], k)
                         for i, k in enumerate(targets)])
+        metric = [tabor_metric(model, x_eval, y_eval, rev.masks[i], rev.patterns[i], k) for i, k in enumerate(targets)]
+        ai = verdict_index(rev, np.array([m["metric"] for m in metric]), cfg)
         runs.append(ScanRun(cfg.seed, rev, ai, asr, [k for k in targets if ai[k] > threshold],
-                            trigger_quality(model, x_eval, rev)))
+                            trigger_quality(model, x_eval, rev), metric))
     result = ScanResult(runs, threshold, base)
     median_ai = result.median_anomaly_index
     result.flagged = [k for k in targets if median_ai[k] > threshold]

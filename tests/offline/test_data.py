@@ -85,3 +85,19 @@ def test_image_folder(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "dog" / "odd.png")
     with pytest.raises(DataError, match="differs"):
         load_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("spec, channels", [("mnist-quadrants", 1), ("mnist-colours", 3)])
+def test_embedded_forty_class_sets(spec: str, channels: int) -> None:
+    """The embedded digits as 40 classes (digit x quadrant, digit x background colour), each class present."""
+    data = load_dataset(spec)
+    mnist = load_dataset("mnist")
+    assert data.x.shape == (5000, channels, 28, 28) and data.num_classes == 40
+    assert data.x.min() >= 0 and data.x.max() <= 1
+    assert np.bincount(data.y, minlength=40).min() >= 80
+    np.testing.assert_array_equal(data.y % 10, mnist.y)  # the digit is kept; the group is the class's tens
+    if spec == "mnist-quadrants":  # the digit lies in its quadrant only
+        q = data.y // 10
+        top, left = 14 * (q[0] // 2), 14 * (q[0] % 2)
+        inside = data.x[0, 0, top:top + 14, left:left + 14].sum()
+        assert inside > 0 and np.isclose(inside, data.x[0].sum())

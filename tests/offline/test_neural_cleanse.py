@@ -181,3 +181,28 @@ def test_adaptive_scan_reports_each_class_steps_and_role() -> None:
         NeuralCleanseConfig(schedule="fast")
     with pytest.raises(ValueError, match="warm-up"):
         NeuralCleanseConfig(warmup_steps=60, candidate_steps=50)
+
+
+def test_the_warmup_of_many_classes_costs_what_one_of_ten_costs() -> None:
+    """Over more than ``warmup_classes`` classes the warm-up's mini-batches shrink, then come back."""
+    seen: list[int] = []
+
+    class _Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = torch.nn.Linear(36, 20)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(len(x))
+            return self.fc(x.flatten(1))
+
+    model = _Counting().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = np.random.default_rng(0).random((400, 1, 6, 6)).astype(np.float32)
+    cfg = NeuralCleanseConfig(samples_per_step=64, batch_size=32, warmup_steps=2, candidate_steps=3,
+                              warmup_classes=10)
+    reverse_engineer_triggers(model, x, list(range(20)), cfg)
+    assert seen[:4] == [20 * 16] * 4  # 2 warm-up steps x 2 mini-batches: 16 images per class, not 32
+    assert all(n % 32 == 0 for n in seen[4:])  # after the warm-up, whole mini-batches for the classes going on

@@ -118,3 +118,23 @@ def test_traced_and_single_output_onnx_models_are_scanned_end_to_end(tmp_path: P
         result = scan(model, fit.x, held_out.x, held_out.y, 10)
         assert result.flagged == [badnets_model.target], (name, result.median_anomaly_index)
         assert result.runs[0].triggers.steps.max() <= result.config.candidate_steps
+
+
+def test_tabor_metric_scores_the_true_trigger_low_and_a_trigger_over_the_digit_high(badnets_model: BackdoorResult,
+                                                                                   mnist_splits) -> None:
+    from offline.neural_cleanse import tabor_metric
+
+    _, clean = mnist_splits
+    model = badnets_model.model.eval()
+    mask, pattern = PatchTrigger(4).mask_and_pattern((1, 28, 28))
+    true = tabor_metric(model, clean.x, clean.y, mask[0], pattern, badnets_model.target)
+    assert true["attack"] > 0.9 and true["crop"] > 0.8  # the digit is left whole once the patch is cut out
+    assert true["area"] == 16 / 784
+    assert true["smoothness"] == 16 / (28 * 27)  # a square's boundary: 4 sides of 4 pixels
+    # a false trigger: a large block over the middle of the image, where the digit is
+    blob = np.zeros((28, 28), np.float32)
+    blob[6:22, 6:22] = 1.0
+    other = tabor_metric(model, clean.x, clean.y, blob, np.zeros((1, 28, 28), np.float32), badnets_model.target)
+    assert other["crop"] < 0.5 and other["metric"] > true["metric"] + 3
+    empty = tabor_metric(model, clean.x, clean.y, np.zeros((28, 28), np.float32), pattern, badnets_model.target)
+    assert empty["metric"] == float("inf")
