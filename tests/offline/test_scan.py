@@ -129,8 +129,8 @@ def test_tabor_metric_scores_the_true_trigger_low_and_a_trigger_over_the_digit_h
     mask, pattern = PatchTrigger(4).mask_and_pattern((1, 28, 28))
     true = tabor_metric(model, clean.x, clean.y, mask[0], pattern, badnets_model.target)
     assert true["attack"] > 0.9 and true["crop"] > 0.8  # the digit is left whole once the patch is cut out
-    assert true["area"] == 16 / 784
-    assert true["smoothness"] == 16 / (28 * 27)  # a square's boundary: 4 sides of 4 pixels
+    assert true["area"] == pytest.approx(16 / 784, abs=1e-5)
+    assert true["smoothness"] == pytest.approx(16 / (28 * 27), abs=1e-5)  # a square's boundary: 4 sides of 4 pixels
     # a false trigger: a large block over the middle of the image, where the digit is
     blob = np.zeros((28, 28), np.float32)
     blob[6:22, 6:22] = 1.0
