@@ -79,7 +79,10 @@ class ForensicModel(nn.Module):
     topology works. TorchScript runs compiled code that ignores hooks, so it is
     run leaf by leaf: its top-level modules in order, descending into
     ``Sequential`` containers; the split is verified to reproduce the model's
-    own output at load time.
+    own output at load time. One that cannot be split so (a ``torch.jit.trace``
+    export with functions between its modules) is rebuilt from its graph through
+    ONNX by :func:`load_model`. Without a features layer (none can be found and
+    none was named) the model still gives logits; features raise.
 
     :meth:`set_output_mask` multiplies a layer's output by a mask, which is how
     repair prunes neurons or channels; the mask is part of the forward pass and
