@@ -120,8 +120,7 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
     k = case.num_classes
     out.mkdir(parents=True, exist_ok=True)
 
-    steps = config.candidate_steps if config.schedule == "adaptive" else config.max_steps
-    with step_progress(progress, steps * repeats, f"Neural Cleanse on {k} classes") as bar:
+    with step_progress(progress, config.steps_per_class * repeats, f"Neural Cleanse on {k} classes") as bar:
         def on_step(run: int, step: int, active: int, total: int) -> None:
             if bar is not None:
                 bar.update(1)
@@ -143,7 +142,7 @@ def scan_case(case: LoadedCase, model_path: str | Path, fit: Dataset, held_out: 
     np.save(out / "triggers" / "patterns.npy", best.triggers.patterns)
     recovered = []
     for target in result.flagged if recover else []:
-        with step_progress(progress, config.max_steps + (config.candidate_steps if restarts else 0),
+        with step_progress(progress, config.max_steps + (config.steps_per_class if restarts else 0),
                            f"recovering class {target} ({1 + restarts} starts)") as bar:
             rev, asr, candidates = recover_trigger(
                 case.model, fit.x, held_out.x, held_out.y, target, best.triggers.for_class(target), config,

@@ -125,6 +125,11 @@ class NeuralCleanseConfig:
         self.tabor_weights = tuple(float(w) for w in self.tabor_weights)
 
     @property
+    def steps_per_class(self) -> int:
+        """The most steps one class can run: the adaptive schedule's cap, or ``max_steps``."""
+        return self.candidate_steps if self.schedule == "adaptive" else self.max_steps
+
+    @property
     def mini_batches(self) -> int:
         return max(1, self.samples_per_step // self.batch_size)
 
@@ -549,12 +554,17 @@ def tabor_metric(model: nn.Module, x: np.ndarray, y: np.ndarray, mask: np.ndarra
     return {"metric": float(metric), **{k: round(float(v), 5) for k, v in terms.items()}}
 
 
+def tabor_index(metric: np.ndarray) -> np.ndarray:
+    """The MAD anomaly index over TABOR's metric: on the linear scale (the metric is already a sum of
+    logarithms); an infinite metric (no footprint) counts as the largest finite one, never an outlier."""
+    finite = np.isfinite(metric)
+    return anomaly_index(np.where(finite, metric, metric[finite].max() if finite.any() else 0.0), "linear")
+
+
 def verdict_index(rev: ReversedTriggers, metric: np.ndarray, config: NeuralCleanseConfig) -> np.ndarray:
-    """The MAD anomaly index the verdict uses: over the mask norms, or (``verdict="tabor"``) over TABOR's
-    metric (already a sum of logarithms, so on the linear scale; an infinite metric is never an outlier)."""
+    """The MAD anomaly index the verdict uses: over the mask norms, or (``verdict="tabor"``) TABOR's metric."""
     if config.verdict == "tabor":
-        finite = np.isfinite(metric)
-        return anomaly_index(np.where(finite, metric, metric[finite].max() if finite.any() else 0.0), "linear")
+        return tabor_index(metric)
     return anomaly_index(rev.verdict_norms, config.anomaly_scale)
 
 
@@ -603,8 +613,7 @@ class ScanResult:
         tabor = None
         if all(r.metric is not None for r in self.runs):
             values = np.array([[m["metric"] for m in r.metric] for r in self.runs])  # type: ignore[union-attr]
-            tabor = values, np.stack([verdict_index(r.triggers, v, replace(self.config, verdict="tabor"))
-                                      for r, v in zip(self.runs, values, strict=True)])
+            tabor = values, np.stack([tabor_index(v) for v in values])
         norms = np.stack([r.triggers.norms for r in self.runs])
         asr = np.stack([r.asr for r in self.runs])
         return {
@@ -674,7 +683,7 @@ def scan(
     targets = list(range(num_classes))
     runs: list[ScanRun] = []
     for r in range(repeats):
-        cfg = NeuralCleanseConfig(**{**asdict(base), "seed": base.seed + r})
+        cfg = replace(base, seed=base.seed + r)
         cb = None if progress is None else (lambda s, a, t, r=r: progress(r, s, a, t))
         rev = reverse_engineer_triggers(model, x_fit, targets, cfg, progress=cb)
         asr = np.array([trigger_success_rate(model, x_eval, y_eval, rev.masks[i], rev.patterns[i], k)
@@ -712,23 +721,22 @@ def recover_trigger(
     schedule, every step covering all of ``x_fit`` (at least the scan's step size).
     """
     base = config or NeuralCleanseConfig()
-    found: list[tuple[str, np.ndarray, np.ndarray, float, bool]] = [
-        ("scan", start[0], start[1], float(start[0].sum()), True)]
+    masks, patterns = [start[0]], [start[1]]
+    candidates: list[dict[str, Any]] = [{"start": "scan", "mask_l1_norm": float(start[0].sum()), "reached": True}]
     if restarts:
-        steps = base.candidate_steps if base.schedule == "adaptive" else base.max_steps
         # a batch of one class's rows: each row its own random start, the rows' losses independent
-        fresh = reverse_engineer_triggers(model, x_fit, [target] * restarts,
-                                          replace(base, seed=base.seed + 1, schedule="full", max_steps=steps),
-                                          progress=progress)
-        found += [(f"restart {r + 1}", fresh.masks[r], fresh.patterns[r], float(fresh.norms[r]),
-                   bool(fresh.reached[r])) for r in range(restarts)]
-    ok = [i for i, f in enumerate(found) if f[4]] or [0]
-    best = min(ok, key=lambda i: found[i][3])
+        fresh = reverse_engineer_triggers(
+            model, x_fit, [target] * restarts,
+            replace(base, seed=base.seed + 1, schedule="full", max_steps=base.steps_per_class), progress=progress)
+        masks += list(fresh.masks)
+        patterns += list(fresh.patterns)
+        candidates += [{"start": f"restart {r + 1}", "mask_l1_norm": float(fresh.norms[r]),
+                        "reached": bool(fresh.reached[r])} for r in range(restarts)]
+    ok = [i for i, c in enumerate(candidates) if c["reached"]]
+    best = min(ok, key=lambda i: candidates[i]["mask_l1_norm"])
     refine_cfg = replace(base, samples_per_step=max(base.samples_per_step, len(x_fit)), schedule="full")
-    rev = reverse_engineer_triggers(model, x_fit, [target], refine_cfg,
-                                    init=(found[best][1][None], found[best][2][None]), progress=progress)
+    rev = reverse_engineer_triggers(model, x_fit, [target], refine_cfg, init=(masks[best][None], patterns[best][None]),
+                                    progress=progress)
     asr = trigger_success_rate(model, x_eval, y_eval, rev.masks[0], rev.patterns[0], target)
-    candidates: list[dict[str, Any]] = [{"start": name, "mask_l1_norm": norm, "reached": reached}
-                                        for name, _, _, norm, reached in found]
     candidates[best].update(kept=True, refined_mask_l1_norm=float(rev.norms[0]), held_out_asr=asr)
     return rev, asr, candidates

@@ -76,10 +76,10 @@ def test_early_stop_needs_both_directions_and_patience() -> None:
 
 
 class _Linear(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, classes: int = 4) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.fc = torch.nn.Linear(36, 4)
+        self.fc = torch.nn.Linear(36, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
@@ -186,18 +186,8 @@ def test_adaptive_scan_reports_each_class_steps_and_role() -> None:
 def test_the_warmup_of_many_classes_costs_what_one_of_ten_costs() -> None:
     """Over more than ``warmup_classes`` classes the warm-up's mini-batches shrink, then come back."""
     seen: list[int] = []
-
-    class _Counting(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.fc = torch.nn.Linear(36, 20)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(len(x))
-            return self.fc(x.flatten(1))
-
-    model = _Counting().eval()
+    model = _Linear(classes=20).eval()
+    model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
     for p in model.parameters():
         p.requires_grad_(False)
     x = np.random.default_rng(0).random((400, 1, 6, 6)).astype(np.float32)
