@@ -29,7 +29,7 @@ class EmbeddedBackend:
 
     def __init__(self, model: str | Path | bytes, input_name: str, logits: str = "logits",
                  features: str = "features", max_batch: int = 1024, threads: int | None = None,
-                 spin: bool = True) -> None:
+                 spin: bool = True, providers: list[str] | None = None) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -38,7 +38,7 @@ class EmbeddedBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         # bytes: the model as the bundle verified it (GuardBundle.model_source), not the file read again
         self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=providers or ["CPUExecutionProvider"])
         where = "the bundle's model" if isinstance(model, bytes) else str(model)
         names = {o.name for o in self.session.get_outputs()}
         missing = {logits, features} - names

@@ -77,6 +77,9 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
                                                "off; SIGHUP and the admin RPC always reload)")),
     ("--grace-s", dict(type=float, help="shutdown waits this long for in-flight requests (default 10)")),
     ("--threads", dict(type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")),
+    ("--providers", dict(help="onnxruntime execution providers in order of preference, comma-separated: cpu "
+                              "(default), cuda (needs the onnxruntime-gpu wheel, extra 'gpu'), tensorrt, or a "
+                              "full name such as CUDAExecutionProvider; the CPU stays the last fallback")),
     ("--spin", dict(choices=("on", "off"), help="onnxruntime's idle threads busy-wait for the next batch (on, "
                                                 "default: lower latency and more throughput) or sleep (off: "
                                                 "about half the CPU per request, for cores shared with the "

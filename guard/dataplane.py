@@ -38,7 +38,7 @@ from guard.errors import (
 from guard.evidence import EvidenceStore, load_key
 from guard.metrics import GuardMetrics, score_buckets
 from guard.screens import Judgement, ScreenResult
-from guard.settings import GuardSettings
+from guard.settings import GuardSettings, resolve_providers
 
 log = logging.getLogger("trojan_guard")
 
@@ -135,7 +135,8 @@ class ServingState:
                 on_error=lambda code: metrics.upstream_errors.labels(code).inc())
         else:
             self.backend = EmbeddedBackend(bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features,
-                                           threads=settings.threads, spin=settings.spin)
+                                           threads=settings.threads, spin=settings.spin,
+                                           providers=resolve_providers(settings.providers))
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
                                        executor, on_batch=self._on_batch)
         self.loaded_at = time.time()

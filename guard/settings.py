@@ -9,6 +9,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
+import onnxruntime as ort
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,6 +27,29 @@ def admin_is_local(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name other than localhost may resolve to any interface; '' binds them all
+
+
+# short names for onnxruntime's execution providers (``--providers cuda,cpu``)
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider",
+                    "openvino": "OpenVINOExecutionProvider", "dml": "DmlExecutionProvider",
+                    "coreml": "CoreMLExecutionProvider"}
+
+
+def resolve_providers(spec: str) -> list[str]:
+    """onnxruntime execution providers from a comma-separated list of short (``cuda``) or full
+    (``CUDAExecutionProvider``) names, in order of preference, with the CPU last as the fallback for operators
+    the others lack. A provider this onnxruntime build does not have is an error naming those it has (CUDA
+    needs the ``onnxruntime-gpu`` wheel: ``pip install 'trojan-guard[gpu]'``)."""
+    names = [PROVIDER_ALIASES.get(part.strip().lower(), part.strip()) for part in spec.split(",") if part.strip()]
+    available = ort.get_available_providers()
+    missing = [n for n in names if n not in available]
+    if missing:
+        hint = " (install onnxruntime-gpu: pip install 'trojan-guard[gpu]')" if "CUDAExecutionProvider" in missing \
+            else ""
+        raise ValueError(f"onnxruntime {ort.__version__} has no {', '.join(missing)}{hint}; it has "
+                         f"{', '.join(available)}")
+    return list(dict.fromkeys([*names, "CPUExecutionProvider"]))
 
 
 class GuardSettings(BaseSettings):
@@ -80,6 +104,8 @@ class GuardSettings(BaseSettings):
     watch_bundle_s: float = Field(0.0, ge=0, description="reload when the bundle's guard.json changes, checked "
                                                        "this often (0: only on SIGHUP or the admin RPC)")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
+    providers: str = Field("cpu", description="onnxruntime execution providers, in order of preference "
+                                              "(cuda,cpu; the CPU is always the last fallback)")
     spin: bool = Field(True, description="onnxruntime's idle threads busy-wait for the next batch (lower latency; "
                                          "off saves CPU on cores shared with other work)")
     seed: int = 0
@@ -107,6 +133,7 @@ class GuardSettings(BaseSettings):
         if self.admin_address != "off" and self.admin_token_file is None and not admin_is_local(self.admin_address):
             raise ValueError(f"--admin-address {self.admin_address} is reachable from other hosts: it needs "
                              f"--admin-token-file (or a loopback address, or unix:PATH)")
+        resolve_providers(self.providers)  # a provider onnxruntime lacks fails at start, naming those it has
         if self.evidence_segment_bytes > self.evidence_max_bytes:
             raise ValueError("--evidence-segment-bytes must not exceed --evidence-max-bytes")
         return self

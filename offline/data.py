@@ -9,6 +9,7 @@ in [0, 1], and integer labels ``y``. Nothing is downloaded:
   (digit x colour);
 - ``mnist-quadrants``: the same digits shrunk to 14 x 14 in one of the four quadrants, as 40 classes
   (digit x quadrant): the embedded many-class case the scan is measured on;
+- ``signs``: 43 road-sign-like classes, 32 x 32 RGB, drawn from a seed (:mod:`offline.signs`);
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images);
 - a ``.npz`` file with arrays ``x`` (N, C, H, W float32 in [0, 1]) and ``y``;
 - an image folder with one sub-folder per class.
@@ -25,7 +26,7 @@ import numpy as np
 
 from offline.errors import DataError
 
-EMBEDDED = ("mnist", "mnist-colours", "mnist-quadrants", "digits")
+EMBEDDED = ("mnist", "mnist-colours", "mnist-quadrants", "signs", "digits")
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 # mnist-colours: the stroke colour of each colour class (RGB in [0, 1]); class = colour * 10 + digit
 BACKGROUND = 0.5  # the background's brightness in its colour
@@ -221,20 +222,23 @@ def load_image_folder(path: Path) -> Dataset:
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Load ``mnist``, ``mnist-colours``, ``mnist-quadrants``, ``digits``, an ``.npz`` file or an image folder."""
+    """Load an embedded data set (:data:`EMBEDDED`), an ``.npz`` file or an image folder."""
     if spec == "mnist":
         return load_mnist()
     if spec == "mnist-colours":
         return load_mnist_colours()
     if spec == "mnist-quadrants":
         return load_mnist_quadrants()
+    if spec == "signs":
+        from offline.signs import load_signs
+
+        return load_signs()
     if spec == "digits":
         return load_digits()
     path = Path(spec)
     if not path.exists():
         raise DataError(
-            f"data '{spec}' not found: give 'mnist', 'mnist-colours', 'mnist-quadrants', 'digits', an .npz "
-            "file with x and y, "
+            f"data '{spec}' not found: give {', '.join(repr(e) for e in EMBEDDED)}, an .npz file with x and y, "
             "or a folder with one sub-folder per class"
         )
     if path.is_dir():

@@ -79,7 +79,10 @@ def export_onnx(model: ForensicModel, path: str | Path, x_check: np.ndarray) -> 
     sample = torch.from_numpy(np.ascontiguousarray(x_check[:2], dtype=np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapper = _TwoOutputs(model) if model.leaves is None else torch.jit.script(_ScriptedLeaves(model, sample))
+        # eval() before scripting: a fresh wrapper is in training mode, and scripted BatchNorm leaves would export
+        # with batch statistics
+        wrapper = (_TwoOutputs(model) if model.leaves is None
+                   else torch.jit.script(_ScriptedLeaves(model, sample).eval()))
         torch.onnx.export(
             wrapper, (sample,), str(path), input_names=[INPUT_NAME],
             output_names=["logits", "features"], opset_version=OPSET, dynamo=False,

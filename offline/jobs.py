@@ -20,7 +20,7 @@ from guard.bundle import sha256_file
 from offline.attacks import stamp
 from offline.data import Dataset, load_dataset
 from offline.errors import DataError
-from offline.models import ForensicModel, load_model
+from offline.models import ForensicModel, load_model, resolve_device
 from offline.neural_cleanse import NeuralCleanseConfig, recover_trigger, scan
 from offline.plots import save_stamped_examples, save_trigger_images
 
@@ -62,10 +62,13 @@ class LoadedCase:
     model_sha256: str
 
 
-def load_case(model_path: str | Path, data_spec: str, features_layer: str | None) -> LoadedCase:
-    """Load data and model and check that they belong together."""
+def load_case(model_path: str | Path, data_spec: str, features_layer: str | None,
+              device: str = "cpu") -> LoadedCase:
+    """Load data and model, check that they belong together, and run the model on ``device`` (``auto``: the
+    GPU where torch sees one)."""
     data = load_dataset(data_spec)
-    model = load_model(model_path, data.x[:8], features_layer)
+    target = resolve_device(device)  # before the model loads: a missing GPU is a quick, clear error
+    model = load_model(model_path, data.x[:8], features_layer).to_device(target)
     with torch.no_grad():
         num_classes = int(model(torch.from_numpy(data.x[:2])).shape[1])
     if int(data.y.max()) >= num_classes:
@@ -91,6 +94,7 @@ def run_scan(
     restarts: int = 3,
     examples: int = 6,
     progress: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Neural Cleanse scan of a model on clean data; writes ``scan.json`` and PNGs to ``out``.
 
@@ -100,7 +104,7 @@ def run_scan(
     """
     started = time.perf_counter()
     config = config or NeuralCleanseConfig()
-    case = load_case(model_path, data_spec, features_layer)
+    case = load_case(model_path, data_spec, features_layer, device)
     fit, held_out = case.data.split(eval_fraction, seed=config.seed)
     return scan_case(case, model_path, fit, held_out, Path(out), config=config, threshold=threshold,
                      repeats=repeats, recover=recover, restarts=restarts, examples=examples, progress=progress,

@@ -52,6 +52,83 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with BatchNorm and a shortcut (a 1x1 convolution where the shape changes)."""
+
+    def __init__(self, channels_in: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or channels_in != channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The CIFAR-style ResNet-18 (He et al. 2016; a 3x3 stem, no max-pool, four stages of two blocks), with
+    BatchNorm after every convolution. ``width`` is the first stage's channel count: 64 is the network the
+    literature reports on; 16 trains at ~540 images/s on two CPU cores (64: ~45).
+
+    Like :class:`SmallCNN`, ``body`` ends in the features (the pooled last stage) and ``head`` is the
+    final linear layer.
+    """
+
+    def __init__(self, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+                 width: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                   nn.ReLU()]
+        channels = width
+        for stage in range(4):
+            out = width * 2 ** stage
+            for block in range(2):
+                layers.append(BasicBlock(channels, out, 2 if stage and not block else 1))
+                channels = out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+ARCHITECTURES = ("cnn", "resnet18")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when torch sees one (CUDA), else the CPU; ``cuda`` (or ``cuda:N``) fails clearly
+    where there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ModelLoadError(f"--device {name}: torch {torch.__version__} ({build}) sees no GPU; use --device cpu "
+                             "or auto, or install a CUDA build of torch on a machine with a GPU")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {name}: {exc}; choose one of {', '.join(DEVICES)}") from exc
+
+
+def build_architecture(arch: str, input_shape: tuple[int, int, int], num_classes: int,
+                       width: int | None = None) -> nn.Module:
+    """A fresh ``arch`` network: ``cnn`` (:class:`SmallCNN`; ``width`` = its features' size, 64) or ``resnet18``
+    (:class:`ResNet18`; ``width`` = its first stage's channels, 64)."""
+    if arch == "cnn":
+        return SmallCNN(input_shape, num_classes, width or 64)
+    if arch == "resnet18":
+        return ResNet18(input_shape, num_classes, width or 64)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
 def module_kind(module: nn.Module) -> str:
     """Class name of a module, also for TorchScript modules (``Linear``, ``Conv2d`` ...)."""
     return getattr(module, "original_name", None) or type(module).__name__
@@ -140,10 +217,22 @@ class ForensicModel(nn.Module):
                 lambda _m, _i, out, name=name: self._after(name, out))
             self._hooked.add(name)
 
+    @property
+    def device(self) -> torch.device:
+        first = next(self.net.parameters(), None)
+        return torch.device("cpu") if first is None else first.device
+
+    def to_device(self, device: str | torch.device) -> ForensicModel:
+        """Run the network on ``device``. Callers keep passing CPU tensors: each forward pass moves its input
+        there and its outputs (logits, features, tapped layers) back, in the autograd graph, so a phase written
+        for the CPU runs its heavy part on a GPU unchanged; the scan keeps its data on the device itself."""
+        self.net.to(device)
+        return self
+
     def _after(self, name: str, out: torch.Tensor) -> torch.Tensor:
         mask = self._masks.get(name)
         if mask is not None:
-            out = out * shaped_mask(mask, out)
+            out = out * shaped_mask(mask.to(out.device), out)
         if name == self.features_layer:
             self._captured = out
         if name in self._taps:
@@ -163,7 +252,7 @@ class ForensicModel(nn.Module):
         self._taps = dict.fromkeys(layers)
         try:
             logits = self._run(x)
-            outputs = dict(self._taps)
+            outputs = {name: None if out is None else out.to(logits.device) for name, out in self._taps.items()}
         finally:
             self._taps = {}
         unused = [name for name, out in outputs.items() if out is None]
@@ -202,12 +291,14 @@ class ForensicModel(nn.Module):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         self._captured = None
+        home = x.device
+        x = x.to(self.device)
         if self.leaves is not None:
             h = x
             for name, leaf in self.leaves:
                 h = self._after(name, leaf(h))
-            return self._select(h)
-        return self._select(self.net(x))
+            return self._select(h).to(home)
+        return self._select(self.net(x)).to(home)
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.features_layer is None:
@@ -216,7 +307,7 @@ class ForensicModel(nn.Module):
         logits = self._run(x)
         if self._captured is None:
             raise ModelLoadError(f"features layer '{self.features_layer}' is not used by the forward pass")
-        return self._captured.flatten(1), logits
+        return self._captured.flatten(1).to(logits.device), logits
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(x)[0]

@@ -236,7 +236,7 @@ def tabor_terms(model: nn.Module, xb: torch.Tensor, mask: torch.Tensor, pattern:
     k = len(mask)
     outside = (1 - mask) * pattern
     visible = mask * pattern
-    zero = torch.zeros(k)
+    zero = torch.zeros(k, device=mask.device)
     terms = [
         (mask ** 2).sum(dim=(1, 2, 3)),
         outside.abs().sum(dim=(1, 2, 3)) + (outside ** 2).sum(dim=(1, 2, 3)),
@@ -317,6 +317,15 @@ class _ClassSchedule:
             active[:] = False
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: a :class:`ForensicModel`'s device, or its first parameter's."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def _to_tanh(v: torch.Tensor) -> torch.Tensor:
     return torch.atanh(((v - 0.5) * (2 - TANH_EPS)).clamp(-1 + 1e-6, 1 - 1e-6))
 
@@ -364,8 +373,9 @@ def reverse_engineer_triggers(
     else:
         mask0 = torch.as_tensor(init[0], dtype=torch.float32).reshape(k, 1, height, width)
         pattern0 = torch.as_tensor(init[1], dtype=torch.float32).reshape(k, channels, height, width)
-    mask_tanh = _to_tanh(mask0).requires_grad_(True)
-    pattern_tanh = _to_tanh(pattern0).requires_grad_(True)
+    device = model_device(model)  # everything the optimisation touches lives where the model runs
+    mask_tanh = _to_tanh(mask0).to(device).requires_grad_(True)
+    pattern_tanh = _to_tanh(pattern0).to(device).requires_grad_(True)
     opt = torch.optim.Adam([mask_tanh, pattern_tanh], lr=c.lr, betas=(c.beta1, c.beta2))
 
     schedules = [_CostSchedule(c) for _ in range(k)]
@@ -377,18 +387,18 @@ def reverse_engineer_triggers(
     active = np.ones(k, bool)
     # the adaptive schedule compares classes, so it applies to a scan over several; recovery refines one
     schedule = _ClassSchedule(c, k) if c.schedule == "adaptive" and init is None and k > 2 else None
-    target_t = torch.as_tensor(targets)
-    tabor = torch.tensor(c.tabor_weights) if c.method == "tabor" else None
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    target_t = torch.as_tensor(targets, device=device)
+    tabor = torch.tensor(c.tabor_weights, device=device) if c.method == "tabor" else None
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     order = rng.permutation(len(xt))
     cursor = 0
     model.eval()
 
     for step in range(c.max_steps):
-        rows = torch.from_numpy(np.flatnonzero(active))
+        rows = torch.from_numpy(np.flatnonzero(active)).to(device)
         a = len(rows)
-        acc_sum = torch.zeros(a)
-        reg_sum = torch.zeros(a)
+        acc_sum = torch.zeros(a, device=device)
+        reg_sum = torch.zeros(a, device=device)
         # the warm-up of many classes: smaller mini-batches (as many Adam steps, fewer images each), so that a
         # step over K classes costs what one over warmup_classes costs
         batch = c.batch_size
@@ -397,7 +407,7 @@ def reverse_engineer_triggers(
         for _ in range(c.mini_batches):
             if cursor + batch > len(order):
                 order, cursor = rng.permutation(len(xt)), 0
-            xb = xt[order[cursor:cursor + batch]]
+            xb = xt[torch.from_numpy(order[cursor:cursor + batch]).to(device)]
             cursor += batch
             b = len(xb)
             mask = _from_tanh(mask_tanh[rows])  # (A, 1, H, W)
@@ -407,7 +417,7 @@ def reverse_engineer_triggers(
             tgt = target_t[rows].repeat_interleave(b)
             ce = F.cross_entropy(logits, tgt, reduction="none").reshape(a, b).mean(1)
             reg = mask.sum(dim=(1, 2, 3))
-            cost = torch.tensor([schedules[i].cost for i in rows.tolist()])
+            cost = torch.tensor([schedules[i].cost for i in rows.tolist()], device=device)
             loss = (ce + cost * reg).sum()
             if tabor is not None:
                 loss = loss + (tabor_terms(model, xb, mask, pattern, target_t[rows], c.tabor_weights) @ tabor).sum()
@@ -417,8 +427,8 @@ def reverse_engineer_triggers(
             with torch.no_grad():
                 acc_sum += (logits.argmax(1) == tgt).float().reshape(a, b).mean(1)
                 reg_sum += reg.detach()
-        avg_acc = (acc_sum / c.mini_batches).numpy()
-        avg_reg = (reg_sum / c.mini_batches).numpy()
+        avg_acc = (acc_sum / c.mini_batches).cpu().numpy()
+        avg_reg = (reg_sum / c.mini_batches).cpu().numpy()
         with torch.no_grad():
             current_masks = _from_tanh(mask_tanh[rows])
             current_patterns = _from_tanh(pattern_tanh[rows])
@@ -433,18 +443,18 @@ def reverse_engineer_triggers(
             if stop:
                 active[i] = False
         if schedule is not None:
-            schedule.after_step(step + 1, best_masks.sum(dim=(1, 2, 3)).numpy(), active)
+            schedule.after_step(step + 1, best_masks.sum(dim=(1, 2, 3)).cpu().numpy(), active)
         if progress is not None:
             progress(step + 1, int(active.sum()), k)
         if not active.any():
             break
 
-    masks = best_masks[:, 0].numpy()
+    masks = best_masks[:, 0].cpu().numpy()
     norms = masks.reshape(k, -1).sum(1)
     return ReversedTriggers(
         targets=list(targets),
         masks=masks,
-        patterns=best_patterns.numpy(),
+        patterns=best_patterns.cpu().numpy(),
         norms=norms,
         reached=reached,
         steps=steps,

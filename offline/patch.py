@@ -282,11 +282,13 @@ def run_patch(
     progress: bool = True,
     say: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run the whole offline job and write the guard bundle to ``out``; return the job summary.
 
     ``warn`` (default: a line on stderr) hears of finished phases that are redone because their files are
-    not the ones they wrote.
+    not the ones they wrote. ``device`` runs the scan and repair there (``auto``: the GPU where torch sees
+    one); export, calibration and evaluation run the exported ONNX model on the CPU, as the guard does.
     """
     s = settings or PatchSettings()
     out = Path(out)
@@ -295,7 +297,7 @@ def run_patch(
         shutil.rmtree(work)
     started = time.perf_counter()
     key_file = check_key_file(s.signing_key) if s.signing_key else None  # read only once the bundle is finished
-    case = load_case(model_path, data_spec, features_layer)
+    case = load_case(model_path, data_spec, features_layer, device)
     true_trigger, true_target = (load_true_trigger(true_trigger_file) if true_trigger_file else (None, None))
     fit, calib, test = split_clean(case.data, s)
     # the scan optimises on its own fit part and measures on the rest of the non-test data
@@ -363,7 +365,7 @@ def run_patch(
                    / "model_state.pt")
         repair_result = phases.finish("repair", fp_repair, rep.to_dict())
     else:
-        state = torch.load(state_file, weights_only=True)
+        state = torch.load(state_file, weights_only=True, map_location=model.device)
         model.net.load_state_dict(state["state_dict"])
         for layer, m in state["masks"].items():
             model.set_output_mask(layer, m)
@@ -378,7 +380,8 @@ def run_patch(
         if value is not None:
             say(f"      {key.replace('_', ' ')}: {value}")
 
-    # 3. export
+    # 3. export (from the CPU: the exported graph must not carry the device's transfers)
+    model.to_device("cpu")
     export_result = phases.result("export", fp_export)
     header(3, "export", export_result is not None)
     onnx_path = work / "export" / "model.onnx"

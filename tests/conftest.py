@@ -93,6 +93,28 @@ def tiny_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_signs() -> Dataset:
+    """24 images of each of the 43 sign classes (32x32 RGB)."""
+    from offline.signs import load_signs
+
+    return load_signs(per_class=24)
+
+
+@pytest.fixture(scope="session")
+def signs_resnet_case(tiny_signs: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-18 (width 4, BatchNorm) trained for two epochs on half the tiny signs, the other half as clean
+    data: the RGB, many-class, BatchNorm case of the job in seconds."""
+    from offline.attacks import training_setup
+
+    root = tmp_path_factory.mktemp("signs-resnet")
+    train, clean = tiny_signs.split(0.5, seed=0)
+    with training_setup("resnet18", 4):
+        save_torchscript(train_backdoored_model(train, clean, None, epochs=2, seed=0).model, root / "model.pt")
+    clean.save_npz(root / "clean.npz")
+    return root
+
+
 def tiny_settings(**changes) -> PatchSettings:
     """The tiny patch job's settings (``changes``: PatchSettings fields)."""
     from offline.calibrate import CalibrationSettings

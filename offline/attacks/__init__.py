@@ -25,6 +25,7 @@ from offline.attacks.training import (
     predict,
     train_backdoored_model,
     train_classifier,
+    training_setup,
 )
 from offline.attacks.triggers import (
     AdditiveTrigger,
@@ -45,5 +46,5 @@ __all__ = [
     "LABEL_RULES", "AdditiveTrigger", "AnyTrigger", "BackdoorResult", "BlendTrigger", "GeneratorTrigger",
     "MaskTrigger", "PatchTrigger", "SignalTrigger", "Trigger", "WarpTrigger", "accuracy", "apply_poison",
     "attack_success_rate", "backdoor_targets", "load_trigger", "new_model", "poison_indices", "predict",
-    "save_trigger", "stamp", "train_backdoored_model", "train_classifier",
+    "save_trigger", "stamp", "train_backdoored_model", "train_classifier", "training_setup",
 ]

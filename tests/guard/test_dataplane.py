@@ -58,3 +58,17 @@ def test_screening_failure_follows_the_fail_mode(mode: str, guard_only_bundle: P
         assert decision.logits.shape == (2, 10)
     failures = guard.metrics.screening_failures.labels(mode)._value.get()
     assert failures == 1
+
+
+def test_providers_resolve_short_names_and_keep_the_cpu_as_fallback() -> None:
+    import onnxruntime as ort
+
+    from guard.settings import resolve_providers
+
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    assert resolve_providers(" CPUExecutionProvider ,") == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ValueError, match="no CUDAExecutionProvider .*onnxruntime-gpu.*it has .*CPUExecution"):
+            resolve_providers("cuda")
+    with pytest.raises(ValueError, match="has no NoSuchProvider"):
+        resolve_providers("NoSuchProvider")

@@ -180,6 +180,12 @@ def test_startup_errors_are_one_clear_line(guard_only_bundle: Path, tmp_path: Pa
         taken.listen()
         busy = serve("--bundle", str(guard_only_bundle), "--port", str(taken.getsockname()[1]))
     assert busy.returncode == 2 and "cannot bind" in busy.stderr, busy.stderr
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # the CPU wheel: CUDA is named as missing
+        no_gpu = serve("--bundle", str(guard_only_bundle), "--providers", "cuda,cpu")
+        assert no_gpu.returncode != 0 and "has no CUDAExecutionProvider" in no_gpu.stderr
+        assert "onnxruntime-gpu" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
 
 
 def test_soak_without_errors_or_memory_growth_and_evidence_survives_a_kill(

@@ -275,3 +275,30 @@ def test_knn_reference_scores_leave_each_reference_out() -> None:
         keep = np.arange(40) != i
         alone = KnnDensity(ref[keep], labels[keep], k=3).feature_scores(ref[i:i + 1], labels[i:i + 1])
         np.testing.assert_allclose(loo[i], alone[0], rtol=1e-5)
+
+
+def test_scale_up_amplifies_pixels_and_scores_how_the_answer_holds() -> None:
+    """SCALE-UP: each input amplified by each factor around the value range's low end and clipped; the score is
+    the mean probability of the originally predicted class over the copies, standardised within that class."""
+    from guard.screens.scaleup import ScaleUpScreen, ScaleUpSpec
+    from guard.screens.screen import ModelView
+
+    x = np.full((2, 3, 4, 4), 0.1, np.float32)
+    x[1] = 0.5
+    screen = ScaleUpScreen((3.0, 11.0))
+    rows = screen.extra_rows(x).reshape(2, 2, 3, 4, 4)
+    np.testing.assert_allclose(rows[0, :, 0, 0, 0], [0.3, 1.0], atol=1e-6)  # 0.1 x 3, 0.1 x 11 clipped
+    np.testing.assert_allclose(rows[1, :, 0, 0, 0], [1.0, 1.0])
+    # input 0 keeps its answer (class 1) on both copies; input 1 loses it on one
+    logits = np.array([[0, 9, 0], [9, 0, 0],   # the inputs' own rows: answered 1 and 0
+                       [0, 9, 0], [0, 9, 0],   # input 0's copies
+                       [9, 0, 0], [0, 0, 9]], np.float64)
+    view = ModelView(logits, np.zeros((6, 1)), 2, {id(screen): (2, 6)})
+    held, lost = screen.scores(view)
+    assert held > 0.99 and 0.49 < lost < 0.51
+    standardised = ScaleUpScreen((3.0, 11.0), class_mean=np.array([0.5, 0.9, 0.5]),
+                                 class_std=np.array([0.1, 0.05, 0.1]))
+    view = ModelView(logits, np.zeros((6, 1)), 2, {id(standardised): (2, 6)})
+    np.testing.assert_allclose(standardised.scores(view), [(held - 0.9) / 0.05, (lost - 0.5) / 0.1])
+    with pytest.raises(ValueError, match="above 1"):
+        ScaleUpSpec(calibration_scores=[0.0], factors=[0.5])

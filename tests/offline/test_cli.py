@@ -69,3 +69,26 @@ def test_help_lists_commands_and_defaults(capsys) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--features-layer" in out and "--repeats" in out and "(0.1)" in out
+
+
+def test_train_arch_resnet18_on_rgb_signs(capsys, tmp_path: Path, tiny_signs) -> None:
+    """train --arch resnet18 --width 4 trains a ResNet with BatchNorm on RGB images and says so in
+    attack.json; scan --device cuda where torch sees no GPU is a one-line error."""
+    import json
+
+    import torch
+
+    tiny_signs.save_npz(tmp_path / "signs.npz")
+    code = main(["train", "--data", str(tmp_path / "signs.npz"), "--arch", "resnet18", "--width", "4",
+                 "--attack", "badnets", "--target", "5", "--patch-size", "5", "--epochs", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "case")])
+    assert code == 0
+    summary = json.loads((tmp_path / "case" / "attack.json").read_text())
+    assert summary["arch"] == "resnet18" and summary["width"] == 4 and summary["target"] == 5
+    model = torch.jit.load(str(tmp_path / "case" / "model.pt"))
+    assert any(name.endswith("bn1") for name, _ in model.named_modules())
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        code, err = _scan(capsys, "--model", str(tmp_path / "case" / "model.pt"), "--data",
+                          str(tmp_path / "case" / "clean.npz"), "--device", "cuda", "--out", str(tmp_path / "s"))
+        assert code == 2 and "sees no GPU" in err and err.count("\n") == 1

@@ -101,3 +101,21 @@ def test_embedded_forty_class_sets(spec: str, channels: int) -> None:
         top, left = 14 * (q[0] // 2), 14 * (q[0] % 2)
         inside = data.x[0, 0, top:top + 14, left:left + 14].sum()
         assert inside > 0 and np.isclose(inside, data.x[0].sum())
+
+
+def test_signs_are_43_rgb_classes_drawn_from_a_seed() -> None:
+    """signs: 32x32 RGB in [0, 1], every class present, the same images from the same seed, others from
+    another; the sign families tell apart by colour (a mandatory sign is blue, a limit sign's rim red)."""
+    from offline.signs import load_signs, sign_classes
+
+    data = load_signs(per_class=6)
+    assert data.x.shape == (43 * 6, 3, 32, 32) and data.x.dtype == np.float32 and data.num_classes == 43
+    assert data.x.min() >= 0 and data.x.max() <= 1
+    np.testing.assert_array_equal(np.bincount(data.y), np.full(43, 6))
+    assert data.class_names == [c.name for c in sign_classes()] and data.class_names[40] == "stop"
+    np.testing.assert_array_equal(load_signs(per_class=6).x, data.x)
+    assert not np.array_equal(load_signs(seed=1, per_class=6).x, data.x)
+    centre = data.x[:, :, 12:20, 12:20].mean(axis=(2, 3))  # inside the sign
+    blue = centre[(data.y >= 10) & (data.y < 20)]
+    assert (blue[:, 2] > blue[:, 0]).mean() > 0.9
+    assert data.x.std() > 0.15  # natural backgrounds, not a blank canvas

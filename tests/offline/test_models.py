@@ -278,3 +278,45 @@ def test_a_model_without_a_features_layer_gives_logits_and_a_clear_error_for_fea
     assert model(torch.from_numpy(x)).shape == (8, 10)
     with pytest.raises(ModelLoadError, match="--features-layer"):
         model.features(torch.from_numpy(x))
+
+
+def test_resnet18_with_batchnorm_round_trips_as_torchscript(tmp_path: Path) -> None:
+    """train --arch resnet18: a CIFAR-style ResNet-18 with BatchNorm; saved as TorchScript it loads with its
+    pooled last stage as the features layer, and its logits match the eager network's."""
+    from offline.models import ResNet18, build_architecture
+
+    net = build_architecture("resnet18", (3, 32, 32), 43, 4).eval()
+    assert isinstance(net, ResNet18)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 20  # 1 stem + 16 blocks + 3 shortcuts
+    save_torchscript(net, tmp_path / "r.pt")
+    x = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
+    model = load_model(tmp_path / "r.pt", x)
+    feats, logits = model.features_and_logits(torch.from_numpy(x))
+    assert feats.shape == (8, 32) and logits.shape == (8, 43)  # 8 x width channels in the last stage
+    with torch.no_grad():
+        torch.testing.assert_close(logits, net(torch.from_numpy(x)), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_architecture("vgg", (3, 32, 32), 10)
+
+
+def test_training_setup_chooses_what_attacks_train(tiny_signs) -> None:
+    """Inside training_setup every attack's new model is the chosen network; outside, the small CNN."""
+    from offline.attacks import new_model, training_setup
+    from offline.models import ResNet18, SmallCNN
+
+    with training_setup("resnet18", 4):
+        assert isinstance(new_model(tiny_signs, 0), ResNet18)
+    assert isinstance(new_model(tiny_signs, 0), SmallCNN)
+    with pytest.raises(ValueError, match="unknown architecture"), training_setup("vgg"):
+        pass
+
+
+def test_device_auto_is_the_cpu_here_and_cuda_fails_clearly() -> None:
+    from offline.models import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="sees no GPU; use --device cpu"):
+            resolve_device("cuda")

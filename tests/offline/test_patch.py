@@ -372,9 +372,9 @@ def test_patch_on_a_traced_model_writes_a_bundle_the_guard_serves(tiny_case: Pat
     import onnxruntime as ort
     import torch
 
+    from offline.patch import run_patch
     from tests.conftest import tiny_settings
     from tests.offline.test_models import ThirdPartyLeNet, save_traced
-    from offline.patch import run_patch
 
     net = ThirdPartyLeNet(badnets_model.model).eval()
     save_traced(net, tmp_path / "traced.pt")
@@ -388,3 +388,65 @@ def test_patch_on_a_traced_model_writes_a_bundle_the_guard_serves(tiny_case: Pat
     with torch.no_grad():
         np.testing.assert_allclose(logits, net(torch.from_numpy(x)).numpy(), atol=1e-4)
     assert features.shape == (16, 64)
+
+
+def test_patch_on_an_rgb_resnet_with_batchnorm_writes_a_bundle_the_guard_serves(signs_resnet_case: Path,
+                                                                              tmp_path: Path) -> None:
+    """The many-class RGB case: a ResNet-18 with BatchNorm on the 43 sign classes goes through the whole job;
+    the bundle's ONNX model (BatchNorm in inference form) gives the TorchScript model's logits and its pooled
+    features, and the guard loads it."""
+    import onnxruntime as ort
+    import torch
+
+    from offline.calibrate import CalibrationSettings
+    from offline.patch import run_patch
+    from tests.conftest import tiny_settings
+
+    out = tmp_path / "bundle"
+    calibration = CalibrationSettings(strip_n=5, pool_size=40, strip_group=0, detectors=("strip", "knn", "scale_up"))
+    run_patch(signs_resnet_case / "model.pt", str(signs_resnet_case / "clean.npz"), out,
+              settings=tiny_settings(calibration=calibration), progress=False, say=lambda _: None,
+              warn=lambda _: None, device="auto")
+    bundle = GuardBundle.load(out)
+    m = bundle.manifest
+    assert m.input.shape[-3:] == [3, 32, 32] and len(m.class_names) == 43
+    assert m.verdict.detectors[:3] == ["strip", "knn", "scale_up"] and len(m.scale_up.class_mean) == 43
+    x = np.load(signs_resnet_case / "clean.npz")["x"][:16]
+    logits, features = ort.InferenceSession(str(out / m.model.file)).run(["logits", "features"], {m.input.name: x})
+    net = torch.jit.load(str(signs_resnet_case / "model.pt")).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, net(torch.from_numpy(x)).numpy(), atol=1e-4)
+    assert features.shape == (16, 32)
+    # the guard's screen runs SCALE-UP's amplified copies beside STRIP's blends in one model call
+    session = ort.InferenceSession(str(out / m.model.file))
+    result = bundle.screen().run(lambda b: tuple(session.run(["logits", "features"], {m.input.name: b})), x)
+    assert result.scores.shape == (16, len(m.verdict.detectors)) and np.isfinite(result.scores).all()
+    assert (result.forward_passes == 1 + 5 + 5).all()  # itself, 5 blends, 5 scaled copies
+
+
+def test_a_logits_only_onnx_resnet_gets_its_features_output_in_the_bundle(signs_resnet_case: Path,
+                                                                         tmp_path: Path) -> None:
+    """Users export ONNX with one logits output: the job finds the features (the input of the last Gemm) and the
+    bundle's model has both outputs, so the feature detectors work on it."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from offline.patch import run_patch
+    from tests.conftest import tiny_settings
+
+    net = torch.jit.load(str(signs_resnet_case / "model.pt")).eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(tmp_path / "user.onnx"), input_names=["images"],
+                      output_names=["scores"], dynamic_axes={"images": {0: "n"}, "scores": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    assert [o.name for o in onnx.load(str(tmp_path / "user.onnx")).graph.output] == ["scores"]
+    out = tmp_path / "bundle"
+    run_patch(tmp_path / "user.onnx", str(signs_resnet_case / "clean.npz"), out, settings=tiny_settings(),
+              progress=False, say=lambda _: None, warn=lambda _: None)
+    m = GuardBundle.load(out).manifest
+    assert "knn" in m.verdict.detectors
+    x = np.load(signs_resnet_case / "clean.npz")["x"][:8]
+    logits, features = ort.InferenceSession(str(out / m.model.file)).run(["logits", "features"], {m.input.name: x})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, net(torch.from_numpy(x)).numpy(), atol=1e-4)
+    assert features.shape == (8, 32)  # the pooled last stage: the Gemm's input
