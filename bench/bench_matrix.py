@@ -108,7 +108,7 @@ def runtime(bundle_dir: Path, x_clean: np.ndarray, x_trig: np.ndarray, goal: np.
     """Each detector's AUROC and the guard's operating point (its one verdict), with the bundle as served."""
     bundle = GuardBundle.load(bundle_dir)
     screen = bundle.screen(seed=7)
-    backend = EmbeddedBackend(bundle.model_path, INPUT_NAME)
+    backend = EmbeddedBackend(bundle.model_path, INPUT_NAME, extra_outputs=screen.model_outputs)
 
     def run(x: np.ndarray) -> dict[str, np.ndarray]:
         parts = [screen.run(backend.infer, x[i:i + 256]) for i in range(0, len(x), 256)]

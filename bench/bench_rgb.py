@@ -12,8 +12,8 @@ held-out images as clean data; the rest are never used. For each model:
   its time on this machine's CPU;
 - the guard (guard only, budget 1 %): on the patch job's test split, the clean refusal rate and the share of
   triggered inputs answered with the attacker's class through the guard, for the default verdict (STRIP + k-NN,
-  plus the activation filter when the scan flags a class) and for the verdict with SCALE-UP added; every
-  detector's AUROC between clean and triggered test inputs.
+  plus the activation filter when the scan flags a class) and for the verdict with SCALE-UP and IBD-PSC added;
+  every detector's AUROC between clean and triggered test inputs.
 
 Trained models are kept in ``bench/models/signs-*`` (model.pt, attack.json, the trigger's files; the data is
 rebuilt from its seed); each model's row in ``<out>/rgb/<model>/row.json`` is reused by a later run
@@ -58,6 +58,8 @@ MODELS: list[tuple[str, str, int, int, dict[str, Any]]] = [
     ("signs-wanet", "wanet", 33, 14, {"settings": WaNetSettings(epochs=EPOCHS)}),
     ("signs-all-to-all", "all-to-all", 0, 15, {"trigger": PatchTrigger(4, 1, 1, "checker", 15)}),
 ]
+ALL = ("strip", "knn", "scale_up", "ibd_psc")  # the second verdict: the default's and the two new detectors
+LABELS = ("guard-only", "guard-all")
 KEPT = Path(__file__).resolve().parent / "models"
 KEPT_FILES = ("attack.json", "trigger_*", "*.pt")
 
@@ -109,10 +111,8 @@ def model_row(out: Path, entry: tuple[str, str, int, int, dict[str, Any]], train
     run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-only",
               settings=PatchSettings(repair=guard_only), **common)
     row["patch_seconds"] = round(time.perf_counter() - t0, 1)
-    run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-scale-up",
-              settings=PatchSettings(repair=guard_only,
-                                     calibration=CalibrationSettings(detectors=("strip", "knn", "scale_up"))),
-              **common)
+    run_patch(case / "model.pt", str(case / "clean.npz"), case / "guard-all",
+              settings=PatchSettings(repair=guard_only, calibration=CalibrationSettings(detectors=ALL)), **common)
     scan = json.loads((case / "work" / "scan" / "scan.json").read_text())
     index = [c["anomaly_index"] for c in scan["per_class"]]
     row["scan"] = {"flagged": scan["flagged_classes"], "max_index": round(max(index), 2),
@@ -121,7 +121,7 @@ def model_row(out: Path, entry: tuple[str, str, int, int, dict[str, Any]], train
     data = load_dataset(str(case / "clean.npz"))
     _, _, test = split_clean(data, PatchSettings())
     x_trig, goal = triggered(case, data, test.x, test.y)
-    for label in ("guard-only", "guard-scale-up"):
+    for label in LABELS:
         if len(x_trig):
             row[label] = runtime(case / label, test.x, x_trig, goal)
         else:
@@ -145,13 +145,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{_pct(r['clean_accuracy'])} | {_pct(r['asr'])} | {s['flagged'] or 'none'} | "
                      f"{s['target_index'] if s['target_index'] is not None else '-'} | {s['max_index']} | "
                      f"{s['seconds']:.0f} s |")
-    names = sorted({d for r in rows for label in ("guard-only", "guard-scale-up")
-                    for d in r[label].get("auroc", {})}, key=["strip", "knn", "scale_up", "activation"].index)
+    names = sorted({d for r in rows for label in LABELS for d in r[label].get("auroc", {})},
+                   key=[*ALL, "activation"].index)
     lines += ["", "The guard, guard only (no repair), budget 1 %, on the patch job's test split:", "",
               "| model | verdict | clean refused | attacks through | " + " | ".join(f"AUROC {d}" for d in names) + " |",
               "|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
-        for label in ("guard-only", "guard-scale-up"):
+        for label in LABELS:
             g = r[label]
             detectors = json.loads((Path(r["_case"]) / label / "guard.json").read_text())["verdict"]["detectors"] \
                 if "_case" in r else []

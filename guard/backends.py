@@ -13,13 +13,19 @@ from guard.codec import infer_request, output_arrays
 from guard.errors import UpstreamError
 from guard.proto import inference_pb2_grpc
 
-Outputs = tuple[np.ndarray, np.ndarray]
+# (logits, features), or (logits, features, {name: array}) for a backend asked for more outputs
+Outputs = tuple
 
 
-def _in_chunks(run: Callable[[np.ndarray], Outputs], x: np.ndarray, size: int) -> Outputs:
-    """``run`` over slices of at most ``size`` rows, outputs concatenated: (logits, features)."""
+def _outputs(arrays: list[np.ndarray], extra: tuple[str, ...]) -> Outputs:
+    return (arrays[0], arrays[1]) if not extra else (arrays[0], arrays[1], dict(zip(extra, arrays[2:], strict=True)))
+
+
+def _in_chunks(run: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray, size: int,
+               extra: tuple[str, ...] = ()) -> Outputs:
+    """``run`` over slices of at most ``size`` rows, each output concatenated."""
     parts = [run(x[i:i + size]) for i in range(0, len(x), size)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return _outputs([np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))], extra)
 
 
 class EmbeddedBackend:
@@ -29,7 +35,8 @@ class EmbeddedBackend:
 
     def __init__(self, model: str | Path | bytes, input_name: str, logits: str = "logits",
                  features: str = "features", max_batch: int = 1024, threads: int | None = None,
-                 spin: bool = True, providers: list[str] | None = None) -> None:
+                 spin: bool = True, providers: list[str] | None = None,
+                 extra_outputs: tuple[str, ...] = ()) -> None:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -41,18 +48,19 @@ class EmbeddedBackend:
                                             providers=providers or ["CPUExecutionProvider"])
         where = "the bundle's model" if isinstance(model, bytes) else str(model)
         names = {o.name for o in self.session.get_outputs()}
-        missing = {logits, features} - names
+        missing = {logits, features, *extra_outputs} - names
         if missing:
             raise ValueError(f"{where}: model has no output(s) {sorted(missing)}; it has {sorted(names)}")
         if input_name not in {i.name for i in self.session.get_inputs()}:
             raise ValueError(f"{where}: model has no input '{input_name}'")
         self.input_name = input_name
-        self.outputs = [logits, features]
+        self.extra = tuple(extra_outputs)
+        self.outputs = [logits, features, *self.extra]
         self.max_batch = max_batch
 
     def infer(self, x: np.ndarray) -> Outputs:
-        return _in_chunks(lambda part: tuple(self.session.run(self.outputs, {self.input_name: part})), x,
-                          self.max_batch)
+        return _in_chunks(lambda part: self.session.run(self.outputs, {self.input_name: part}), x, self.max_batch,
+                          self.extra)
 
     def close(self) -> None:
         pass
@@ -70,19 +78,20 @@ class UpstreamBackend:
     def __init__(self, target: str, model_name: str, input_name: str, input_shape: list[int],
                  logits: str = "logits", features: str = "features", timeout_s: float = 10.0,
                  max_message_bytes: int = 64 << 20, max_batch: int = 1024,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None, extra_outputs: tuple[str, ...] = ()) -> None:
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
         self.channel = grpc.insecure_channel(target, options=options)
         self.stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
         self.target, self.model_name, self.input_name = target, model_name, input_name
         self.input_shape = list(input_shape)
-        self.outputs = [logits, features]
+        self.extra = tuple(extra_outputs)
+        self.outputs = [logits, features, *self.extra]
         self.timeout_s = timeout_s
         self.max_batch = max_batch
         self._on_error = on_error
 
-    def _call(self, x: np.ndarray) -> Outputs:
+    def _call(self, x: np.ndarray) -> list[np.ndarray]:
         request = infer_request(x, self.model_name, self.input_name, outputs=self.outputs)
         try:
             response = self.stub.ModelInfer(request, timeout=self.timeout_s)
@@ -100,11 +109,10 @@ class UpstreamBackend:
                 self._on_error("MISSING_OUTPUT")
             raise UpstreamError(f"upstream {self.target} model '{self.model_name}' did not return {missing}; "
                                 f"it returned {sorted(by_name)}", code="FAILED_PRECONDITION")
-        logits, features = by_name[self.outputs[0]], by_name[self.outputs[1]]
-        return logits.reshape(len(x), -1), features.reshape(len(x), -1)
+        return [by_name[name].reshape(len(x), -1) for name in self.outputs]
 
     def infer(self, x: np.ndarray) -> Outputs:
-        return _in_chunks(self._call, x, self.max_batch)
+        return _in_chunks(self._call, x, self.max_batch, self.extra)
 
     def close(self) -> None:
         self.channel.close()

@@ -132,11 +132,13 @@ class ServingState:
                 settings.upstream or "", settings.upstream_model or model_name, m.input.name, self.input_shape,
                 m.outputs.logits, m.outputs.features, settings.upstream_timeout_s,
                 max_message_bytes=max(batch_bytes + (1 << 20), 4 << 20),
-                on_error=lambda code: metrics.upstream_errors.labels(code).inc())
+                on_error=lambda code: metrics.upstream_errors.labels(code).inc(),
+                extra_outputs=self.screen.model_outputs)
         else:
             self.backend = EmbeddedBackend(bundle.model_source, m.input.name, m.outputs.logits, m.outputs.features,
                                            threads=settings.threads, spin=settings.spin,
-                                           providers=resolve_providers(settings.providers))
+                                           providers=resolve_providers(settings.providers),
+                                           extra_outputs=self.screen.model_outputs)
         self.batcher = AdaptiveBatcher(self.run_batch, settings.max_batch, settings.max_delay_ms / 1000.0,
                                        executor, on_batch=self._on_batch)
         self.loaded_at = time.time()
@@ -177,7 +179,7 @@ class ServingState:
                 raise ScreeningFailed(f"the screens could not run ({type(exc).__name__}: {exc}); "
                                       f"the guard fails closed") from exc
             try:  # fail open: the bare answer, marked unscreened
-                logits, features = self._timed_infer(x)
+                logits, features = self._timed_infer(x)[:2]
             except GuardError:
                 raise
             except Exception as bare_exc:
@@ -226,7 +228,7 @@ class ServingState:
         noise = rng.normal(0.0, 0.05 * (hi - lo), (mixes, *pool.shape[1:])).astype(np.float32)
         x = np.concatenate([pool[:8], np.clip(share * pool[first] + (1 - share) * pool[second] + noise, lo, hi)
                             .astype(np.float32)])
-        served, expected = self.backend.infer(x), reference.infer(x)
+        served, expected = self.backend.infer(x)[:2], reference.infer(x)
         for name, got, want in zip((m.outputs.logits, m.outputs.features), served, expected, strict=True):
             got = np.asarray(got).reshape(len(x), -1)
             want = np.asarray(want).reshape(len(x), -1)

@@ -116,7 +116,7 @@ def images_for(rate: float, confidence: float = 0.95, within: float = 2.5) -> in
 def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y_calib: np.ndarray,
               x_fit: np.ndarray, y_fit: np.ndarray, num_classes: int, out_dir: Path, *, flagged: list[int],
               target: int, mask: np.ndarray, pattern: np.ndarray, settings: CalibrationSettings | None = None,
-              features_layer: str = "features") -> dict[str, Any]:
+              features_layer: str = "features", model_outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bundle's detector sections and its verdict; detector arrays are written into ``out_dir``.
 
     Each detector (``guard.screens.registry``) is fitted on the fit split
@@ -149,9 +149,10 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
             np.save(path, content, allow_pickle=False)
         return sha256_file(path)
 
-    fit_logits, fit_features = backend.infer(x_fit)
+    fit_logits, fit_features = backend.infer(x_fit)[:2]
     data = FitData(backend.infer, pool, x_fit, y_fit, fit_logits, fit_features, num_classes, len(x_calib), save,
-                   features_layer, target, lambda x: stamp(x, mask[None], pattern).astype(np.float32))
+                   features_layer, target, lambda x: stamp(x, mask[None], pattern).astype(np.float32),
+                   model_outputs or {})
     sections: dict[str, Any] = {}
     detectors: list[Any] = []
     selection: dict[str, Any] = {}

@@ -33,6 +33,7 @@ from offline.calibrate import CALIBRATION_VERSION, CalibrationSettings, calibrat
 from offline.data import Dataset
 from offline.errors import DataError, ForensicsError
 from offline.export import INPUT_NAME, OPSET, export_onnx
+from offline.ibdpsc import IBD_PSC_VERSION, add_ibd_psc_variants
 from offline.jobs import TOOL_VERSION, load_case, scan_case, write_json_atomic
 from offline.neural_cleanse import NeuralCleanseConfig
 from offline.repair import Evaluator, RepairSettings, repair
@@ -311,7 +312,8 @@ def run_patch(
                       asdict(s.scan), s.anomaly_threshold, s.repeats, s.recover_restarts, s.test_fraction,
                       SCAN_SHARE, s.split_seed)
     fp_repair = _digest(fp_scan, asdict(s.repair), str(true_trigger_file), len(calib))
-    fp_export = _digest(fp_repair, OPSET)
+    ibd_psc = "ibd_psc" in s.calibration.detectors  # the export adds the amplified-BatchNorm variants
+    fp_export = _digest(fp_repair, OPSET, ibd_psc, IBD_PSC_VERSION)
     fp_calibrate = _digest(fp_export, asdict(s.calibration), CALIBRATION_VERSION)
     fp_evaluate = _digest(fp_calibrate)
 
@@ -386,11 +388,19 @@ def run_patch(
     header(3, "export", export_result is not None)
     onnx_path = work / "export" / "model.onnx"
     if export_result is None:
-        err = export_onnx(model, phases.dir("export") / "model.onnx", test.x[:256])
-        export_result = phases.finish("export", fp_export, {"file": "model.onnx", "opset": OPSET, "max_abs_error": err})
+        onnx_file = phases.dir("export") / "model.onnx"
+        err = export_onnx(model, onnx_file, test.x[:256])
+        done: dict[str, Any] = {"file": "model.onnx", "opset": OPSET, "max_abs_error": err}
         say(f"      ONNX (opset {OPSET}) matches torch within {err:.1e} on {min(256, len(test))} held-out images")
+        if ibd_psc:
+            done["ibd_psc"] = add_ibd_psc_variants(model, onnx_file, fit.x[:256])
+            say(f"      IBD-PSC: variants amplifying the last {done['ibd_psc']['counts']} BatchNorm layers "
+                f"x{done['ibd_psc']['omega']:g}, as extra outputs of the same graph")
+        export_result = phases.finish("export", fp_export, done)
     # calibration and evaluation run the very bytes the export recorded, which the bundle will carry
-    backend = EmbeddedBackend(phases.read("export", "model.onnx"), INPUT_NAME)
+    variants = {"ibd_psc": export_result["ibd_psc"]} if export_result.get("ibd_psc") else {}
+    backend = EmbeddedBackend(phases.read("export", "model.onnx"), INPUT_NAME,
+                              extra_outputs=tuple(variants.get("ibd_psc", {}).get("outputs", ())))
 
     # 4. calibrate
     calib_result = phases.result("calibrate", fp_calibrate)
@@ -404,7 +414,8 @@ def run_patch(
             say("      --scope suspect: no class flagged, so the guard judges every input")
         calibration = calibrate(backend, pool, calib.x, calib.y, fit.x, fit.y, case.data.num_classes, calib_dir,
                                 flagged=flagged, target=suspect, mask=mask, pattern=pattern,
-                                settings=s.calibration, features_layer=model.features_layer)
+                                settings=s.calibration, features_layer=model.features_layer,
+                                model_outputs=variants)
         calib_result = phases.finish("calibrate", fp_calibrate, calibration)
     verdict = calib_result["verdict"]
     g = verdict["guarantee"]

@@ -44,7 +44,7 @@ def save_trigger_images(out: Path, targets: list[int], masks: np.ndarray, patter
         colour = "red" if k in flagged else "black"
         axes[0, i].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
         axes[0, i].set_title(f"{class_names[k]}\nAI {anomaly[i]:.2f}", fontsize=8, color=colour)
-        pat = patterns[i] * masks[i][None]
+        pat = np.clip(patterns[i] * masks[i][None], 0, 1)  # RGB imshow warns on float error below 0
         axes[1, i].imshow(pat[0] if pat.shape[0] == 1 else pat.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
         for ax in axes[:, i]:
             ax.set_xticks([])
@@ -72,7 +72,7 @@ def save_stamped_examples(path: Path, x: np.ndarray, mask: np.ndarray, pattern: 
     fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.2), squeeze=False)
     for i in range(n):
         for row, (imgs, preds) in enumerate(((x, pred_before), (stamped, pred_after))):
-            img = imgs[i]
+            img = np.clip(imgs[i], 0, 1)
             axes[row, i].imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0),
                                 cmap="gray", vmin=0, vmax=1)
             axes[row, i].set_title(f"-> {class_names[preds[i]]}", fontsize=8)

@@ -18,3 +18,14 @@ def toy_infer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     trig = flat[:, 0] > 0.9
     logits = np.stack([np.where(trig, 20.0, 0.0), 10 * flat[:, 1:].mean(1), 10 * (1 - flat[:, 1:].mean(1))], 1)
     return logits, np.stack([flat[:, 0] * 10, flat[:, 1:].mean(1)], 1)
+
+
+TOY_VARIANTS = {"outputs": ["ibd_psc_1", "ibd_psc_2"], "counts": [1, 2], "omega": 1.5}
+
+
+def toy_infer_with_variants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The toy model with two IBD-PSC-like variants: under them a clean input's answer drifts (classes 1 and 2
+    trade places), a triggered one keeps class 0."""
+    logits, features = toy_infer(x)
+    swapped = logits[:, [0, 2, 1]]
+    return logits, features, {"ibd_psc_1": swapped, "ibd_psc_2": 0.5 * (logits + swapped)}

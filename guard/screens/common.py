@@ -48,6 +48,16 @@ def blend(x: np.ndarray, overlays: np.ndarray, rule: str, lo: float = 0.0, hi: f
     return np.multiply(out, 0.5, out=out)
 
 
+def class_statistics(scores: np.ndarray, predicted: np.ndarray, num_classes: int,
+                     least: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and spread of clean scores per predicted class (every score pooled for a class with fewer than
+    ``least``), to standardise a score within the class the model answered."""
+    overall = (float(scores.mean()), float(max(scores.std(ddof=1), 1e-6)))
+    stats = [(float(scores[predicted == c].mean()), float(max(scores[predicted == c].std(ddof=1), 1e-6)))
+             if (predicted == c).sum() >= least else overall for c in range(num_classes)]
+    return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
+
+
 def answered_with(predicted: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Which inputs the model answered with one of ``classes`` (every input when ``classes`` is empty)."""
     return np.isin(predicted, list(classes)) if len(classes) else np.ones(len(predicted), dtype=bool)

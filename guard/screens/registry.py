@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from guard.screens.activation import ActivationFilter
 from guard.screens.density import KnnDensity, MahalanobisDensity
+from guard.screens.ibdpsc import IbdPscScreen
 from guard.screens.scaleup import ScaleUpScreen
 from guard.screens.strip import StripScreen
 
 # in the order of the manifest's sections
-DETECTORS: tuple[type, ...] = (StripScreen, ActivationFilter, KnnDensity, MahalanobisDensity, ScaleUpScreen)
+DETECTORS: tuple[type, ...] = (StripScreen, ActivationFilter, KnnDensity, MahalanobisDensity, ScaleUpScreen,
+                               IbdPscScreen)
 BY_NAME: dict[str, type] = {d.name: d for d in DETECTORS}
 # fitted from clean data alone: what --detectors chooses from (the others need the scan's reversed trigger)
 TRIGGER_FREE: tuple[str, ...] = tuple(d.name for d in DETECTORS if d.trigger_free)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
-from guard.screens.common import softmax
+from guard.screens.common import class_statistics, softmax
 from guard.screens.spec import DetectorSpec, FitData, Fitted
 
 FACTORS = (3.0, 5.0, 7.0, 9.0, 11.0)
@@ -84,11 +84,7 @@ class ScaleUpScreen:
             logits = data.infer(np.concatenate([x, raw.extra_rows(x)]))[0]
             predicted.append(logits[:len(x)].argmax(axis=1))
             scores.append(raw.consistency(logits[len(x):], predicted[-1]))
-        s, k = np.concatenate(scores), np.concatenate(predicted)
-        overall = (float(s.mean()), float(max(s.std(ddof=1), 1e-6)))
-        stats = [(float(s[k == c].mean()), float(max(s[k == c].std(ddof=1), 1e-6))) if (k == c).sum() >= 5
-                 else overall for c in range(data.num_classes)]
-        mean, std = np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
+        mean, std = class_statistics(np.concatenate(scores), np.concatenate(predicted), data.num_classes)
         section = {"factors": list(FACTORS), "class_mean": mean.tolist(), "class_std": std.tolist()}
         return Fitted(cls(FACTORS, class_mean=mean, class_std=std), section)
 

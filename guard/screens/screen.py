@@ -15,9 +15,12 @@ Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 class ModelView:
     """The model's outputs on a screened batch: the inputs' own rows, and each detector's extra rows."""
 
-    def __init__(self, logits: np.ndarray, features: np.ndarray, b: int, spans: dict[int, tuple[int, int]]) -> None:
+    def __init__(self, logits: np.ndarray, features: np.ndarray, b: int, spans: dict[int, tuple[int, int]],
+                 extra_outputs: dict[str, np.ndarray] | None = None) -> None:
         self.all_logits, self.all_features = logits, features
         self.logits, self.features = logits[:b], features[:b].reshape(b, -1)
+        # the model's other outputs (IBD-PSC's variants) on the inputs' own rows
+        self.extra_outputs = {name: out[:b] for name, out in (extra_outputs or {}).items()}
         self.predicted = self.logits.argmax(axis=1)
         self._spans = spans
 
@@ -56,6 +59,8 @@ class Screen:
         if budget is not None and tuple(budget.names) != self.names:
             raise ValueError(f"verdict calibrated for {list(budget.names)}, detectors are {list(self.names)}")
         self.budget = budget
+        # the model outputs beyond logits and features that the detectors read, in order: the backend asks for them
+        self.model_outputs = tuple(dict.fromkeys(o for d in self.detectors for o in getattr(d, "model_outputs", ())))
         # a sequential STRIP draws its blends in rounds; it must be the only detector that adds rows
         self.sequential = next((d for d in self.detectors if getattr(d, "group", None)), None)
         if self.sequential is not None and sum(d.adds_rows for d in self.detectors) > 1:
@@ -81,8 +86,8 @@ class Screen:
         if judge and self.budget is not None and self.sequential is not None:
             return self._run_sequential(infer, x, self.sequential)
         batch, spans = self.model_batch(x)
-        logits, features = infer(batch)
-        view = ModelView(logits, features, len(x), spans)
+        outputs = infer(batch)
+        view = ModelView(outputs[0], outputs[1], len(x), spans, outputs[2] if len(outputs) > 2 else None)
         scores = np.stack([np.asarray(d.scores(view), dtype=np.float64) for d in self.detectors], axis=1)
         judgement = self.budget.judge(scores, view.predicted) if judge and self.budget is not None else None
         extra = sum(hi - lo for lo, hi in spans.values()) // max(len(x), 1)
@@ -91,8 +96,9 @@ class Screen:
     def _run_sequential(self, infer: Infer, x: np.ndarray, strip) -> ScreenResult:
         b, n, g, s = len(x), strip.n, strip.group, self.detectors.index(strip)
         order = strip.draw(b)
-        logits, features = infer(np.concatenate([np.asarray(x, dtype=np.float32), strip.blends(x, order[:, :g])]))
-        view = ModelView(logits, features, b, {})
+        outputs = infer(np.concatenate([np.asarray(x, dtype=np.float32), strip.blends(x, order[:, :g])]))
+        logits = outputs[0]
+        view = ModelView(logits, outputs[1], b, {}, outputs[2] if len(outputs) > 2 else None)
         entropies = np.empty((b, n))
         entropies[:, :g] = strip.per_blend(logits[b:], g)
         scores = np.zeros((b, len(self.detectors)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,9 @@ class FitData:
     features_layer: str = "features"  # the model layer behind the ONNX graph's features output
     target: int | None = None  # the scan's suspect class and its reversed trigger (trigger-bound detectors)
     stamp: Callable[[np.ndarray], np.ndarray] | None = None
+    # what the export added to the model for a detector, by detector name (ibd_psc: its variants' outputs);
+    # ``infer`` then returns (logits, features, {output name: array})
+    model_outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fit_predicted(self) -> np.ndarray:

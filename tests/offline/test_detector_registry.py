@@ -13,8 +13,9 @@ from guard.bundle import MANIFEST, BundleError, GuardBundle, GuardManifest, sha2
 from guard.dataplane import make_metrics
 from guard.screens.registry import BY_NAME, DETECTORS, TRIGGER_FREE
 from offline.calibrate import CalibrationSettings, calibrate
+from tests.toy import TOY_VARIANTS
 from tests.toy import toy_images as _images
-from tests.toy import toy_infer as _infer
+from tests.toy import toy_infer_with_variants as _infer
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def every_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.n
     settings = CalibrationSettings(detectors=TRIGGER_FREE, filter="always")
     backend = SimpleNamespace(infer=_infer)
     result = calibrate(backend, pool, calib, np.ones(len(calib), int), fit, np.ones(len(fit), int), 3, work,
-                       flagged=[0], target=0, mask=mask, pattern=pattern, settings=settings)
+                       flagged=[0], target=0, mask=mask, pattern=pattern, settings=settings,
+                       model_outputs={"ibd_psc": TOY_VARIANTS})
     np.save(work / "clean_pool.npy", pool)
     (work / "model.onnx").write_bytes(b"not parsed by these tests")
     manifest = GuardManifest.model_validate({

@@ -320,3 +320,50 @@ def test_device_auto_is_the_cpu_here_and_cuda_fails_clearly() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="sees no GPU; use --device cpu"):
             resolve_device("cuda")
+
+
+def test_ibd_psc_variants_are_the_model_with_its_last_batchnorm_layers_amplified(tmp_path: Path) -> None:
+    """The amplified-BatchNorm variants live in the exported graph as extra outputs: the variant of count c gives
+    the logits of the torch network whose last c BatchNorm layers have weight and bias times omega; the plain
+    outputs stay the model's."""
+    import copy
+
+    from offline.export import INPUT_NAME, export_onnx
+    from offline.ibdpsc import add_variants, amplifiable_layers, choose_variants
+
+    net = build_resnet_with_statistics()
+    save_torchscript(net, tmp_path / "r.pt")
+    x = np.random.default_rng(1).random((16, 3, 32, 32), dtype=np.float32)
+    export_onnx(load_model(tmp_path / "r.pt", x), tmp_path / "r.onnx", x)
+    plain = (tmp_path / "r.onnx").read_bytes()
+    assert amplifiable_layers(plain) == 20  # every BatchNorm, folded into its convolution
+    with_variants, names = add_variants(plain, [1, 4], omega=1.5)
+    session = ort.InferenceSession(with_variants)
+    logits, v1, v4 = session.run(["logits", *names], {INPUT_NAME: x})
+    for count, got in ((1, v1), (4, v4)):
+        amplified = copy.deepcopy(net)
+        bns = [m for m in amplified.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        with torch.no_grad():
+            for bn in bns[-count:]:
+                bn.weight.mul_(1.5)
+                bn.bias.mul_(1.5)
+            want = amplified(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, net(torch.from_numpy(x)).numpy(), atol=1e-4)
+    chosen = choose_variants(plain, x, INPUT_NAME)
+    counts = chosen["counts"]
+    assert len(counts) == 5 and counts == list(range(counts[0], counts[0] + 5)) and counts[-1] <= 20
+    assert len(chosen["clean_error_by_count"]) == 20
+
+
+def build_resnet_with_statistics() -> torch.nn.Module:
+    """A width-4 ResNet-18 whose BatchNorm running statistics are not the defaults."""
+    from offline.models import build_architecture
+
+    torch.manual_seed(0)
+    net = build_architecture("resnet18", (3, 32, 32), 10, 4).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(32, 3, 32, 32) * 2)
+    return net.eval()

@@ -398,30 +398,53 @@ def test_patch_on_an_rgb_resnet_with_batchnorm_writes_a_bundle_the_guard_serves(
     import onnxruntime as ort
     import torch
 
+    from guard.backends import EmbeddedBackend
     from offline.calibrate import CalibrationSettings
     from offline.patch import run_patch
     from tests.conftest import tiny_settings
 
     out = tmp_path / "bundle"
-    calibration = CalibrationSettings(strip_n=5, pool_size=40, strip_group=0, detectors=("strip", "knn", "scale_up"))
+    calibration = CalibrationSettings(strip_n=5, pool_size=40, strip_group=0,
+                                      detectors=("strip", "knn", "scale_up", "ibd_psc"))
     run_patch(signs_resnet_case / "model.pt", str(signs_resnet_case / "clean.npz"), out,
               settings=tiny_settings(calibration=calibration), progress=False, say=lambda _: None,
               warn=lambda _: None, device="auto")
     bundle = GuardBundle.load(out)
     m = bundle.manifest
     assert m.input.shape[-3:] == [3, 32, 32] and len(m.class_names) == 43
-    assert m.verdict.detectors[:3] == ["strip", "knn", "scale_up"] and len(m.scale_up.class_mean) == 43
+    assert m.verdict.detectors[:4] == ["strip", "knn", "scale_up", "ibd_psc"] and len(m.scale_up.class_mean) == 43
+    assert len(m.ibd_psc.outputs) == 5 and m.ibd_psc.omega == 1.5
     x = np.load(signs_resnet_case / "clean.npz")["x"][:16]
     logits, features = ort.InferenceSession(str(out / m.model.file)).run(["logits", "features"], {m.input.name: x})
     net = torch.jit.load(str(signs_resnet_case / "model.pt")).eval()
     with torch.no_grad():
         np.testing.assert_allclose(logits, net(torch.from_numpy(x)).numpy(), atol=1e-4)
     assert features.shape == (16, 32)
-    # the guard's screen runs SCALE-UP's amplified copies beside STRIP's blends in one model call
-    session = ort.InferenceSession(str(out / m.model.file))
-    result = bundle.screen().run(lambda b: tuple(session.run(["logits", "features"], {m.input.name: b})), x)
+    # the guard's screen runs SCALE-UP's amplified copies beside STRIP's blends in one model call, whose
+    # outputs carry IBD-PSC's amplified-BatchNorm variants
+    screen = bundle.screen()
+    assert screen.model_outputs == tuple(m.ibd_psc.outputs)
+    backend = EmbeddedBackend(out / m.model.file, m.input.name, extra_outputs=screen.model_outputs)
+    result = screen.run(backend.infer, x)
     assert result.scores.shape == (16, len(m.verdict.detectors)) and np.isfinite(result.scores).all()
     assert (result.forward_passes == 1 + 5 + 5).all()  # itself, 5 blends, 5 scaled copies
+    # the guard's data plane asks its model for the variants too
+    import asyncio
+
+    from guard.dataplane import Guard
+    from guard.settings import GuardSettings
+
+    guard = Guard(GuardSettings(bundle=out, metrics_port=0), bundle)
+
+    async def serve_one():
+        await guard.start()
+        try:
+            return await guard.infer(x[:4])
+        finally:
+            await guard.close()
+
+    decision = asyncio.run(serve_one())
+    assert decision.screened and decision.logits.shape == (4, 43) and len(decision.inputs) == 4
 
 
 def test_a_logits_only_onnx_resnet_gets_its_features_output_in_the_bundle(signs_resnet_case: Path,
