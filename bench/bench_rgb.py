@@ -122,10 +122,10 @@ def model_row(out: Path, entry: tuple[str, str, int, int, dict[str, Any]], train
     _, _, test = split_clean(data, PatchSettings())
     x_trig, goal = triggered(case, data, test.x, test.y)
     for label in LABELS:
-        if len(x_trig):
-            row[label] = runtime(case / label, test.x, x_trig, goal)
-        else:
-            row[label] = {"frr": json.loads((case / label / "guard.json").read_text())["evaluation"]["frr"]}
+        manifest = json.loads((case / label / "guard.json").read_text())
+        row[label] = runtime(case / label, test.x, x_trig, goal) if len(x_trig) else \
+            {"frr": manifest["evaluation"]["frr"]}
+        row[label]["detectors"] = manifest["verdict"]["detectors"]
     (case / "row.json").write_text(json.dumps(row, indent=2))
     return row
 
@@ -148,17 +148,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     names = sorted({d for r in rows for label in LABELS for d in r[label].get("auroc", {})},
                    key=[*ALL, "activation"].index)
     lines += ["", "The guard, guard only (no repair), budget 1 %, on the patch job's test split:", "",
-              "| model | verdict | clean refused | attacks through | " + " | ".join(f"AUROC {d}" for d in names) + " |",
+              "| model | verdict | clean refused | attacks through |" + "".join(f" AUROC {d} |" for d in names),
               "|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
         for label in LABELS:
             g = r[label]
-            detectors = json.loads((Path(r["_case"]) / label / "guard.json").read_text())["verdict"]["detectors"] \
-                if "_case" in r else []
             auroc = g.get("auroc", {})
-            lines.append(f"| {r['model']} | {' + '.join(detectors) or label} | {_pct(g['frr'])} | "
-                         f"{_pct(g.get('attacks_through'))} | "
-                         + " | ".join(f"{auroc[d]:.3f}" if d in auroc else "-" for d in names) + " |")
+            lines.append(f"| {r['model']} | {' + '.join(g['detectors'])} | {_pct(g['frr'])} | "
+                         f"{_pct(g.get('attacks_through'))} |"
+                         + "".join(f" {auroc[d]:.3f} |" if d in auroc else " - |" for d in names))
     return "\n".join(lines) + "\n"
 
 
@@ -184,12 +182,8 @@ def main() -> None:
             print(json.dumps(model_row(out, entry, train, clean)), flush=True)
     if args.build_only:
         return
-    rows = []
-    for e in MODELS:
-        path = out / "rgb" / e[0] / "row.json"
-        if path.is_file():
-            rows.append({**json.loads(path.read_text()), "_case": str(path.parent)})
-    (out / "rgb.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "_case"} for r in rows], indent=2))
+    rows = [json.loads(p.read_text()) for p in (out / "rgb" / e[0] / "row.json" for e in MODELS) if p.is_file()]
+    (out / "rgb.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows)
     (out / "rgb.md").write_text(table)
     print(table)

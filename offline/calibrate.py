@@ -14,7 +14,7 @@ the same calibration images, which set the one budget (see
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +129,6 @@ def calibrate(backend: EmbeddedBackend, pool: np.ndarray, x_calib: np.ndarray, y
     if unknown or s.filter not in FILTER_USE:
         raise ForensicsError(f"unknown detector(s) {unknown or s.filter}: choose from {', '.join(TRIGGER_FREE)} "
                              f"(the activation filter is set by filter: {', '.join(FILTER_USE)})")
-    # a sequential STRIP draws its blends in rounds, alone; beside another detector's extra rows (SCALE-UP's
-    # amplified copies) it runs its n blends at once, in the same model call
-    row_adders = [n for n in s.detectors if n != "strip" and BY_NAME[n].adds_rows]
-    if "strip" in s.detectors and row_adders:
-        if s.strip_group:
-            raise ForensicsError(f"--strip-group {s.strip_group}: sequential STRIP cannot share the model call with "
-                                 f"{', '.join(row_adders)}'s extra rows; drop --strip-group or that detector")
-        s = replace(s, strip_group=0)
     use_filter = s.filter == "always" or (s.filter == "auto" and bool(flagged))
     if not s.detectors and not use_filter:
         raise ForensicsError("no detector left for the verdict: name at least one trigger-free detector")

@@ -58,6 +58,12 @@ def class_statistics(scores: np.ndarray, predicted: np.ndarray, num_classes: int
     return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
 
 
+def within_class(scores: np.ndarray, predicted: np.ndarray, mean: np.ndarray | None,
+                 std: np.ndarray | None) -> np.ndarray:
+    """``scores`` standardised within each input's predicted class (as they are, without class statistics)."""
+    return scores if mean is None else (scores - mean[predicted]) / std[predicted]
+
+
 def answered_with(predicted: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Which inputs the model answered with one of ``classes`` (every input when ``classes`` is empty)."""
     return np.isin(predicted, list(classes)) if len(classes) else np.ones(len(predicted), dtype=bool)

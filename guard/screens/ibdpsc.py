@@ -11,29 +11,25 @@ needs a model with BatchNorm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from guard.screens.common import class_statistics, softmax
-from guard.screens.spec import DetectorSpec, FitData, Fitted
+from guard.screens.common import class_statistics, softmax, within_class
+from guard.screens.spec import ByClassSpec, FitData, Fitted
 
 
-class IbdPscSpec(DetectorSpec):
+class IbdPscSpec(ByClassSpec):
+    section: ClassVar[str] = "ibd_psc"
     outputs: list[str] = Field(min_length=1, description="the model's outputs holding the amplified variants' logits")
     counts: list[int] = Field(min_length=1, description="BatchNorm layers each variant amplifies, from the logits back")
     omega: float = Field(gt=1, description="the amplification of the BatchNorm weights and biases")
-    class_mean: list[float] = Field(default_factory=list)
-    class_std: list[float] = Field(default_factory=list)
 
     def check(self, num_classes: int) -> None:
         if len(self.outputs) != len(self.counts):
             raise ValueError("ibd_psc.outputs and counts must pair up")
-        if len(self.class_mean) != len(self.class_std) or (self.class_mean and len(self.class_mean) != num_classes):
-            raise ValueError(f"ibd_psc.class_mean and class_std need one entry per class ({num_classes})")
-        if any(not v > 0 for v in self.class_std):
-            raise ValueError("ibd_psc.class_std must be positive")
+        super().check(num_classes)
 
     def describe(self, bundle: Any) -> str:
         return f"{len(self.outputs)} variants amplifying the last {self.counts} BatchNorm layers x{self.omega:g}"
@@ -62,9 +58,7 @@ class IbdPscScreen:
     @classmethod
     def from_spec(cls, spec: IbdPscSpec, arrays: dict[str, np.ndarray], bundle: Any, seed: int = 0,
                   sequential: bool = True) -> IbdPscScreen:
-        by_class = {"class_mean": np.asarray(spec.class_mean), "class_std": np.asarray(spec.class_std)} \
-            if spec.class_mean else {}
-        return cls(tuple(spec.outputs), **by_class)
+        return cls(tuple(spec.outputs), **spec.class_arrays())
 
     @classmethod
     def fit(cls, data: FitData, settings: Any) -> Fitted:
@@ -88,11 +82,8 @@ class IbdPscScreen:
     def consistency(self, extra: dict[str, np.ndarray], predicted: np.ndarray) -> np.ndarray:
         """Mean probability of each input's predicted class over the variants' logits."""
         rows = np.arange(len(predicted))
-        return np.mean([softmax(extra[o][:len(predicted)].astype(np.float64))[rows, predicted]
-                        for o in self.outputs], axis=0)
+        return np.mean([softmax(extra[o].astype(np.float64))[rows, predicted] for o in self.outputs], axis=0)
 
     def scores(self, view) -> np.ndarray:
-        s = self.consistency(view.extra_outputs, view.predicted)
-        if self.class_mean is None:
-            return s
-        return (s - self.class_mean[view.predicted]) / self.class_std[view.predicted]
+        return within_class(self.consistency(view.extra_outputs, view.predicted), view.predicted,
+                            self.class_mean, self.class_std)

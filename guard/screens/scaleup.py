@@ -15,23 +15,21 @@ images; measured on the RGB signs models beside STRIP and k-NN (docs/rgb.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from guard.screens.common import class_statistics, softmax
-from guard.screens.spec import DetectorSpec, FitData, Fitted
+from guard.screens.common import class_statistics, softmax, within_class
+from guard.screens.spec import ByClassSpec, FitData, Fitted
 
 FACTORS = (3.0, 5.0, 7.0, 9.0, 11.0)
 
 
-class ScaleUpSpec(DetectorSpec):
+class ScaleUpSpec(ByClassSpec):
+    section: ClassVar[str] = "scale_up"
     factors: list[float] = Field(default_factory=lambda: list(FACTORS), min_length=1,
                                  description="pixel-value amplification factors, each > 1")
-    class_mean: list[float] = Field(default_factory=list, description="clean score per predicted class on the fit "
-                                    "split: the score is standardised within the class; empty: raw consistency")
-    class_std: list[float] = Field(default_factory=list)
 
     @field_validator("factors")
     @classmethod
@@ -39,12 +37,6 @@ class ScaleUpSpec(DetectorSpec):
         if not all(f > 1 for f in factors):
             raise ValueError("scale_up.factors must all be above 1")
         return factors
-
-    def check(self, num_classes: int) -> None:
-        if len(self.class_mean) != len(self.class_std) or (self.class_mean and len(self.class_mean) != num_classes):
-            raise ValueError(f"scale_up.class_mean and class_std need one entry per class ({num_classes})")
-        if any(not v > 0 for v in self.class_std):
-            raise ValueError("scale_up.class_std must be positive")
 
     def describe(self, bundle: Any) -> str:
         return f"factors {', '.join(f'{f:g}' for f in self.factors)}" + (
@@ -70,9 +62,7 @@ class ScaleUpScreen:
     @classmethod
     def from_spec(cls, spec: ScaleUpSpec, arrays: dict[str, np.ndarray], bundle: Any, seed: int = 0,
                   sequential: bool = True) -> ScaleUpScreen:
-        by_class = {"class_mean": np.asarray(spec.class_mean), "class_std": np.asarray(spec.class_std)} \
-            if spec.class_mean else {}
-        return cls(tuple(spec.factors), tuple(bundle.manifest.input.value_range), **by_class)
+        return cls(tuple(spec.factors), tuple(bundle.manifest.input.value_range), **spec.class_arrays())
 
     @classmethod
     def fit(cls, data: FitData, settings: Any) -> Fitted:
@@ -104,7 +94,5 @@ class ScaleUpScreen:
         return probs[np.arange(len(predicted)), :, predicted].mean(axis=1)
 
     def scores(self, view) -> np.ndarray:
-        s = self.consistency(view.extra_logits(self), view.predicted)
-        if self.class_mean is None:
-            return s
-        return (s - self.class_mean[view.predicted]) / self.class_std[view.predicted]
+        return within_class(self.consistency(view.extra_logits(self), view.predicted), view.predicted,
+                            self.class_mean, self.class_std)

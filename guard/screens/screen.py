@@ -61,16 +61,15 @@ class Screen:
         self.budget = budget
         # the model outputs beyond logits and features that the detectors read, in order: the backend asks for them
         self.model_outputs = tuple(dict.fromkeys(o for d in self.detectors for o in getattr(d, "model_outputs", ())))
-        # a sequential STRIP draws its blends in rounds; it must be the only detector that adds rows
+        # a sequential STRIP draws its blends in rounds (the other detectors' rows go with its first)
         self.sequential = next((d for d in self.detectors if getattr(d, "group", None)), None)
-        if self.sequential is not None and sum(d.adds_rows for d in self.detectors) > 1:
-            raise ValueError("sequential STRIP cannot share the batch with another detector's extra rows")
 
-    def model_batch(self, x: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
-        """The inputs, then each detector's extra rows, as one float32 batch; and where each detector's rows lie."""
+    def model_batch(self, x: np.ndarray, skip: object = None) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:
+        """The inputs, then each detector's extra rows (but ``skip``'s), as one float32 batch; and where each
+        detector's rows lie."""
         parts, spans, at = [np.asarray(x, dtype=np.float32)], {}, len(x)
         for d in self.detectors:
-            rows = d.extra_rows(x) if d.adds_rows else None
+            rows = d.extra_rows(x) if d.adds_rows and d is not skip else None
             if rows is not None and len(rows):
                 spans[id(d)] = (at, at + len(rows))
                 parts.append(rows)
@@ -96,11 +95,11 @@ class Screen:
     def _run_sequential(self, infer: Infer, x: np.ndarray, strip) -> ScreenResult:
         b, n, g, s = len(x), strip.n, strip.group, self.detectors.index(strip)
         order = strip.draw(b)
-        outputs = infer(np.concatenate([np.asarray(x, dtype=np.float32), strip.blends(x, order[:, :g])]))
-        logits = outputs[0]
-        view = ModelView(logits, outputs[1], b, {}, outputs[2] if len(outputs) > 2 else None)
+        batch, spans = self.model_batch(x, skip=strip)  # the other detectors' rows, then STRIP's first round
+        outputs = infer(np.concatenate([batch, strip.blends(x, order[:, :g])]))
+        view = ModelView(outputs[0], outputs[1], b, spans, outputs[2] if len(outputs) > 2 else None)
         entropies = np.empty((b, n))
-        entropies[:, :g] = strip.per_blend(logits[b:], g)
+        entropies[:, :g] = strip.per_blend(outputs[0][len(batch):], g)
         scores = np.zeros((b, len(self.detectors)))
         for d, det in enumerate(self.detectors):
             if det is not strip:
@@ -124,7 +123,9 @@ class Screen:
             entropies[todo, m:m + step] = strip.per_blend(more, step)
             m += step
             used[todo] = m
-        return ScreenResult(view.logits, view.features, scores, self.budget.judge(scores, view.predicted), 1 + used)
+        others = (len(batch) - b) // max(b, 1)  # rows the other detectors added per input
+        return ScreenResult(view.logits, view.features, scores, self.budget.judge(scores, view.predicted),
+                            1 + others + used)
 
     def score(self, infer: Infer, x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Scores (N, D) and the model's answers (N,) over a large set, in chunks, without a verdict."""

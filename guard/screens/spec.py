@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -78,6 +78,27 @@ class DetectorSpec(Strict):
     def finish(cls, calibration_scores: np.ndarray) -> dict[str, Any]:
         """Fields derived from the calibration scores (the calibration writes them into the section)."""
         return {}
+
+
+class ByClassSpec(DetectorSpec):
+    """A detector section whose score is standardised within the predicted class (SCALE-UP, IBD-PSC)."""
+
+    section: ClassVar[str] = "detector"  # its guard.json key, for error messages
+
+    class_mean: list[float] = Field(default_factory=list, description="clean score per predicted class on the fit "
+                                    "split: the score is standardised within the class; empty: the raw score")
+    class_std: list[float] = Field(default_factory=list)
+
+    def check(self, num_classes: int) -> None:
+        if len(self.class_mean) != len(self.class_std) or (self.class_mean and len(self.class_mean) != num_classes):
+            raise ValueError(f"{self.section}.class_mean and class_std need one entry per class ({num_classes})")
+        if any(not v > 0 for v in self.class_std):
+            raise ValueError(f"{self.section}.class_std must be positive")
+
+    def class_arrays(self) -> dict[str, np.ndarray]:
+        """``class_mean`` and ``class_std`` as the detector's keyword arguments (none when empty)."""
+        return {"class_mean": np.asarray(self.class_mean), "class_std": np.asarray(self.class_std)} \
+            if self.class_mean else {}
 
 
 class BundleReader:

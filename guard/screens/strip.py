@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from guard.screens.common import BLEND_RULES, blend, softmax_entropy
+from guard.screens.common import BLEND_RULES, blend, class_statistics, softmax_entropy, within_class
 from guard.screens.spec import CleanStats, DetectorSpec, FitData, Fitted
 
 
@@ -149,11 +149,7 @@ class StripScreen:
             b = len(x[i:i + 64])
             entropy.append(self.per_blend(logits[b:]).mean(axis=1))
             predicted.append(logits[:b].argmax(axis=1))
-        h, k = np.concatenate(entropy), np.concatenate(predicted)
-        overall = (float(h.mean()), float(max(h.std(ddof=1), 1e-6)))
-        stats = [(float(h[k == c].mean()), float(max(h[k == c].std(ddof=1), 1e-6))) if (k == c).sum() >= 5
-                 else overall for c in range(data.num_classes)]
-        return np.array([m for m, _ in stats]), np.array([sd for _, sd in stats])
+        return class_statistics(np.concatenate(entropy), np.concatenate(predicted), data.num_classes)
 
     def __post_init__(self) -> None:
         if self.rule not in BLEND_RULES:
@@ -173,9 +169,7 @@ class StripScreen:
 
     def standardise(self, entropy: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         """The score: the mean blend entropy, standardised within the predicted class when configured."""
-        if self.class_mean is None:
-            return entropy
-        return (entropy - self.class_mean[predicted]) / self.class_std[predicted]
+        return within_class(entropy, predicted, self.class_mean, self.class_std)
 
     def features_error(self, width: int) -> str | None:
         return None

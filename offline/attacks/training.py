@@ -176,9 +176,10 @@ def training_setup(arch: str = "cnn", width: int | None = None, device: str = "c
     """Within this block every attack trains ``arch`` instead of the project's small CNN, and
     :func:`train_classifier` runs on ``device``: ``train --arch/--device`` set it around the attack and its
     clean twin."""
-    from offline.models import build_architecture
+    from offline.models import ARCHITECTURES
 
-    build_architecture(arch, (3, 32, 32), 2, 1)  # an unknown name fails here, not mid-attack
+    if arch not in ARCHITECTURES:  # fails here, not mid-attack
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     token = _SETUP.set(TrainingSetup(arch, width, device))
     try:
         yield

@@ -264,6 +264,16 @@ def test_sequential_strip_reaches_the_fixed_n_verdict_with_fewer_passes() -> Non
     assert abs(clean_seq.flagged.mean() - clean_fixed.flagged.mean()) <= 0.02
     with pytest.raises(ValueError, match="group < n"):
         StripScreen(pool, n=10, group=10)
+    # beside another detector's extra rows (SCALE-UP's copies), those go with STRIP's first round: the same
+    # SCALE-UP scores as in one fixed call, and each input's rows count them once
+    from guard.screens.scaleup import ScaleUpScreen
+
+    scale_up = ScaleUpScreen((3.0, 11.0))
+    both = OneBudget(("strip", "scale_up"), ("low", "high"), np.c_[scores, np.zeros(len(scores))], 0.05)
+    seq = Screen([StripScreen(pool, n=40, seed=3, group=5, within_sd=within), scale_up], both).run(_infer, clean)
+    alone = Screen([scale_up]).run(_infer, clean, judge=False)
+    np.testing.assert_allclose(seq.scores[:, 1], alone.scores[:, 0])
+    assert (seq.forward_passes % 5 == 3).all() and seq.forward_passes.min() >= 1 + 2 + 5
 
 
 def test_knn_reference_scores_leave_each_reference_out() -> None:
