@@ -1,10 +1,11 @@
 # trojan-guard: `make demo` runs the offline job and the guard on the embedded MNIST digits,
-# `make test` runs the test suite. Both create or reuse the virtualenv .venv.
+# `make test` runs the test suite (what CI runs), `make test-fast` the tests that need no torch and no
+# trained model. All create or reuse the virtualenv .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +29,11 @@ DEBIAN_PKGS = command -v promtool >/dev/null && command -v prometheus >/dev/null
 test: $(STAMP)
 	@$(DEBIAN_PKGS)
 	$(VENV)/bin/pytest
+
+# the guard, the deploy files and the layout, on the committed tiny bundle (tests/fixtures), with torch blocked
+test-fast: $(STAMP)
+	@$(DEBIAN_PKGS)
+	TROJAN_GUARD_NO_TORCH=1 $(VENV)/bin/pytest -m "not slow and not torch" tests/guard tests/deploy tests/test_layout.py
 
 bench: $(STAMP)
 	# ART's STRIP is the baseline bench_guard compares against; only the bench needs it

@@ -34,9 +34,9 @@ import torch  # noqa: E402
 from bench_rgb import signs_splits  # noqa: E402
 
 from offline.jobs import load_case  # noqa: E402
-from offline.neural_cleanse import NeuralCleanseConfig, scan  # noqa: E402
-from offline.patch import SCAN_SHARE, PatchSettings, run_patch, split_clean  # noqa: E402
-from offline.repair import RepairSettings  # noqa: E402
+from offline.patch.job import SCAN_SHARE, PatchSettings, run_patch, split_clean  # noqa: E402
+from offline.patch.repair import RepairSettings  # noqa: E402
+from offline.scan.neural_cleanse import NeuralCleanseConfig, scan  # noqa: E402
 
 
 def device_name(device: str) -> str:

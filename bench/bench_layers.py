@@ -42,7 +42,7 @@ from bench_verdict import triggered  # noqa: E402
 from guard.screens import KnnDensity  # noqa: E402
 from offline.data import load_dataset  # noqa: E402
 from offline.models import load_model  # noqa: E402
-from offline.patch import PatchSettings, split_clean  # noqa: E402
+from offline.patch.job import PatchSettings, split_clean  # noqa: E402
 
 
 def layer_outputs(model, x: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ Triggered inputs are the test split's images whose backdoor class differs from
 their label, carrying the true trigger (for all-to-all, class c goes to c + 1).
 Each model's row is kept in ``<out>/matrix/<model>/row.json`` and reused by a
 later run (``--fresh`` redoes them); the run writes ``<out>/matrix.json`` and
-``<out>/matrix.md`` (the full tables, in docs/coverage-matrix.md) and
+``<out>/matrix.md`` (the full tables, in docs/lab/coverage-matrix.md) and
 ``<out>/matrix-summary.md`` (one line per model, the README's table).
 """
 
@@ -59,11 +59,11 @@ from offline.attacks.trojannn import TrojanNNSettings  # noqa: E402
 from offline.attacks.wanet import WaNetSettings  # noqa: E402
 from offline.audit import audit, detection_quality  # noqa: E402
 from offline.data import load_dataset, load_mnist  # noqa: E402
-from offline.export import INPUT_NAME  # noqa: E402
 from offline.models import load_model  # noqa: E402
-from offline.neural_cleanse import NeuralCleanseConfig, scan  # noqa: E402
-from offline.patch import SCAN_SHARE, PatchSettings, run_patch, split_clean  # noqa: E402
-from offline.repair import RepairSettings  # noqa: E402
+from offline.patch.export import INPUT_NAME  # noqa: E402
+from offline.patch.job import SCAN_SHARE, PatchSettings, run_patch, split_clean  # noqa: E402
+from offline.patch.repair import RepairSettings  # noqa: E402
+from offline.scan.neural_cleanse import NeuralCleanseConfig, scan  # noqa: E402
 
 # (name, attack, target, seed, build keyword arguments); seeds 101+ are used nowhere else in the project
 MATRIX: list[tuple[str, str, int, int, dict[str, Any]]] = [

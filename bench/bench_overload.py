@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_guard import drive  # noqa: E402
 
 from guard.bundle import GuardBundle  # noqa: E402
-from guard.client import local_guard  # noqa: E402
-from guard.codec import infer_request  # noqa: E402
-from guard.proto import inference_pb2_grpc  # noqa: E402
+from guard.transport.client import local_guard  # noqa: E402
+from guard.transport.codec import infer_request  # noqa: E402
+from guard.transport.proto import inference_pb2_grpc  # noqa: E402
 
 DEFAULT_BUNDLE = ROOT / "bench-out" / "verdict" / "patch-3x3-top-left-white" / "guard-only"
 
@@ -62,7 +62,7 @@ def _flood_worker(target: str, requests: list[bytes], rate: float, seconds: floa
     """One client process: ``threads`` threads, each sending its share of ``rate`` requests per second on a
     fixed schedule (a late thread sends at once to catch up: open loop, whatever the answers do); ``rate``
     0: each thread sends its next request as soon as the last is answered (closed loop)."""
-    from guard.proto import inference_pb2 as pb
+    from guard.transport.proto import inference_pb2 as pb
 
     _client_cores()
     channel = grpc.insecure_channel(target)

@@ -19,7 +19,7 @@ trigger (non-target test images) the share each screen lets through
 ("unflagged") and the share of attacks that succeed through the whole guard.
 The settings were chosen on one model (patch 4x4, seed 0, target 3), which is
 not in this zoo, except the unlearning's grown mask and accuracy-aware stop and
-the filter's discriminant, tried on these models as well (see docs/history.md).
+the filter's discriminant, tried on these models as well (see docs/lab/history.md).
 ``--models holdout`` runs four more backdoored models that no setting was
 tried on until the repair's optimiser (chosen on the zoo and the first two of
 them); ``--models fresh`` four built after that, untouched by any choice.
@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import ZOO  # noqa: E402
 
 from offline.attacks import AdditiveTrigger, BlendTrigger, PatchTrigger, train_backdoored_model  # noqa: E402
-from offline.calibrate import CalibrationSettings  # noqa: E402
 from offline.data import load_mnist  # noqa: E402
 from offline.models import save_torchscript  # noqa: E402
-from offline.patch import PatchSettings, run_patch  # noqa: E402
-from offline.repair import RepairSettings  # noqa: E402
+from offline.patch.calibrate import CalibrationSettings  # noqa: E402
+from offline.patch.job import PatchSettings, run_patch  # noqa: E402
+from offline.patch.repair import RepairSettings  # noqa: E402
 
 # models added after the settings of 2026-11-22 were fixed; the repair's SGD optimiser (2026-12-02) was
 # chosen on the zoo and on the first two of these, so only FRESH is untouched by it

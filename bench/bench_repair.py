@@ -10,7 +10,7 @@ setting was chosen on them. Each holds 1,500 clean images the model never saw.
 
 For every clean-data size N and seed, N of those images (a stratified draw,
 different per seed) are the defender's: the patch job's split of them
-(``offline.patch.split_clean``: fit, calibration, test) gives the repair its
+(``offline.patch.job.split_clean``: fit, calibration, test) gives the repair its
 fit images and the selection images its stop rules read; the other 1,500 - N
 images, which the job never sees, measure clean accuracy, the share of answers
 unchanged and the true trigger's ASR (its images of other classes) before and
@@ -21,7 +21,7 @@ true-trigger ASR <= 1 % and accuracy drop <= 1 point, mean over the seeds.
 
 Each run is a line of ``<out>/runs.jsonl``, reused by a later run of the bench
 (delete the file to start over); the tables go to ``<out>/repair.md``
-(docs/repair.md).
+(docs/lab/repair.md).
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_matrix import MATRIX  # noqa: E402
 from bench_patch import SETS, _case  # noqa: E402
 
-from offline.jobs import load_case, scan_case  # noqa: E402
-from offline.patch import SCAN_SHARE, PatchSettings, load_true_trigger, split_clean  # noqa: E402
-from offline.repair import METHODS, Evaluator, repair  # noqa: E402
+from offline.jobs import load_case  # noqa: E402
+from offline.patch.job import SCAN_SHARE, PatchSettings, load_true_trigger, split_clean  # noqa: E402
+from offline.patch.repair import METHODS, Evaluator, repair  # noqa: E402
+from offline.scan.job import scan_case  # noqa: E402
 
 ASR_TARGET, DROP_TARGET = 0.01, 0.01
 

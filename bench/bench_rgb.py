@@ -17,7 +17,7 @@ held-out images as clean data; the rest are never used. For each model:
 
 Trained models are kept in ``bench/models/signs-*`` (model.pt, attack.json, the trigger's files; the data is
 rebuilt from its seed); each model's row in ``<out>/rgb/<model>/row.json`` is reused by a later run
-(``--fresh`` redoes it). Writes ``<out>/rgb.json`` and ``<out>/rgb.md`` (copied into docs/rgb.md).
+(``--fresh`` redoes it). Writes ``<out>/rgb.json`` and ``<out>/rgb.md`` (copied into docs/lab/rgb.md).
 """
 
 from __future__ import annotations
@@ -40,11 +40,14 @@ from bench_verdict import triggered  # noqa: E402
 from offline.attacks import BlendTrigger, PatchTrigger, training_setup  # noqa: E402
 from offline.attacks.registry import build_attack, save_case  # noqa: E402
 from offline.attacks.wanet import WaNetSettings  # noqa: E402
-from offline.calibrate import CalibrationSettings  # noqa: E402
-from offline.data import Dataset, load_dataset  # noqa: E402
-from offline.patch import PatchSettings, run_patch, split_clean  # noqa: E402
-from offline.repair import RepairSettings  # noqa: E402
-from offline.signs import load_signs  # noqa: E402
+from offline.data import (  # noqa: E402
+    Dataset,
+    load_dataset,
+    load_signs,  # noqa: E402
+)
+from offline.patch.calibrate import CalibrationSettings  # noqa: E402
+from offline.patch.job import PatchSettings, run_patch, split_clean  # noqa: E402
+from offline.patch.repair import RepairSettings  # noqa: E402
 
 WIDTH = 16
 EPOCHS = 10

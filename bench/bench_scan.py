@@ -50,14 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offline.attacks import BlendTrigger, PatchTrigger, train_backdoored_model  # noqa: E402
 from offline.data import Dataset, load_dataset, load_mnist  # noqa: E402
 from offline.models import load_model, save_torchscript  # noqa: E402
-from offline.neural_cleanse import (  # noqa: E402
+from offline.patch.job import SCAN_SHARE, PatchSettings, split_clean  # noqa: E402
+from offline.scan.neural_cleanse import (  # noqa: E402
     NeuralCleanseConfig,
     ReversedTriggers,
     anomaly_index,
     reverse_engineer_triggers,
     scan,
 )
-from offline.patch import SCAN_SHARE, PatchSettings, split_clean  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEPT = ROOT / "bench" / "models"
@@ -250,7 +250,7 @@ sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
 from bench.bench_scan import matrix_case, ADAPTIVE
 from offline.models import load_model
-from offline.neural_cleanse import reverse_engineer_triggers
+from offline.scan.neural_cleanse import reverse_engineer_triggers
 path, fit, _, _ = matrix_case({model!r})
 model = load_model(path, fit.x[:8])
 rev = reverse_engineer_triggers(model, fit.x, list(range(10)), ADAPTIVE)
@@ -307,7 +307,8 @@ def tables(rows: list[dict]) -> str:
     if forty:
         lines += ["## 40 classes (`--data mnist-quadrants`: each digit in one of four quadrants; `mnist-colours`: on "
                   "one of four background colours)", "",
-                  "| model | target | flagged | target index | max index | seconds | class-steps | x the 10-class scan |",
+                  "| model | target | flagged | target index | max index | seconds | class-steps "
+                  "| x the 10-class scan |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in forty:
             a = r["adaptive"]

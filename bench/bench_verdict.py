@@ -7,7 +7,7 @@ trigger, so whatever the guard lets through with the attacker's answer is an
 attack that succeeds. Defaults throughout (budget ``--frr 0.01``, detectors
 STRIP + k-NN, the activation filter where the scan flagged a class, STRIP's n by
 the paper's rule, sequential STRIP); no setting was chosen on these models
-except where docs/guard-detectors.md says so.
+except where docs/lab/guard-detectors.md says so.
 
 - ``zoo``: bench_scan.ZOO (three clean models, three patches, a blend, an
   invisible perturbation), trained here, patched from the 1,500 held-out clean
@@ -48,16 +48,16 @@ from guard.screens import COMBINE_RULES, OneBudget  # noqa: E402
 from guard.screens.verdict import FITTED_ONLY, P_VALUES  # noqa: E402
 from offline.attacks import backdoor_targets, load_trigger  # noqa: E402
 from offline.attacks.training import train_backdoored_model  # noqa: E402
-from offline.calibrate import CalibrationSettings, reference_scores  # noqa: E402
 from offline.data import Dataset, load_dataset, load_mnist  # noqa: E402
-from offline.export import INPUT_NAME  # noqa: E402
 from offline.models import save_torchscript  # noqa: E402
-from offline.neural_cleanse import NeuralCleanseConfig  # noqa: E402
-from offline.patch import PatchSettings, run_patch, split_clean  # noqa: E402
-from offline.repair import RepairSettings  # noqa: E402
+from offline.patch.calibrate import CalibrationSettings, reference_scores  # noqa: E402
+from offline.patch.export import INPUT_NAME  # noqa: E402
+from offline.patch.job import PatchSettings, run_patch, split_clean  # noqa: E402
+from offline.patch.repair import RepairSettings  # noqa: E402
+from offline.scan.settings import NeuralCleanseConfig  # noqa: E402
 
 GUARD_ONLY = PatchSettings(repair=RepairSettings(method="none"))
-# --variant: the calibration settings of an ablation (docs/guard-detectors.md); results go to verdict-NAME.md
+# --variant: the calibration settings of an ablation (docs/lab/guard-detectors.md); results go to verdict-NAME.md
 VARIANTS = {
     "default": {},
     "raw-strip": {"strip_by_class": False},

@@ -26,18 +26,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationError, create_model, model_validator
 
+from guard.errors import BundleError
 from guard.screens.registry import BY_NAME, DETECTORS
 from guard.screens.spec import BundleReader
 from guard.screens.spec import Strict as _Strict
 from guard.screens.verdict import FITTED_ONLY
+from guard.signing import MANIFEST, SIGNATURE, Signed, key_id, load_private_key, sign, verify
 
 SCHEMA_VERSION = 2
-MANIFEST = "guard.json"
-SIGNATURE = "guard.json.sig"  # guard.signing writes and checks it
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used, with the file and the reason."""
 
 
 class ModelSpec(_Strict):
@@ -276,8 +272,6 @@ class GuardBundle:
             raise BundleError(f"{manifest_path}: unreadable ({exc})") from exc
         signed = None
         if trusted is not None:  # before anything else is read: an unsigned bundle gets no further
-            from guard.signing import verify
-
             signed = verify(root, trusted, data)
         try:
             raw = json.loads(data.decode())
@@ -451,7 +445,7 @@ def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Pat
     :class:`BundleError` naming it. The manifest must list every file with
     its checksum (``attachments`` for those the guard does not read): the
     bundle is loaded and verified before it replaces anything at ``dest``.
-    ``signer`` (e.g. ``lambda staged: guard.signing.sign_bundle(staged, key_file)``)
+    ``signer`` (e.g. ``lambda staged: sign_bundle(staged, key_file)``)
     signs the complete, verified bundle in its staging directory before the
     swap, so a signing key is read only once there is a finished bundle to sign.
     """
@@ -501,3 +495,28 @@ def write_bundle(dest: str | Path, manifest: GuardManifest, files: dict[str, Pat
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
+
+
+def sign_bundle(root: str | Path, key_file: str | Path) -> Signed:
+    """Sign a finished bundle in place: verify every file against guard.json, then sign those guard.json bytes.
+
+    The one signing step of ``trojan-forensics sign`` and ``patch --signing-key``: it reads the bundle and,
+    only once the bundle verified, the private key. ``guard.json.sig`` is replaced by a rename. Raises
+    :class:`BundleError` (a bundle that does not verify is not signed) or :class:`SignatureError`.
+    """
+    root = Path(root)
+    bundle = GuardBundle.load(root)
+    key = load_private_key(key_file)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{SIGNATURE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(sign(bundle.manifest_bytes, key))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, root / SIGNATURE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    signed = GuardBundle.load(root, {key_id(key.public_key()): (key.public_key(), str(key_file))}).signed
+    assert signed is not None
+    return signed

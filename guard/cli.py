@@ -170,8 +170,8 @@ def _serve(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
     from guard.errors import GuardError
-    from guard.server import serve
     from guard.settings import GuardSettings
+    from guard.transport.server import serve
 
     given = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
              for flag, _ in _SERVE_FLAGS}

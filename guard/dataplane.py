@@ -13,18 +13,18 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from guard import __version__
-from guard.backends import EmbeddedBackend, UpstreamBackend
+from guard.backends import Backend, EmbeddedBackend
 from guard.batching import AdaptiveBatcher
 from guard.bundle import BundleError, GuardBundle, check_bundle_version
+from guard.decision import Decision, InputVerdict, Refused
 from guard.errors import (
     GuardError,
     InvalidInput,
@@ -41,57 +41,9 @@ from guard.screens import Judgement, ScreenResult
 from guard.settings import GuardSettings, resolve_providers
 
 log = logging.getLogger("trojan_guard")
-
-
-@dataclass
-class InputVerdict:
-    """The verdict on one input: the combined p-value, and each detector's score and p-value."""
-
-    flagged: bool
-    detectors: tuple[str, ...]  # the evidence behind a refusal (empty when not flagged)
-    p_value: float
-    scores: dict[str, float]  # by score name (strip_entropy, knn_distance, ...)
-    p_values: dict[str, float]  # by detector name
-
-
-@dataclass
-class Decision:
-    """What the guard decided about one request."""
-
-    logits: np.ndarray  # (B, K)
-    features: np.ndarray  # (B, D)
-    inputs: list[InputVerdict] = field(default_factory=list)  # empty when unscreened
-    screened: bool = True
-    action: str = "answered"  # answered | refused
-    policy: str = "enforce"
-    bundle_sha256: str = ""
-    columns: tuple[str, ...] = ()  # of the guard_scores output: the combined p-value, scores, p-values
-
-
-    @property
-    def flagged(self) -> bool:
-        return any(v.flagged for v in self.inputs)
-
-    @property
-    def verdict(self) -> str:
-        return "unscreened" if not self.screened else "flagged" if self.flagged else "clean"
-
-    @property
-    def detectors(self) -> tuple[str, ...]:
-        return tuple(sorted({d for v in self.inputs for d in v.detectors}))
-
-
-class Refused(GuardError):
-    """A flagged request under the ``enforce`` policy."""
-
-    code = "PERMISSION_DENIED"
-    reason = "refused"
-
-    def __init__(self, decision: Decision, expose_scores: bool = False) -> None:
-        by = f" by {' and '.join(decision.detectors)}" if expose_scores else ""  # which detector: an oracle too
-        super().__init__(f"refused by trojan-guard: input flagged as triggered{by} (policy enforce, bundle "
-                         f"{decision.bundle_sha256[:12]})")
-        self.decision = decision
+# builds the upstream backend from (target, model name, input name, input shape, logits, features, timeout_s,
+# max_message_bytes=, on_error=, extra_outputs=)
+Upstream = Callable[..., Backend]
 
 
 def _verdicts(result: ScreenResult, score_names: tuple[str, ...], lo: int, hi: int) -> list[InputVerdict]:
@@ -109,13 +61,14 @@ class ServingState:
     """One loaded bundle: backend, screens and batcher."""
 
     def __init__(self, bundle: GuardBundle, settings: GuardSettings, metrics: GuardMetrics, model_name: str,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor, upstream: Upstream | None = None) -> None:
         m = bundle.manifest
         self.bundle = bundle
         self.sha256 = bundle.sha256
         self.settings = settings
         self.metrics = metrics
         self.model_name = model_name
+        self.upstream_model = settings.upstream_model or model_name
         self.policy = settings.policy or m.policy
         self.input_shape = list(m.input.shape)
         self.value_range = tuple(m.input.value_range)
@@ -128,8 +81,11 @@ class ServingState:
         # the N blends of max_batch inputs go to the model in one call; give the upstream channel room for it
         batch_bytes = (settings.max_batch + settings.max_request_inputs) * rows * per_input
         if settings.backend == "upstream":
-            self.backend: EmbeddedBackend | UpstreamBackend = UpstreamBackend(
-                settings.upstream or "", settings.upstream_model or model_name, m.input.name, self.input_shape,
+            if upstream is None:
+                raise ReloadFailed("the upstream backend needs the transport's client (the server passes "
+                                   "guard.transport.upstream.UpstreamBackend)")
+            self.backend: Backend = upstream(
+                settings.upstream or "", self.upstream_model, m.input.name, self.input_shape,
                 m.outputs.logits, m.outputs.features, settings.upstream_timeout_s,
                 max_message_bytes=max(batch_bytes + (1 << 20), 4 << 20),
                 on_error=lambda code: metrics.upstream_errors.labels(code).inc(),
@@ -155,16 +111,24 @@ class ServingState:
         try:
             return self.backend.infer(x)
         finally:
-            self._model_s += time.perf_counter() - start  # one model thread: no race; a batch may call it often
-            self.metrics.stage["model"].observe(self._model_s)
+            # one model thread: no race; a batch may call the model more than once (a sequential STRIP), and
+            # run_batch records the batch's total once
+            self._model_s += time.perf_counter() - start
 
     def run_batch(self, xs: Sequence[np.ndarray]) -> list[Decision]:
         """Screen a batch of requests (runs in a worker thread)."""
         x = np.concatenate(xs)
         bounds = np.cumsum([0, *(len(a) for a in xs)]).tolist()
         spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-        start = time.perf_counter()
         self._model_s = 0.0
+        try:
+            return self._screen_batch(x, spans)
+        finally:
+            if self._model_s:  # every model call of the batch, once
+                self.metrics.stage["model"].observe(self._model_s)
+
+    def _screen_batch(self, x: np.ndarray, spans: list[tuple[int, int]]) -> list[Decision]:
+        start = time.perf_counter()
         try:
             result = self.screen.run(self._timed_infer, x)
             if not np.isfinite(result.scores).all():
@@ -202,7 +166,7 @@ class ServingState:
         k = decision.logits.shape[1]
         if k != len(self.class_names):
             raise ReloadFailed(f"model returns {k} logits but the bundle names {len(self.class_names)} classes")
-        if isinstance(self.backend, UpstreamBackend):
+        if self.backend.name == "upstream":
             self._check_upstream_serves_the_bundle()
         width = decision.features.shape[1]
         for d in self.screen.detectors:
@@ -235,7 +199,7 @@ class ServingState:
             scale = max(1.0, float(np.abs(want).max()))
             error = float(np.abs(got - want).max()) if got.shape == want.shape else math.inf
             if not error <= tolerance * scale:
-                raise ReloadFailed(f"upstream {self.settings.upstream} model '{self.backend.model_name}' is not "
+                raise ReloadFailed(f"upstream {self.settings.upstream} model '{self.upstream_model}' is not "
                                    f"the bundle's model: {name} differ by {error:.3g} on pool images "
                                    f"and fresh blends of them (tolerance {tolerance * scale:.3g}); deploy "
                                    f"{self.bundle.model_path} to the upstream first")
@@ -277,8 +241,11 @@ class Guard:
     """The data plane: the serving state, the policy, evidence and metrics."""
 
     def __init__(self, settings: GuardSettings, bundle: GuardBundle | None = None,
-                 metrics: GuardMetrics | None = None) -> None:
+                 metrics: GuardMetrics | None = None, upstream: Upstream | None = None) -> None:
+        """``upstream``: builds the backend of ``--backend upstream`` (the transport's
+        :class:`guard.transport.upstream.UpstreamBackend`); the data plane itself speaks no protocol."""
         self.settings = settings
+        self.upstream = upstream
         self.bundle_path = Path(settings.bundle)
         self.trusted = None  # key id -> public key: bundles must be signed by one of them
         if settings.trusted_key:
@@ -323,7 +290,8 @@ class Guard:
         loop = asyncio.get_running_loop()
 
         def build() -> ServingState:
-            state = ServingState(bundle, self.settings, self.metrics, self.model_name, self._model_pool)
+            state = ServingState(bundle, self.settings, self.metrics, self.model_name, self._model_pool,
+                                 self.upstream)
             try:
                 state.warm_up()
             except Exception:

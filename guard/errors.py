@@ -1,7 +1,7 @@
 """Errors of the guard's data plane, each carrying the gRPC status it maps to.
 
 Raised deep inside (decoding, screening, backends, reload) and translated once,
-at the gRPC edge (``guard.server``). ``reason`` is a short, bounded label for the
+at the gRPC edge (``guard.transport.server``). ``reason`` is a short, bounded label for the
 ``trojan_guard_request_errors_total`` metric; the message is for the caller.
 """
 
@@ -87,3 +87,8 @@ class UntrustedBundle(GuardError):
 
     code = "FAILED_PRECONDITION"
     reason = "untrusted_bundle"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used, with the file and the reason (raised by guard.bundle and guard.signing;
+    the serving path turns it into ReloadFailed or UntrustedBundle)."""

@@ -23,7 +23,6 @@ import binascii
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +30,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from guard.bundle import MANIFEST, SIGNATURE, BundleError, GuardBundle
+from guard.errors import BundleError
 
-__all__ = ["SIGNATURE", "SignatureError", "Signed", "key_id", "keygen", "load_private_key", "load_public_key",
-           "sign", "sign_bundle", "signer", "trusted_keys", "verify"]
+__all__ = ["MANIFEST", "SIGNATURE", "SignatureError", "Signed", "key_id", "keygen", "load_private_key",
+           "load_public_key", "sign", "signer", "trusted_keys", "verify"]
+MANIFEST = "guard.json"  # the bundle's manifest: what a signature covers (guard.bundle reads it)
+SIGNATURE = "guard.json.sig"
 PRIVATE_KEY = "bundle-signing.key"
 PUBLIC_KEY = "bundle-signing.pub"
 
@@ -90,31 +91,6 @@ def sign(manifest_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
     """The contents of ``guard.json.sig`` for these exact ``guard.json`` bytes."""
     return json.dumps({"algorithm": "ed25519", "key_id": key_id(key.public_key()),
                        "signature": base64.b64encode(key.sign(manifest_bytes)).decode()}).encode() + b"\n"
-
-
-def sign_bundle(root: str | Path, key_file: str | Path) -> Signed:
-    """Sign a finished bundle in place: verify every file against guard.json, then sign those guard.json bytes.
-
-    The one signing step of ``trojan-forensics sign`` and ``patch --signing-key``: it reads the bundle and,
-    only once the bundle verified, the private key. ``guard.json.sig`` is replaced by a rename. Raises
-    :class:`BundleError` (a bundle that does not verify is not signed) or :class:`SignatureError`.
-    """
-    root = Path(root)
-    bundle = GuardBundle.load(root)
-    key = load_private_key(key_file)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{SIGNATURE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(sign(bundle.manifest_bytes, key))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, root / SIGNATURE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    signed = GuardBundle.load(root, {key_id(key.public_key()): (key.public_key(), str(key_file))}).signed
-    assert signed is not None
-    return signed
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from guard.screens.registry import TRIGGER_FREE
-from guard.screens.verdict import COMBINE_RULES, P_VALUES
 from offline.errors import ForensicsError
+from offline.flags import add_flags, fraction, positive, settings_from
 
 # what a simulated attack must reach to count: ASR on held-out non-target images, and the most clean accuracy it
 # may lose against a clean model trained with the same seed
@@ -20,136 +19,10 @@ ATTACK_ASR_BAR = 0.9
 ATTACK_ACCURACY_BAR = 0.02
 
 
-
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    from offline.neural_cleanse import ANOMALY_SCALES, METHODS, SCHEDULES, TABOR_TERMS, VERDICTS, NeuralCleanseConfig
-
-    defaults = NeuralCleanseConfig()
-    g = parser.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)")
-    g.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (%(default)s)")
-    g.add_argument("--beta1", type=float, default=defaults.beta1, help="Adam beta1 (%(default)s)")
-    g.add_argument("--beta2", type=float, default=defaults.beta2, help="Adam beta2 (%(default)s)")
-    g.add_argument("--init-cost", type=float, default=defaults.init_cost,
-                   help="L1 cost set once the attack first succeeds (%(default)s)")
-    g.add_argument("--attack-success-threshold", type=float, default=defaults.attack_success_threshold,
-                   help="success rate that counts as a working trigger (%(default)s)")
-    g.add_argument("--patience", type=int, default=defaults.patience,
-                   help="steps before the cost is set or moved (%(default)s)")
-    g.add_argument("--cost-multiplier", type=float, default=defaults.cost_multiplier,
-                   help="cost x this up, / this**1.5 down (%(default)s)")
-    g.add_argument("--no-early-stop", dest="early_stop", action="store_false",
-                   help="run all --max-steps steps")
-    g.add_argument("--early-stop-threshold", type=float, default=defaults.early_stop_threshold,
-                   help="relative improvement below which a step counts as no progress (%(default)s)")
-    g.add_argument("--early-stop-patience", type=int, default=defaults.early_stop_patience,
-                   help="steps without progress before stopping (%(default)s)")
-    g.add_argument("--max-steps", type=int, default=defaults.max_steps, help="(%(default)s)")
-    g.add_argument("--samples-per-step", type=int, default=defaults.samples_per_step,
-                   help="clean images per optimisation step (%(default)s)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(%(default)s)")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="random seed of the first run (%(default)s)")
-    g.add_argument("--method", choices=METHODS, default=defaults.method,
-                   help="neural-cleanse, or tabor: the same objective plus TABOR's regularisers against "
-                        "scattered, overly large and object-covering false triggers (%(default)s)")
-    g.add_argument("--tabor-weights", type=_weights, default=defaults.tabor_weights, metavar="W,W,W,W,W,W",
-                   help="weights of TABOR's terms " + ", ".join(TABOR_TERMS) + " (pixels in [0, 1]; default: "
-                        + ",".join(f"{w:g}" for w in defaults.tabor_weights) + ")")
-    g.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
-                   help="adaptive: every class for --warmup-steps steps, then only the classes that may be "
-                        "outliers (anomaly index above --candidate-index) and one reference class go on; full: "
-                        "every class until its own early stop (the original; 3-5x slower) (%(default)s)")
-    g.add_argument("--warmup-steps", type=_positive(int), default=defaults.warmup_steps,
-                   help="steps every class gets under the adaptive schedule (%(default)s)")
-    g.add_argument("--candidate-index", type=float, default=defaults.candidate_index,
-                   help="after the warm-up, classes whose anomaly index is above this go on being optimised "
-                        "(keep it below --threshold) (%(default)s)")
-    g.add_argument("--candidate-steps", type=_positive(int), default=defaults.candidate_steps,
-                   help="under the adaptive schedule, no class is optimised for more steps than this "
-                        "(%(default)s)")
-    g.add_argument("--warmup-classes", type=_positive(int), default=defaults.warmup_classes,
-                   help="a warm-up over more classes than this uses proportionally smaller mini-batches (as many "
-                        "optimiser steps), so that it costs what one over this many classes costs (%(default)s)")
-    g.add_argument("--verdict", choices=VERDICTS, default=defaults.verdict,
-                   help="what the MAD outlier test runs over: every class's best mask norm (Neural Cleanse), or "
-                        "TABOR's trigger-quality metric of every class's best trigger (size, compactness, attack "
-                        "success, accuracy with the trigger cut out, saliency inside it); scan.json reports both "
-                        "(%(default)s)")
-    g.add_argument("--anomaly-scale", choices=ANOMALY_SCALES, default=defaults.anomaly_scale,
-                   help="the verdict's MAD anomaly index over the logarithms of the mask norms, or over the "
-                        "norms themselves (linear: the original Neural Cleanse index) (%(default)s)")
-
-
-def _config_from(args: argparse.Namespace) -> Any:
-    from offline.neural_cleanse import NeuralCleanseConfig
-
-    return NeuralCleanseConfig(**{f.name: getattr(args, f.name) for f in fields(NeuralCleanseConfig)})
-
-
-def _weights(text: str) -> tuple[float, ...]:
-    try:
-        weights = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected six comma-separated numbers, got {text!r}") from None
-    if len(weights) != 6 or any(w < 0 for w in weights):
-        raise argparse.ArgumentTypeError(f"expected six comma-separated numbers >= 0, got {text!r}")
-    return weights
-
-
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _restarts_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recover-restarts", type=_nonnegative_int, default=3,
-                        help="trigger recovery also reverse-engineers each flagged class alone from this many "
-                             "random starts and keeps the smallest trigger found (the scan's single random "
-                             "start can settle on a looser one; %(default)s)")
-
-
-# offline.calibrate's filter uses, named here so that --help does not load onnxruntime (the detectors come
-# from guard.screens.registry and the verdict's rules from guard.screens.verdict, which need numpy only)
-FILTER_USE = ("auto", "always", "off")
-# offline.repair.METHODS, named here so that --help does not import torch (a test holds them equal)
-REPAIR_METHODS = ("auto", "unlearn", "anp", "i-bau", "nad", "prune", "fine-prune", "none")
-
-
-def _detector_list(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    unknown = [n for n in names if n not in TRIGGER_FREE]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown detector(s) {', '.join(unknown)}; choose from "
-                                         f"{', '.join(TRIGGER_FREE)} (the activation filter: --filter)")
-    return names
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from offline.patch.settings import CalibrationSettings, PatchSettings, RepairSettings
+    from offline.scan.settings import NeuralCleanseConfig
+
     parser = argparse.ArgumentParser(
         prog="trojan-forensics",
         description="Forensics for possibly backdoored image classifiers: Neural Cleanse or TABOR trigger "
@@ -172,19 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-layer", default=None,
                    help="layer whose output is the features representation (default: the layer "
                         "feeding the last linear layer)")
-    p.add_argument("--threshold", type=_positive(float), default=2.0,
-                   help="anomaly index above which a class is flagged (%(default)s)")
-    p.add_argument("--repeats", type=_positive(int), default=1,
-                   help="runs with seeds seed, seed+1, ...; the verdict uses the median index and "
-                        "scan.json reports the spread (%(default)s)")
-    p.add_argument("--eval-fraction", type=_fraction, default=0.2,
+    add_flags(p, PatchSettings, only=("anomaly_threshold", "repeats"))
+    p.add_argument("--eval-fraction", type=fraction, default=0.2,
                    help="share of the clean data held out to measure reversed-trigger ASR (%(default)s)")
     p.add_argument("--no-recover", dest="recover", action="store_false",
                    help="skip refining the flagged class's trigger on all the data")
-    _restarts_arg(p)
+    add_flags(p, PatchSettings, only=("recover_restarts",))
     _device_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _config_args(p)
+    add_flags(p.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)"),
+              NeuralCleanseConfig)
 
     pa = sub.add_parser("patch", help="scan, repair, calibrate and write the guard bundle",
                         description="The whole offline job: Neural Cleanse scan and trigger recovery, repair, "
@@ -196,122 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "into fit, calibration and test (20 %%) parts")
     pa.add_argument("--out", required=True, help="bundle directory to write")
     pa.add_argument("--features-layer", default=None, help="as for scan")
-    pa.add_argument("--threshold", type=_positive(float), default=2.0, help="anomaly index threshold (%(default)s)")
-    pa.add_argument("--repeats", type=_positive(int), default=1, help="scan runs with different seeds (%(default)s)")
-    _restarts_arg(pa)
-    r = pa.add_argument_group("repair")
-    r.add_argument("--repair", choices=REPAIR_METHODS, default="auto",
-                   help="repair method: unlearn (Neural Cleanse), anp (adversarial neuron pruning), i-bau "
-                        "(implicit backdoor adversarial unlearning), nad (neural attention distillation), prune, "
-                        "fine-prune, none, or auto: the method measured best for the number of clean images the "
-                        "repair gets (docs/repair.md; the job prints which and why) (default: %(default)s)")
-    r.add_argument("--unlearn-fraction", type=_share, default=1.0,
-                   help="share of the fit data to fine-tune on when unlearning (%(default)s)")
-    r.add_argument("--unlearn-stamp-share", type=_fraction, default=0.2,
-                   help="share of it stamped with the reversed trigger, true label kept (%(default)s)")
-    r.add_argument("--unlearn-epochs", type=_positive(int), default=10,
-                   help="most unlearning epochs; stops once the reversed trigger's ASR on the calibration "
-                        "split is below --asr-bound with accuracy there back within "
-                        "--unlearn-accuracy-tolerance of the start, else keeps the best epoch (%(default)s)")
-    r.add_argument("--unlearn-accuracy-tolerance", type=_fraction, default=0.005,
-                   help="clean accuracy an unlearning epoch may still be short of the start and stop (%(default)s)")
-    r.add_argument("--unlearn-grow", type=_nonnegative_int, default=1,
-                   help="half the stamped images get the reversed mask grown by this many pixels, to unlearn "
-                        "the parts of the true trigger the smallest reversed mask leaves out (%(default)s; 0: never)")
-    r.add_argument("--repair-optimizer", choices=("sgd", "adam"), default="sgd",
-                   help="fine-tuning optimiser for unlearning and fine-pruning: SGD with momentum 0.9, or Adam "
-                        "(%(default)s)")
-    r.add_argument("--repair-lr", type=_positive(float), default=3e-3,
-                   help="fine-tuning learning rate (%(default)s; 1e-3 suits adam)")
-    r.add_argument("--asr-bound", type=_fraction, default=0.02,
-                   help="pruning and unlearning stop once the reversed trigger's ASR is below this (%(default)s)")
-    r.add_argument("--accuracy-budget", type=_fraction, default=0.015,
-                   help="pruning never costs more clean accuracy than this; unlearning that never reaches "
-                        "--asr-bound keeps its best epoch within it (%(default)s)")
-    r.add_argument("--give-up-loss", type=_fraction, default=0.05,
-                   help="a training repair (unlearn, i-bau, nad) whose most accurate epoch still lost more clean "
-                        "accuracy than this on the calibration split leaves the model unrepaired (%(default)s)")
-    r.add_argument("--accuracy-rule", choices=("broken", "change"), default="broken",
-                   help="how the stop rules read accuracy on the calibration split: broken (the share of "
-                        "images the model answered right before repair and wrong now; a few lucky fixes cannot "
-                        "hide damage) or change (accuracy now against before) (default: %(default)s)")
-    r.add_argument("--fine-tune-epochs", type=_positive(int), default=1,
-                   help="fine-pruning's clean epochs (%(default)s)")
+    add_flags(pa, PatchSettings, only=("anomaly_threshold", "repeats", "recover_restarts"))
+    add_flags(pa.add_argument_group("repair"), RepairSettings)
     c = pa.add_argument_group("guard calibration")
-    c.add_argument("--frr", type=_fraction, default=0.01,
-                   help="the share of clean traffic the guard may refuse, in total: every detector's p-value is "
-                        "combined into one verdict calibrated at this rate (%(default)s)")
-    c.add_argument("--combine", choices=COMBINE_RULES, default="fisher-cauchy",
-                   help="how the detectors' p-values combine: fisher (-sum log p: detectors that agree a little "
-                        "add up), cauchy (Liu & Xie's Cauchy combination, p clipped at 1/2: one strong detector "
-                        "is enough), fisher-cauchy (the more significant of the two; needs --p-values fitted) or "
-                        "min (the smallest); default %(default)s")
-    c.add_argument("--p-values", choices=P_VALUES, default="fitted",
-                   help="each detector's p-value: fitted (a tail probability against its clean scores on the fit "
-                        "split; the combined statistic ranked among the calibration images': no ties, so one "
-                        "detector's evidence counts in full) or bag (its rank among the calibration images and "
-                        "the input); default %(default)s")
-    c.add_argument("--detectors", type=_detector_list, default="strip,knn",
-                   help="trigger-free detectors, comma-separated, from " + ", ".join(TRIGGER_FREE)
-                        + " (default: %(default)s)")
-    c.add_argument("--filter", choices=FILTER_USE, default="auto", dest="filter_use",
-                   help="the activation filter, which needs the scan's reversed trigger: auto (default) joins "
-                        "the verdict only when the scan flagged a class; always also watches the most anomalous "
-                        "class's trigger; off")
-    c.add_argument("--calibration-fraction", type=_fraction, default=None,
-                   help="share of the clean data that calibrates the verdict (default: 300 images where the "
-                        "data allows, between 20 and 40 %%)")
-    c.add_argument("--strip-n", type=_positive(int), default=None,
-                   help="blends per input (default: the paper's rule, the smallest of 5/10/20/50/100 at which "
-                        "the spread of clean entropies has flattened)")
-    c.add_argument("--strip-group", type=_nonnegative_int, default=None,
-                   help="sequential STRIP: blends per round, each input stopping once its verdict is settled "
-                        "(default: n/10 from n=20; 0: all n blends at once)")
-    c.add_argument("--strip-by-class", action=argparse.BooleanOptionalAction, default=True,
-                   help="standardise STRIP's entropy within the predicted class, from the fit split's clean "
-                        "images (default); --no-strip-by-class: the paper's raw entropy (catches more attacks "
-                        "aimed at a low-entropy class, refuses more clean images of it: docs/guard-detectors.md)")
-    c.add_argument("--blend-rule", choices=("add", "average"), default="add",
-                   help="add: pixel-wise sum clipped to range, as in the paper (default); average: mean")
-    c.add_argument("--scope", "--strip-scope", choices=("all", "suspect"), default="all", dest="scope",
-                   help="all: the guard judges every input (default); suspect: only inputs the model answers "
-                        "with a flagged class, where a trigger must land to succeed, so the whole budget is spent "
-                        "there (about 10x the refusals on that class, none elsewhere)")
-    c.add_argument("--pool-size", type=_positive(int), default=200, help="clean images STRIP blends with (%(default)s)")
-    c.add_argument("--knn-k", type=_positive(int), default=5, help="the k-NN detector's k (%(default)s)")
-    c.add_argument("--filter-score", choices=("auto", "mean", "lda"), default="auto",
-                   help="the activation filter's score: 'mean' activation of the neurons the reversed trigger "
-                        "excites most (Neural Cleanse), 'lda' (a linear discriminant between clean and stamped "
-                        "features, fitted on the fit split), or 'auto' (default): the candidate that separates "
-                        "clean from stamped calibration images best")
-    c.add_argument("--filter-top-share", type=_fraction, default=None,
-                   help="share of features neurons the mean score watches, at least one (default: tries "
-                        "1/2/5/10/20 %%)")
-    c.add_argument("--strip-frr", type=_fraction, default=None,
-                   help="expert override: STRIP also refuses on its own at this rate, a budget on top of --frr")
-    c.add_argument("--filter-fpr", type=_fraction, default=None,
-                   help="expert override: the activation filter also refuses on its own at this rate, on top of "
-                        "--frr")
-    g = pa.add_argument_group("guard bundle")
-    g.add_argument("--model-name", default="model",
-                   help="name clients address the model by through the guard (%(default)s)")
-    g.add_argument("--policy", choices=("enforce", "flag", "shadow"), default="enforce",
-                   help="what the guard does with a flagged request unless its --policy overrides: refuse it "
-                        "(enforce), answer with the verdict (flag), or only count it (shadow) (%(default)s)")
-    g.add_argument("--signing-key", default=None,
-                   help="Ed25519 private key from 'trojan-forensics keygen': sign guard.json (which holds every "
-                        "file's SHA-256) into guard.json.sig, for 'trojan-guard serve --trusted-key'")
-    g.add_argument("--bundle-version", type=_nonnegative_int, default=None, metavar="N",
-                   help="guard.json's bundle_version, under the signature: 'trojan-guard serve/inspect "
-                        "--min-bundle-version' refuse bundles below it and a reload below the serving one is a "
-                        "rollback (default: the creation time in Unix seconds, so a later job's is higher)")
+    add_flags(c, CalibrationSettings)
+    add_flags(c, PatchSettings, only=("calibration_fraction",))
+    add_flags(pa.add_argument_group("guard bundle"), PatchSettings,
+              only=("model_name", "policy", "signing_key", "bundle_version"))
     pa.add_argument("--true-trigger", default=None,
                     help="evaluation mode: attack.json from 'trojan-forensics train'; its trigger's ASR is reported")
     pa.add_argument("--work-dir", default=None, help="where phases keep results (default: OUT.work)")
     pa.add_argument("--fresh", action="store_true", help="ignore finished phases of an earlier run")
     _device_flag(pa)
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
-    _config_args(pa)
+    add_flags(pa.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)"),
+              NeuralCleanseConfig)
 
     kg = sub.add_parser("keygen", help="write an Ed25519 key pair for signing guard bundles",
                         description="Write DIR/bundle-signing.key (private, mode 0600: keep it with the patch "
@@ -360,18 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "connected layer)")
     au.add_argument("--reduce", choices=("ica", "pca"), default="ica",
                     help="dimensionality reduction before clustering (default: %(default)s, as in the paper)")
-    au.add_argument("--components", type=_positive(int), default=10, help="reduced dimensions (%(default)s)")
-    au.add_argument("--keep-threshold", type=_fraction, default=0.3,
+    au.add_argument("--components", type=positive(int), default=10, help="reduced dimensions (%(default)s)")
+    au.add_argument("--keep-threshold", type=fraction, default=0.3,
                     help="flag a cluster when less than this share of it stays in its label once reclassified "
                          "(%(default)s)")
     au.add_argument("--no-reclassify", action="store_true",
                     help="skip the exclusionary reclassification; flag by silhouette and cluster size instead")
-    au.add_argument("--silhouette", type=_fraction, default=0.25,
+    au.add_argument("--silhouette", type=fraction, default=0.25,
                     help="with --no-reclassify: a label is flagged when its 2-means silhouette is at least this "
                          "(%(default)s) ...")
-    au.add_argument("--max-cluster-share", type=_fraction, default=0.35,
+    au.add_argument("--max-cluster-share", type=fraction, default=0.35,
                     help="... and its smaller cluster holds at most this share of the label (%(default)s)")
-    au.add_argument("--expected-poison-rate", type=_fraction, default=0.1,
+    au.add_argument("--expected-poison-rate", type=fraction, default=0.1,
                     help="expected poisoned share of a label; spectral signatures remove 1.5x that (%(default)s)")
     _device_flag(au)
     au.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -392,23 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=ARCHITECTURES, default="cnn",
                    help="the network: cnn (the project's small CNN) or resnet18 (CIFAR-style, BatchNorm) "
                         "(default: %(default)s)")
-    t.add_argument("--width", type=_positive(int), default=None,
+    t.add_argument("--width", type=positive(int), default=None,
                    help="resnet18: channels of its first stage (default 64, the literature's; 16 trains 12x "
                         "faster on a CPU); cnn: size of its features layer (default 64)")
     t.add_argument("--target", type=int, default=0,
                    help="target class of the backdoor (%(default)s; all-to-all sends c to c + 1)")
-    t.add_argument("--poison-rate", type=_fraction, default=None,
+    t.add_argument("--poison-rate", type=fraction, default=None,
                    help="share of training data poisoned (default: 0.1, or the attack's own default)")
-    t.add_argument("--patch-size", type=_positive(int), default=4,
+    t.add_argument("--patch-size", type=positive(int), default=4,
                    help="BadNets / all-to-all patch side (%(default)s)")
     t.add_argument("--patch-row", type=int, default=None, help="patch top row (default: bottom, 1 px in)")
     t.add_argument("--patch-col", type=int, default=None, help="patch left column (default: right, 1 px in)")
     t.add_argument("--patch-pattern", choices=("white", "checker", "random"), default="white")
-    t.add_argument("--alpha", type=_fraction, default=0.15, help="blend weight of the blended trigger (%(default)s)")
-    t.add_argument("--eps", type=_fraction, default=0.1, help="L-inf bound of the invisible trigger (%(default)s)")
-    t.add_argument("--epochs", type=_positive(int), default=None,
+    t.add_argument("--alpha", type=fraction, default=0.15, help="blend weight of the blended trigger (%(default)s)")
+    t.add_argument("--eps", type=fraction, default=0.1, help="L-inf bound of the invisible trigger (%(default)s)")
+    t.add_argument("--epochs", type=positive(int), default=None,
                    help="training epochs (default: 8; 12 for the invisible trigger; the attack's own otherwise)")
-    t.add_argument("--test-fraction", type=_fraction, default=0.3,
+    t.add_argument("--test-fraction", type=fraction, default=0.3,
                    help="share held out as clean data for scanning and ACC/ASR (%(default)s)")
     t.add_argument("--seed", type=int, default=0)
     _device_flag(t)
@@ -438,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the sample counts they mean for a training set of --train-size images. "
                                     "Large models learn a trigger from fewer samples: --capacity large reads the "
                                     "low end, small the high end, medium the geometric middle.")
-    pr.add_argument("--train-size", type=_positive(int), required=True, help="images in the training set")
+    pr.add_argument("--train-size", type=positive(int), required=True, help="images in the training set")
     pr.add_argument("--capacity", choices=("small", "medium", "large"), default="medium",
                     help="model capacity (%(default)s)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -566,7 +335,7 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
     from guard.bundle import SIGNATURE, BundleError, GuardBundle, read_file, write_bundle
     from offline.jobs import write_json_atomic
-    from offline.patch import attach, report_files
+    from offline.patch.job import attach, report_files
     from offline.report import build_report
 
     try:
@@ -702,41 +471,27 @@ def _print_scan(report: dict[str, Any], out: Path) -> None:
 
 
 def _cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
-    from offline.jobs import run_scan
+    from offline.patch.settings import PatchSettings
+    from offline.scan.job import run_scan
+    from offline.scan.settings import NeuralCleanseConfig
 
+    s = settings_from(args, PatchSettings)
     report = run_scan(args.model, args.data, args.out, features_layer=args.features_layer,
-                      config=_config_from(args), threshold=args.threshold, repeats=args.repeats,
-                      eval_fraction=args.eval_fraction, recover=args.recover, restarts=args.recover_restarts,
-                      progress=not args.quiet, device=args.device)
+                      config=settings_from(args, NeuralCleanseConfig), threshold=s.anomaly_threshold,
+                      repeats=s.repeats, eval_fraction=args.eval_fraction, recover=args.recover,
+                      restarts=s.recover_restarts, progress=not args.quiet, device=args.device)
     _print_scan(report, Path(args.out))
     return report
 
 
 def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
-    from offline.calibrate import CalibrationSettings
-    from offline.patch import PatchSettings, run_patch
-    from offline.repair import RepairSettings
+    from offline.patch.job import run_patch
+    from offline.patch.settings import CalibrationSettings, PatchSettings, RepairSettings
+    from offline.scan.settings import NeuralCleanseConfig
 
-    settings = PatchSettings(
-        scan=_config_from(args), anomaly_threshold=args.threshold, repeats=args.repeats,
-        recover_restarts=args.recover_restarts,
-        repair=RepairSettings(method=args.repair, unlearn_fraction=args.unlearn_fraction,
-                              unlearn_stamp_share=args.unlearn_stamp_share, unlearn_epochs=args.unlearn_epochs,
-                              unlearn_accuracy_tolerance=args.unlearn_accuracy_tolerance,
-                              unlearn_grow=args.unlearn_grow, optimizer=args.repair_optimizer, lr=args.repair_lr,
-                              asr_bound=args.asr_bound, accuracy_budget=args.accuracy_budget,
-                              accuracy_rule=args.accuracy_rule, give_up_loss=args.give_up_loss,
-                              fine_tune_epochs=args.fine_tune_epochs),
-        calibration=CalibrationSettings(frr=args.frr, rule=args.combine, p_values=args.p_values,
-                                        detectors=args.detectors, filter=args.filter_use, strip_n=args.strip_n,
-                                        strip_group=args.strip_group,
-                                        strip_by_class=args.strip_by_class, blend_rule=args.blend_rule,
-                                        scope=args.scope, pool_size=args.pool_size, knn_k=args.knn_k,
-                                        filter_score=args.filter_score, filter_top_share=args.filter_top_share,
-                                        strip_frr=args.strip_frr, filter_fpr=args.filter_fpr),
-        calibration_fraction=args.calibration_fraction, model_name=args.model_name, policy=args.policy,
-        signing_key=args.signing_key, bundle_version=args.bundle_version,
-    )
+    settings = settings_from(args, PatchSettings, scan=settings_from(args, NeuralCleanseConfig),
+                             repair=settings_from(args, RepairSettings),
+                             calibration=settings_from(args, CalibrationSettings))
     return run_patch(args.model, args.data, args.out, settings=settings, features_layer=args.features_layer,
                      true_trigger_file=args.true_trigger, work_dir=args.work_dir, fresh=args.fresh,
                      progress=not args.quiet, device=args.device)
@@ -746,7 +501,7 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from offline.attacks import PatchTrigger
-    from offline.patch import run_patch
+    from offline.patch.job import run_patch
 
     out = Path(args.out)
     model_dir, bundle = out / "model", out / "bundle"
@@ -803,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if summary.get("missed"):
                 print(f"warning: the {args.attack} attack on target {args.target} fell short of its bar: "
                       f"{'; '.join(summary['missed'])}. Whether it takes depends on the target and seed "
-                      f"(docs/coverage-matrix.md lists what the matrix's models reached); a stronger trigger "
+                      f"(docs/lab/coverage-matrix.md lists what the matrix's models reached); a stronger trigger "
                       f"(its --{args.attack}-* flags) or more epochs usually helps", file=sys.stderr)
         elif args.command == "patch":
             _cmd_patch(args)
@@ -814,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "demo":
             _cmd_demo(args)
         elif args.command == "sign":
-            from offline.patch import sign_finished_bundle
+            from offline.patch.job import sign_finished_bundle
 
             print(f"{args.bundle}: guard.json signed by key {sign_finished_bundle(args.bundle, args.signing_key)} "
                   f"(guard.json.sig)")

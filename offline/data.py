@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from offline.errors import DataError
+from offline.signs import draw_signs
 
 EMBEDDED = ("mnist", "mnist-colours", "mnist-quadrants", "signs", "digits")
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -221,6 +222,13 @@ def load_image_folder(path: Path) -> Dataset:
     return Dataset(x, y, str(path), classes)
 
 
+def load_signs(seed: int = 0, per_class: int = 200) -> Dataset:
+    """The ``signs`` data set (:mod:`offline.signs`): ``per_class`` images of each of the 43 classes, fixed by
+    ``seed``."""
+    x, y, names = draw_signs(seed, per_class)
+    return Dataset(x, y, f"signs (43 road-sign-like classes, 32x32 RGB, {per_class} per class, seed {seed})", names)
+
+
 def load_dataset(spec: str) -> Dataset:
     """Load an embedded data set (:data:`EMBEDDED`), an ``.npz`` file or an image folder."""
     if spec == "mnist":
@@ -230,8 +238,6 @@ def load_dataset(spec: str) -> Dataset:
     if spec == "mnist-quadrants":
         return load_mnist_quadrants()
     if spec == "signs":
-        from offline.signs import load_signs
-
         return load_signs()
     if spec == "digits":
         return load_digits()

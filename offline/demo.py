@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from guard.client import Answer, free_port, local_guard
+from guard.transport.client import Answer, free_port, local_guard
 from offline.errors import ForensicsError
 
 

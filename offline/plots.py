@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offline.attacks import stamp
+from offline.stamp import stamp
 
 
 def _to_uint8_image(arr: np.ndarray, scale: int) -> np.ndarray:

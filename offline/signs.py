@@ -170,13 +170,9 @@ def render_signs(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.clip(small, 0, 1).astype(np.float32)
 
 
-def load_signs(seed: int = 0, per_class: int = 200):  # -> offline.data.Dataset
-    """The ``signs`` data set: ``per_class`` images of each of the 43 classes, fixed by ``seed``."""
-    from offline.data import Dataset
-
+def draw_signs(seed: int = 0, per_class: int = 200) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images, labels, class names) of the ``signs`` set: ``per_class`` images of each of the 43 classes, fixed
+    by ``seed`` (:func:`offline.data.load_signs` makes them a Dataset)."""
     classes = sign_classes()
     labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(classes)), per_class))
-    x = render_signs(labels, seed)
-    return Dataset(x, labels.astype(np.int64),
-                   f"signs (43 road-sign-like classes, 32x32 RGB, {per_class} per class, seed {seed})",
-                   [c.name for c in classes])
+    return render_signs(labels, seed), labels.astype(np.int64), [c.name for c in classes]

@@ -1,8 +1,8 @@
-"""Regenerate guard/proto from proto/*.proto: ``python scripts/gen_proto.py [OUT_DIR]``.
+"""Regenerate guard/transport/proto from proto/*.proto: ``python scripts/gen_proto.py [OUT_DIR]``.
 
 Needs grpcio-tools (the ``dev`` extra pins the version whose output the repo
 holds); ``tests/guard/test_proto.py`` fails when the committed stubs are stale.
-Generated modules import each other as ``guard.proto.X_pb2``.
+Generated modules import each other as ``guard.transport.proto.X_pb2``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def generate(out: Path) -> list[Path]:
     for path in written:
         text = path.read_text()
         for mod in modules:
-            text = re.sub(rf"^import {mod} as ", f"from guard.proto import {mod} as ", text, flags=re.M)
+            text = re.sub(rf"^import {mod} as ", f"from guard.transport.proto import {mod} as ", text, flags=re.M)
         path.write_text(text)
     return written
 

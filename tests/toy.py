@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -29,3 +31,14 @@ def toy_infer_with_variants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict
     logits, features = toy_infer(x)
     swapped = logits[:, [0, 2, 1]]
     return logits, features, {"ibd_psc_1": swapped, "ibd_psc_2": 0.5 * (logits + swapped)}
+
+
+def other_model(onnx_file: Path) -> bytes:
+    """The same ONNX graph with its first weight negated: a valid model, not the one that was written."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_file))
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(first), first.name))
+    return model.SerializeToString()

@@ -20,8 +20,6 @@ from guard.screens.common import (
     answered_with,
     blend,
     entropy,
-    p_values,
-    quantile_threshold,
     softmax,
     softmax_entropy,
 )
@@ -33,5 +31,5 @@ from guard.screens.verdict import COMBINE_RULES, Judgement, OneBudget, guarantee
 __all__ = [
     "BLEND_RULES", "COMBINE_RULES", "ActivationFilter", "Judgement", "KnnDensity", "MahalanobisDensity",
     "ModelView", "OneBudget", "Screen", "ScreenResult", "StripScreen", "answered_with", "blend", "entropy",
-    "guarantee", "p_values", "quantile_threshold", "softmax", "softmax_entropy",
+    "guarantee", "softmax", "softmax_entropy",
 ]

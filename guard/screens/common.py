@@ -67,22 +67,3 @@ def within_class(scores: np.ndarray, predicted: np.ndarray, mean: np.ndarray | N
 def answered_with(predicted: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Which inputs the model answered with one of ``classes`` (every input when ``classes`` is empty)."""
     return np.isin(predicted, list(classes)) if len(classes) else np.ones(len(predicted), dtype=bool)
-
-
-def p_values(calibration_scores: np.ndarray, scores: np.ndarray, low_is_suspicious: bool,
-             presorted: bool = False) -> np.ndarray:
-    """Share of calibration scores at least as suspicious as each score (with +1 smoothing)."""
-    ref = np.asarray(calibration_scores, dtype=np.float64)
-    if not presorted:
-        ref = np.sort(ref)
-    if low_is_suspicious:
-        count = np.searchsorted(ref, scores, side="right")
-    else:
-        count = len(ref) - np.searchsorted(ref, scores, side="left")
-    return (count + 1) / (len(ref) + 1)
-
-
-def quantile_threshold(clean_scores: np.ndarray, rate: float, low_is_suspicious: bool) -> float:
-    """Empirical threshold that flags ``rate`` of the clean scores."""
-    q = rate if low_is_suspicious else 1.0 - rate
-    return float(np.quantile(np.asarray(clean_scores, dtype=np.float64), q))

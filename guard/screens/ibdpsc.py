@@ -1,7 +1,7 @@
 """IBD-PSC (Hou et al., ICML 2024): parameter-oriented scaling consistency.
 
 The bundle's model carries, beside ``logits`` and ``features``, the logits of a few variants of itself whose last
-BatchNorm layers are amplified (``offline.ibdpsc`` writes them into the same ONNX graph). A clean input's answer
+BatchNorm layers are amplified (``offline.patch.ibdpsc`` writes them into the same ONNX graph). A clean input's answer
 drifts under amplification; a triggered one keeps the backdoor's. The score is the mean probability of the
 answered class over the variants, standardised within that class on clean fit images: the high tail is
 suspicious. It costs no extra rows, only the variants' share of the graph, computed in the same model call; it

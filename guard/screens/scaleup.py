@@ -9,7 +9,7 @@ the paper's data-limited variant does, it is standardised within the predicted c
 high tail is suspicious.
 
 Nearly binary images (MNIST digits) defeat it: scaling leaves them as they are. It is meant for natural
-images; measured on the RGB signs models beside STRIP and k-NN (docs/rgb.md).
+images; measured on the RGB signs models beside STRIP and k-NN (docs/lab/rgb.md).
 """
 
 from __future__ import annotations

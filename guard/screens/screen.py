@@ -17,7 +17,7 @@ class ModelView:
 
     def __init__(self, logits: np.ndarray, features: np.ndarray, b: int, spans: dict[int, tuple[int, int]],
                  extra_outputs: dict[str, np.ndarray] | None = None) -> None:
-        self.all_logits, self.all_features = logits, features
+        self.all_logits = logits
         self.logits, self.features = logits[:b], features[:b].reshape(b, -1)
         # the model's other outputs (IBD-PSC's variants) on the inputs' own rows
         self.extra_outputs = {name: out[:b] for name, out in (extra_outputs or {}).items()}

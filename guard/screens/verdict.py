@@ -32,7 +32,6 @@ the same; no ties, and one input costs O(D log m + log n).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -238,7 +237,3 @@ class OneBudget:
                 flagged |= p_each[:, d] <= rate + 1e-12
         return Judgement(self.names, combined, p_each, flagged, self.rate)
 
-
-def combine_scores(columns: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-detector score vectors as the (n, D) matrix OneBudget takes."""
-    return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)

@@ -3,7 +3,7 @@
 Used by the demo, the tests and the benchmarks to build models whose backdoor
 is known, so detectors are judged against the truth. One module per technique:
 
-- :mod:`.triggers`: the triggers themselves and :func:`stamp`;
+- :mod:`.triggers`: the triggers themselves (stamped by :func:`offline.stamp.stamp`);
 - :mod:`.training`: the training loop, BadNets / blended / invisible poisoning,
   all-to-all labels, ACC and ASR;
 - :mod:`.wanet`, :mod:`.adaptive_blend`, :mod:`.sig`: the attacks of the
@@ -39,12 +39,11 @@ from offline.attacks.triggers import (
     WarpTrigger,
     load_trigger,
     save_trigger,
-    stamp,
 )
 
 __all__ = [
     "LABEL_RULES", "AdditiveTrigger", "AnyTrigger", "BackdoorResult", "BlendTrigger", "GeneratorTrigger",
     "MaskTrigger", "PatchTrigger", "SignalTrigger", "Trigger", "WarpTrigger", "accuracy", "apply_poison",
     "attack_success_rate", "backdoor_targets", "load_trigger", "new_model", "poison_indices", "predict",
-    "save_trigger", "stamp", "train_backdoored_model", "train_classifier", "training_setup",
+    "save_trigger", "train_backdoored_model", "train_classifier", "training_setup",
 ]

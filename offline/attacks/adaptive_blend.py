@@ -29,8 +29,9 @@ from offline.attacks.training import (
     poison_and_cover,
     train_classifier,
 )
-from offline.attacks.triggers import BlendTrigger, blend_pattern, stamp
+from offline.attacks.triggers import BlendTrigger, blend_pattern
 from offline.data import Dataset
+from offline.stamp import stamp
 
 
 @dataclass

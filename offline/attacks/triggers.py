@@ -16,7 +16,7 @@ rebuild them exactly (:func:`save_trigger`, :func:`load_trigger`).
 - :class:`GeneratorTrigger`: an input-aware trigger made per input by a network.
 
 Patch, blend and mask triggers are a mask and a pattern applied by :func:`stamp`,
-the one function that stamps a trigger; Neural Cleanse's reversed triggers use it too.
+the one function that stamps a trigger (:mod:`offline.stamp`, shared with the defences).
 """
 
 from __future__ import annotations
@@ -29,17 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from offline.stamp import stamp
+
 Array = np.ndarray | torch.Tensor
-
-
-def stamp(x: Array, mask: Array, pattern: Array) -> Array:
-    """Apply a trigger: ``(1 - mask) * x + mask * pattern``.
-
-    ``x`` is (N, C, H, W); ``mask`` broadcasts against it ((1, H, W) or (H, W)
-    shared by all channels) and ``pattern`` is (C, H, W). Works on numpy and
-    torch alike, so attacks, the scan and repair stamp triggers the same way.
-    """
-    return (1 - mask) * x + mask * pattern
 
 
 class Trigger(Protocol):

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from offline.attacks.training import BackdoorResult, accuracy, attack_success_rate, new_model, train_classifier
-from offline.attacks.triggers import MaskTrigger, stamp
+from offline.attacks.triggers import MaskTrigger
 from offline.data import Dataset
+from offline.stamp import stamp
 
 LAYER = "body.1"  # the ReLU after the first convolution: the hidden layer whose neurons the trigger drives
 

@@ -129,6 +129,7 @@ def test_nothing_but_the_guard_is_reachable_from_outside_the_pod() -> None:
         volumes["signing-public-key"]["secret"]["secretName"]
 
 
+@pytest.mark.torch  # trojan-forensics' parser
 def test_patch_job_calls_a_valid_patch_command_writing_the_bundle_the_guard_reads() -> None:
     docs = _manifests()
     job = _pod(docs["patch-job.yaml"])["containers"][0]
@@ -136,7 +137,10 @@ def test_patch_job_calls_a_valid_patch_command_writing_the_bundle_the_guard_read
     assert args.command == "patch"
     guard = next(c for c in _pod(docs["deployment.yaml"])["initContainers"] if c["name"] == "trojan-guard")
     assert args.out == _flags(guard["args"])["bundle"]
-    assert args.model_name == _flags(guard["args"])["model-name"]
+    from offline.flags import settings_from
+    from offline.patch.settings import PatchSettings
+
+    assert settings_from(args, PatchSettings).model_name == _flags(guard["args"])["model-name"]
 
 
 def test_dockerfiles_lint_clean_and_the_guard_image_has_no_torch() -> None:

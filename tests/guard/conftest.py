@@ -17,10 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from guard.client import free_port
-from guard.codec import infer_request, output_arrays
-from guard.proto import inference_pb2 as pb
-from guard.proto import inference_pb2_grpc
+from guard.transport.client import free_port
+from guard.transport.codec import infer_request, output_arrays
+from guard.transport.proto import inference_pb2 as pb
+from guard.transport.proto import inference_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 

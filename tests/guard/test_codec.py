@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from guard.codec import check_request_id, decode_inputs, encode_response, requested_outputs, trailing_metadata
-from guard.dataplane import Decision, InputVerdict
+from guard.decision import Decision, InputVerdict
 from guard.errors import InvalidInput, TooLarge
-from guard.proto import inference_pb2 as pb
+from guard.transport.codec import check_request_id, decode_inputs, encode_response, requested_outputs, trailing_metadata
+from guard.transport.proto import inference_pb2 as pb
 
 SHAPE = [-1, 1, 28, 28]
 

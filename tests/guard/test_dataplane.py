@@ -1,8 +1,9 @@
-"""The data plane without gRPC: fail-open and fail-closed when the screens cannot run."""
+"""The data plane without gRPC: fail-open and fail-closed when the screens cannot run, what it measures."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,6 @@ from guard.bundle import GuardBundle
 from guard.dataplane import Guard
 from guard.errors import ScreeningFailed
 from guard.settings import GuardSettings
-
-pytestmark = pytest.mark.slow
 
 
 class _NoBlends:
@@ -33,6 +32,7 @@ class _NoBlends:
         self.backend.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["closed", "open"])
 def test_screening_failure_follows_the_fail_mode(mode: str, guard_only_bundle: Path,
                                                  traffic: dict[str, np.ndarray]) -> None:
@@ -72,3 +72,57 @@ def test_providers_resolve_short_names_and_keep_the_cpu_as_fallback() -> None:
             resolve_providers("cuda")
     with pytest.raises(ValueError, match="has no NoSuchProvider"):
         resolve_providers("NoSuchProvider")
+
+
+def test_the_model_stage_records_each_batch_once_with_all_its_model_calls(committed_bundle: Path) -> None:
+    """A batch that calls the model three times (a sequential STRIP's rounds) is one observation of the "model"
+    stage, the sum of its calls; the "screen" stage gets the rest of the batch's time."""
+    bundle = GuardBundle.load(committed_bundle)
+    guard = Guard(GuardSettings(bundle=committed_bundle, admin_address="off", metrics_port=0), bundle)
+    x = bundle.pool[:3]
+    calls: list[float] = []
+
+    async def run():
+        await guard.start()
+        state = guard.current_state()
+        backend = state.backend
+        screen_run = state.screen.run
+
+        def three_rounds(infer, batch):  # two extra model calls before the real screening
+            for _ in range(2):
+                infer(batch)
+            return screen_run(infer, batch)
+
+        class Timed:
+            name = backend.name
+
+            def infer(self, batch):
+                start = time.perf_counter()
+                try:
+                    return backend.infer(batch)
+                finally:
+                    calls.append(time.perf_counter() - start)
+
+            def close(self):
+                backend.close()
+
+        state.backend, state.screen.run = Timed(), three_rounds
+        latency = guard.metrics.latency
+        before = (_sample(latency, "model", "_count"), _sample(latency, "model", "_sum"))
+        calls.clear()
+        try:
+            await guard.infer(x)
+        finally:
+            await guard.close()
+        return before, (_sample(latency, "model", "_count"), _sample(latency, "model", "_sum"))
+
+    (count0, sum0), (count1, sum1) = asyncio.run(run())
+    assert len(calls) >= 3
+    assert count1 - count0 == 1  # one batch, one observation (was: one per call, each the running total)
+    assert sum1 - sum0 == pytest.approx(sum(calls), rel=0.05, abs=1e-3)
+
+
+def _sample(histogram, stage: str, suffix: str) -> float:
+    """The stage histogram's _count or _sum for one stage."""
+    return next(s.value for metric in histogram.collect() for s in metric.samples
+                if s.name.endswith(suffix) and s.labels.get("stage") == stage)

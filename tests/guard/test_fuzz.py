@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guard.bundle import MANIFEST, BundleError, GuardBundle, sha256_file
-from guard.proto import inference_pb2 as pb
+from guard.transport.proto import inference_pb2 as pb
 
 from .conftest import GuardProcess, logits_of
 

@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2
 
 from guard.bundle import GuardBundle
 from guard.evidence import read_evidence
-from guard.proto import guard_admin_pb2 as admin_pb
-from guard.proto import guard_admin_pb2_grpc
-from guard.proto import inference_pb2 as pb
+from guard.transport.proto import guard_admin_pb2 as admin_pb
+from guard.transport.proto import guard_admin_pb2_grpc
+from guard.transport.proto import inference_pb2 as pb
 
 from .conftest import ROOT, GuardProcess, free_port, logits_of
 

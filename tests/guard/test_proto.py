@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _DUMP = """
 import json, sys
 if sys.argv[1] == "guard":
-    from guard.proto import inference_pb2 as m
+    from guard.transport.proto import inference_pb2 as m
 else:
     from tritonclient.grpc import service_pb2 as m
 fields = {}
@@ -39,9 +39,10 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     generated = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
-    committed = sorted(p.name for p in (ROOT / "guard" / "proto").iterdir() if "_pb2" in p.name)
+    stubs = ROOT / "guard" / "transport" / "proto"
+    committed = sorted(p.name for p in stubs.iterdir() if "_pb2" in p.name)
     assert generated == committed
-    stale = [n for n in generated if (tmp_path / n).read_bytes() != (ROOT / "guard" / "proto" / n).read_bytes()]
+    stale = [n for n in generated if (tmp_path / n).read_bytes() != (stubs / n).read_bytes()]
     assert not stale, f"stale stubs {stale}: run 'python scripts/gen_proto.py'"
 
 

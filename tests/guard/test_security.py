@@ -21,20 +21,19 @@ import numpy as np
 import pytest
 
 from guard.bundle import MANIFEST, BundleError, GuardBundle, sha256_file
-from guard.proto import guard_admin_pb2 as admin_pb
-from guard.proto import guard_admin_pb2_grpc, inference_pb2_grpc
-from guard.proto import inference_pb2 as pb
 from guard.signing import SIGNATURE, SignatureError, keygen, load_private_key, sign, trusted_keys, verify
+from guard.transport.proto import guard_admin_pb2 as admin_pb
+from guard.transport.proto import guard_admin_pb2_grpc, inference_pb2_grpc
+from guard.transport.proto import inference_pb2 as pb
 
 from .conftest import ROOT, GuardProcess, logits_of, request
-
-pytestmark = pytest.mark.slow
 
 
 def _admin(channel: grpc.Channel) -> guard_admin_pb2_grpc.GuardAdminStub:
     return guard_admin_pb2_grpc.GuardAdminStub(channel)
 
 
+@pytest.mark.slow
 def test_admin_answers_only_on_its_own_listener(guard_server: GuardProcess) -> None:
     for call in (lambda a: a.Status(admin_pb.StatusRequest(), timeout=5),
                  lambda a: a.ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path="/tmp"), timeout=5)):
@@ -45,6 +44,7 @@ def test_admin_answers_only_on_its_own_listener(guard_server: GuardProcess) -> N
     assert status.ready and status.model_name == "model"
 
 
+@pytest.mark.slow
 def test_admin_token_on_a_unix_socket(guard_only_bundle: Path, tmp_path: Path,
                                       traffic: dict[str, np.ndarray]) -> None:
     token = tmp_path / "admin.token"
@@ -75,6 +75,7 @@ def test_admin_token_on_a_unix_socket(guard_only_bundle: Path, tmp_path: Path,
         assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_an_admin_listener_off_loopback_needs_a_token(guard_only_bundle: Path, tmp_path: Path) -> None:
     def serve(address: str, *flags: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--bundle", str(guard_only_bundle),
@@ -114,8 +115,8 @@ def _resign(bundle: Path, key: Path, **provenance: str) -> None:
 @pytest.fixture(scope="module")
 def signed_bundle(case_dir: Path, guard_only_bundle: Path, keys: dict[str, Path]) -> Path:
     """The guard-only bundle written again by the patch job with --signing-key (every phase reused)."""
-    from offline.patch import PatchSettings, run_patch
-    from offline.repair import RepairSettings
+    from offline.patch.job import PatchSettings, run_patch
+    from offline.patch.repair import RepairSettings
 
     lines: list[str] = []
     out = case_dir / "signed"
@@ -129,6 +130,7 @@ def signed_bundle(case_dir: Path, guard_only_bundle: Path, keys: dict[str, Path]
     return out
 
 
+@pytest.mark.slow
 def test_signatures_catch_what_checksums_cannot(signed_bundle: Path, keys: dict[str, Path], tmp_path: Path) -> None:
     trusted = trusted_keys([keys["ours_pub"]])
     assert GuardBundle.load(signed_bundle, trusted).signed is not None
@@ -179,6 +181,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+@pytest.mark.slow
 def test_inspect_says_who_signed(signed_bundle: Path, guard_only_bundle: Path, keys: dict[str, Path]) -> None:
     ok = _cli("inspect", str(signed_bundle), "--trusted-key", str(keys["ours_pub"]))
     assert ok.returncode == 0, ok.stderr
@@ -189,6 +192,7 @@ def test_inspect_says_who_signed(signed_bundle: Path, guard_only_bundle: Path, k
     assert bad.returncode == 2 and "not among the trusted keys" in bad.stderr
 
 
+@pytest.mark.slow
 def test_serve_with_trusted_keys_refuses_unsigned_forged_and_rolled_back_bundles(
         signed_bundle: Path, guard_only_bundle: Path, keys: dict[str, Path], tmp_path: Path,
         traffic: dict[str, np.ndarray]) -> None:
@@ -268,6 +272,7 @@ def _ca(tmp_path: Path, name: str):
     return ca_path, issue
 
 
+@pytest.mark.slow
 def test_tls_and_client_certificates(guard_only_bundle: Path, tmp_path: Path,
                                      traffic: dict[str, np.ndarray]) -> None:
     ca, issue = _ca(tmp_path, "ours")
@@ -313,6 +318,7 @@ def test_tls_and_client_certificates(guard_only_bundle: Path, tmp_path: Path,
 
 # --- overload -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_flood_beyond_max_queue_is_shed_at_once_and_the_guard_serves_on(
         guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
     server = GuardProcess(guard_only_bundle, tmp_path, "--max-queue", "4", "--max-batch", "1")
@@ -364,16 +370,16 @@ class _SwapAfterHashing:
         return Digest()
 
 
-def test_a_file_swapped_after_its_check_is_not_what_the_guard_uses(tiny_bundle: Path, tmp_path: Path,
+def test_a_file_swapped_after_its_check_is_not_what_the_guard_uses(committed_bundle: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
     import guard.bundle
     from guard.dataplane import Guard
     from guard.settings import GuardSettings
-    from tests.conftest import other_model
+    from tests.toy import other_model
 
-    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    bundle = Path(shutil.copytree(committed_bundle, tmp_path / "bundle"))
     manifest = GuardBundle.load(bundle).manifest
     pool = np.load(bundle / "clean_pool.npy")
 
@@ -391,7 +397,7 @@ def test_a_file_swapped_after_its_check_is_not_what_the_guard_uses(tiny_bundle: 
     with pytest.raises(BundleError, match="SHA-256 mismatch"):
         GuardBundle.load(bundle)  # the swap is there, and caught by the next load
     shutil.rmtree(bundle)
-    shutil.copytree(tiny_bundle, bundle)
+    shutil.copytree(committed_bundle, bundle)
 
     # between load and serving: the model the guard runs is the one it verified
     x = pool[:4]
@@ -431,7 +437,7 @@ def _signed_version(source: Path, dest: Path, key: Path, version: int | None, cr
 
 
 def test_a_signed_bundle_version_below_the_floor_is_refused_at_start_and_at_reload(
-        tiny_bundle: Path, tmp_path: Path) -> None:
+        committed_bundle: Path, tmp_path: Path) -> None:
     import asyncio
 
     from guard.dataplane import Guard
@@ -439,9 +445,9 @@ def test_a_signed_bundle_version_below_the_floor_is_refused_at_start_and_at_relo
     from guard.settings import GuardSettings
 
     key, pub = keygen(tmp_path / "keys")
-    v3 = _signed_version(tiny_bundle, tmp_path / "v3", key, 3)
-    v5 = _signed_version(tiny_bundle, tmp_path / "v5", key, 5)
-    old = _signed_version(tiny_bundle, tmp_path / "old", key, None)  # written before the field: version 0
+    v3 = _signed_version(committed_bundle, tmp_path / "v3", key, 3)
+    v5 = _signed_version(committed_bundle, tmp_path / "v5", key, 5)
+    old = _signed_version(committed_bundle, tmp_path / "old", key, None)  # written before the field: version 0
     assert GuardBundle.load(old).manifest.bundle_version == 0
 
     # inspect and serve refuse below the floor: exit 2, one line
@@ -478,7 +484,7 @@ def test_a_signed_bundle_version_below_the_floor_is_refused_at_start_and_at_relo
     assert "below --min-bundle-version 4" in reload_from(v5, v3, allow_rollback=True, min_bundle_version=4)
 
 
-def test_an_upstream_right_only_on_the_bundles_own_images_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_an_upstream_right_only_on_the_bundles_own_images_is_refused(committed_bundle: Path, tmp_path: Path) -> None:
     """The upstream check compares logits and features on fresh blends the bundle does not carry."""
     from concurrent.futures import ThreadPoolExecutor as Pool
 
@@ -486,12 +492,13 @@ def test_an_upstream_right_only_on_the_bundles_own_images_is_refused(tiny_bundle
     from guard.dataplane import ServingState, make_metrics
     from guard.errors import ReloadFailed
     from guard.settings import GuardSettings
-    from tests.conftest import other_model
+    from guard.transport.upstream import UpstreamBackend
+    from tests.toy import other_model
 
-    bundle = GuardBundle.load(tiny_bundle)
+    bundle = GuardBundle.load(committed_bundle)
     m = bundle.manifest
     honest = EmbeddedBackend(bundle.model_bytes, m.input.name)
-    other = EmbeddedBackend(other_model(tiny_bundle / "model.onnx"), m.input.name)
+    other = EmbeddedBackend(other_model(committed_bundle / "model.onnx"), m.input.name)
     known = {row.tobytes() for row in bundle.pool}
 
     def cheating(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # the bundle's model on its own images only
@@ -503,10 +510,10 @@ def test_an_upstream_right_only_on_the_bundles_own_images_is_refused(tiny_bundle
         logits, features = honest.infer(x)
         return logits, features + 0.5
 
-    settings = GuardSettings(bundle=tiny_bundle, backend="upstream", upstream="127.0.0.1:1", admin_address="off",
+    settings = GuardSettings(bundle=committed_bundle, backend="upstream", upstream="127.0.0.1:1", admin_address="off",
                              metrics_port=0)
     with Pool(1) as pool:
-        state = ServingState(bundle, settings, make_metrics(bundle), "model", pool)
+        state = ServingState(bundle, settings, make_metrics(bundle), "model", pool, UpstreamBackend)
         try:
             state.backend.infer = honest.infer
             state._check_upstream_serves_the_bundle()
@@ -524,6 +531,7 @@ VERDICT_ONLY = {"guard_verdict", "guard_flagged", "guard_flagged_count", "guard_
                 "guard_input_flags"}
 
 
+@pytest.mark.slow
 def test_scores_are_no_oracle_clients_get_the_verdict_only(
         guard_server: GuardProcess, traffic: dict[str, np.ndarray]) -> None:
     from guard.evidence import read_evidence
@@ -556,6 +564,7 @@ def test_scores_are_no_oracle_clients_get_the_verdict_only(
 
 # --- request ids, the evidence backlog and concurrent calls are bounded ---------------------------------------
 
+@pytest.mark.slow
 def test_a_request_id_longer_than_256_bytes_is_refused(guard_server: GuardProcess,
                                                         traffic: dict[str, np.ndarray]) -> None:
     x = traffic["triggered_x"][3:4]  # a flagged input: its id would be copied into the evidence
@@ -569,6 +578,7 @@ def test_a_request_id_longer_than_256_bytes_is_refused(guard_server: GuardProces
     assert answer.id == "z" * 256
 
 
+@pytest.mark.slow
 def test_a_flood_of_flagged_inputs_cannot_queue_evidence_without_bound(
         guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
     from guard.dataplane import Guard
@@ -608,6 +618,7 @@ def test_a_flood_of_flagged_inputs_cannot_queue_evidence_without_bound(
     assert audit.problems == []
 
 
+@pytest.mark.slow
 def test_calls_beyond_max_concurrent_rpcs_are_refused_before_decoding_and_the_guard_serves_on(
         guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
     from guard.settings import GuardSettings

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from guard.bundle import GuardBundle
 from guard.evidence import read_evidence
-from guard.proto import inference_pb2 as pb
+from guard.transport.proto import inference_pb2 as pb
 
 from .conftest import GuardProcess, logits_of, request
 
@@ -240,9 +240,9 @@ def test_tritonclient_against_a_wanet_model_the_scan_misses(mnist_splits, tmp_pa
     from offline.attacks.training import backdoor_targets
     from offline.attacks.wanet import WaNetSettings, train_wanet
     from offline.models import save_torchscript
-    from offline.neural_cleanse import NeuralCleanseConfig
-    from offline.patch import PatchSettings, run_patch, split_clean
-    from offline.repair import RepairSettings
+    from offline.patch.job import PatchSettings, run_patch, split_clean
+    from offline.patch.repair import RepairSettings
+    from offline.scan.settings import NeuralCleanseConfig
 
     train, held_out = mnist_splits
     wanet = train_wanet(train, held_out, 0, WaNetSettings(), seed=111)  # the coverage matrix's wanet-a

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from guard.proto import inference_pb2 as pb
-from guard.proto import inference_pb2_grpc
+from guard.transport.proto import inference_pb2 as pb
+from guard.transport.proto import inference_pb2_grpc
 
 from .conftest import GuardProcess, free_port, logits_of
 

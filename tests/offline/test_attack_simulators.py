@@ -25,7 +25,7 @@ from offline.attacks.tact import TactSettings, train_tact
 from offline.attacks.wanet import WaNetSettings, train_wanet
 from offline.cli import main
 from offline.errors import ForensicsError
-from offline.patch import load_true_trigger
+from offline.patch.job import load_true_trigger
 
 
 def _beats_clean(result: BackdoorResult, clean: BackdoorResult, test, margin: float = 0.5) -> None:

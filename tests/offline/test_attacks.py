@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from offline.attacks import BackdoorResult, BlendTrigger, PatchTrigger, poison_indices, stamp, train_backdoored_model
+from offline.attacks import BackdoorResult, BlendTrigger, PatchTrigger, poison_indices, train_backdoored_model
+from offline.stamp import stamp
 
 
 def test_stamp_works_alike_on_numpy_and_torch() -> None:

@@ -73,7 +73,7 @@ def test_poison_larger_than_the_clean_part_is_marked_ambiguous(mnist_splits) -> 
     cluster leaves the label (the probe learned the label from the poison), the label is flagged, and it
     is marked ambiguous because the suspects it lists are the clean rows. (At 10 %, half the label, the
     clusters are too close to call; whether the label is flagged there depends on the machine's
-    floating point: see docs/measurements.md.)"""
+    floating point: see docs/lab/measurements.md.)"""
     bd, x, y = _poisoned(mnist_splits, PatchTrigger(4), 3, 0.15, seed=0)
     report = audit(ForensicModel(bd.model, "body.8"), x, y)
     target = next(c for c in report["classes"] if c["label"] == 3)

@@ -68,7 +68,7 @@ def test_help_lists_commands_and_defaults(capsys) -> None:
         main(["scan", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "--features-layer" in out and "--repeats" in out and "(0.1)" in out
+    assert "--features-layer" in out and "--repeats" in out and "(default: 0.1)" in out
 
 
 def test_train_arch_resnet18_on_rgb_signs(capsys, tmp_path: Path, tiny_signs) -> None:

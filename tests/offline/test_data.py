@@ -106,7 +106,8 @@ def test_embedded_forty_class_sets(spec: str, channels: int) -> None:
 def test_signs_are_43_rgb_classes_drawn_from_a_seed() -> None:
     """signs: 32x32 RGB in [0, 1], every class present, the same images from the same seed, others from
     another; the sign families tell apart by colour (a mandatory sign is blue, a limit sign's rim red)."""
-    from offline.signs import load_signs, sign_classes
+    from offline.data import load_signs
+    from offline.signs import sign_classes
 
     data = load_signs(per_class=6)
     assert data.x.shape == (43 * 6, 3, 32, 32) and data.x.dtype == np.float32 and data.num_classes == 43

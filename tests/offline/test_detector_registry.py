@@ -12,7 +12,7 @@ import pytest
 from guard.bundle import MANIFEST, BundleError, GuardBundle, GuardManifest, sha256_file, write_bundle
 from guard.dataplane import make_metrics
 from guard.screens.registry import BY_NAME, DETECTORS, TRIGGER_FREE
-from offline.calibrate import CalibrationSettings, calibrate
+from offline.patch.calibrate import CalibrationSettings, calibrate
 from tests.toy import TOY_VARIANTS
 from tests.toy import toy_images as _images
 from tests.toy import toy_infer_with_variants as _infer

@@ -328,8 +328,8 @@ def test_ibd_psc_variants_are_the_model_with_its_last_batchnorm_layers_amplified
     outputs stay the model's."""
     import copy
 
-    from offline.export import INPUT_NAME, export_onnx
-    from offline.ibdpsc import add_variants, amplifiable_layers, choose_variants
+    from offline.patch.export import INPUT_NAME, export_onnx
+    from offline.patch.ibdpsc import add_variants, amplifiable_layers, choose_variants
 
     net = build_resnet_with_statistics()
     save_torchscript(net, tmp_path / "r.pt")

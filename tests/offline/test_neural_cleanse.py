@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from offline.neural_cleanse import (
+from offline.scan.neural_cleanse import (
     ROLES,
     TABOR_TERMS,
     NeuralCleanseConfig,

@@ -179,9 +179,9 @@ def test_scope_suspect_spends_the_refusals_on_the_flagged_class(guard_only_bundl
 
     from guard.dataplane import Guard
     from guard.settings import GuardSettings
-    from offline.calibrate import CalibrationSettings
-    from offline.patch import PatchSettings, run_patch
-    from offline.repair import RepairSettings
+    from offline.patch.calibrate import CalibrationSettings
+    from offline.patch.job import PatchSettings, run_patch
+    from offline.patch.repair import RepairSettings
 
     out = case_dir / "guard-only-scoped"
     lines: list[str] = []
@@ -226,7 +226,8 @@ def test_scope_suspect_spends_the_refusals_on_the_flagged_class(guard_only_bundl
 # --- what the job signs is what its phases wrote (issue 33) ------------------------------------------------------
 
 def test_a_model_swapped_in_the_work_directory_is_redone_not_signed(tiny_case: Path, tmp_path: Path) -> None:
-    from tests.conftest import other_model, run_tiny_patch
+    from tests.tiny import run_tiny_patch
+    from tests.toy import other_model
 
     out, work = tmp_path / "bundle", tmp_path / "work"
     run_tiny_patch(tiny_case, out, work)
@@ -262,9 +263,9 @@ def _key_body(key: Path) -> bytes:
 
 def test_a_link_to_the_signing_key_in_the_work_directory_never_reaches_the_bundle(
         tiny_case: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import guard.signing
+    import guard.bundle
     from guard.signing import keygen, trusted_keys
-    from tests.conftest import run_tiny_patch
+    from tests.tiny import run_tiny_patch
 
     key, pub = keygen(tmp_path / "keys")
     out, work = tmp_path / "bundle", tmp_path / "work"
@@ -273,13 +274,13 @@ def test_a_link_to_the_signing_key_in_the_work_directory_never_reaches_the_bundl
     (work / "report").mkdir(exist_ok=True)
     (work / "report" / "key.pem").symlink_to(key)
     key_reads: list[bool] = []
-    real_load = guard.signing.load_private_key
+    real_load = guard.bundle.load_private_key  # sign_bundle reads the key through it
 
     def load_private_key(path):  # the key is read once, when every phase is done and the bundle is complete
         key_reads.append((work / "evaluate" / "result.json").exists() and (work / "report" / "report.html").exists())
         return real_load(path)
 
-    monkeypatch.setattr(guard.signing, "load_private_key", load_private_key)
+    monkeypatch.setattr(guard.bundle, "load_private_key", load_private_key)
     said, warned = run_tiny_patch(tiny_case, out, work, signing_key=str(key))
     assert any("phase scan" in w and "notes.txt is a symbolic link" in w for w in warned), warned
     assert key_reads == [True] and any("signed by key" in line for line in said)
@@ -372,9 +373,9 @@ def test_patch_on_a_traced_model_writes_a_bundle_the_guard_serves(tiny_case: Pat
     import onnxruntime as ort
     import torch
 
-    from offline.patch import run_patch
-    from tests.conftest import tiny_settings
+    from offline.patch.job import run_patch
     from tests.offline.test_models import ThirdPartyLeNet, save_traced
+    from tests.tiny import tiny_settings
 
     net = ThirdPartyLeNet(badnets_model.model).eval()
     save_traced(net, tmp_path / "traced.pt")
@@ -399,9 +400,9 @@ def test_patch_on_an_rgb_resnet_with_batchnorm_writes_a_bundle_the_guard_serves(
     import torch
 
     from guard.backends import EmbeddedBackend
-    from offline.calibrate import CalibrationSettings
-    from offline.patch import run_patch
-    from tests.conftest import tiny_settings
+    from offline.patch.calibrate import CalibrationSettings
+    from offline.patch.job import run_patch
+    from tests.tiny import tiny_settings
 
     out = tmp_path / "bundle"
     calibration = CalibrationSettings(strip_n=5, pool_size=40, strip_group=0,
@@ -455,8 +456,8 @@ def test_a_logits_only_onnx_resnet_gets_its_features_output_in_the_bundle(signs_
     import onnxruntime as ort
     import torch
 
-    from offline.patch import run_patch
-    from tests.conftest import tiny_settings
+    from offline.patch.job import run_patch
+    from tests.tiny import tiny_settings
 
     net = torch.jit.load(str(signs_resnet_case / "model.pt")).eval()
     torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(tmp_path / "user.onnx"), input_names=["images"],

@@ -9,7 +9,7 @@ import pytest
 
 from offline.attacks import BackdoorResult, PatchTrigger
 from offline.models import ForensicModel
-from offline.repair import Evaluator, RepairSettings, repair
+from offline.patch.repair import Evaluator, RepairSettings, repair
 
 
 @pytest.fixture()
@@ -76,7 +76,7 @@ def test_a_repair_whose_every_epoch_wrecks_accuracy_leaves_the_model_as_it_was(s
 def test_grow_mask_dilates_by_whole_pixels() -> None:
     import torch
 
-    from offline.repair import grow_mask
+    from offline.patch.repair import grow_mask
 
     mask = torch.zeros(1, 7, 7)
     mask[0, 3, 3] = 1.0
@@ -123,10 +123,14 @@ def test_unknown_optimizer_is_refused(setup) -> None:
 
 
 def test_the_cli_offers_every_repair_method() -> None:
-    from offline.cli import REPAIR_METHODS
-    from offline.repair import METHODS
+    from offline.cli import build_parser
+    from offline.flags import settings_from
+    from offline.patch.repair import METHODS
 
-    assert sorted(REPAIR_METHODS) == sorted(METHODS)
+    parser = build_parser()
+    for method in METHODS:
+        args = parser.parse_args(["patch", "--model", "m.pt", "--out", "o", "--repair", method])
+        assert settings_from(args, RepairSettings).method == method
 
 
 def test_anp_prunes_by_its_masks_within_the_budget(setup) -> None:
@@ -174,7 +178,7 @@ def test_ibau_hypergradient_adds_the_implicit_term(setup) -> None:
     import torch
     import torch.nn.functional as F
 
-    from offline.repair.ibau import _hypergradient, universal_perturbation
+    from offline.patch.repair.ibau import _hypergradient, universal_perturbation
 
     model, fit, _, _ = setup
     x, y = torch.from_numpy(fit.x[:64]), torch.from_numpy(fit.y[:64])
@@ -204,7 +208,7 @@ def test_nad_distills_attention_from_a_fine_tuned_teacher(setup) -> None:
 
 
 def test_auto_picks_the_method_for_the_data_size_and_says_why(setup) -> None:
-    from offline.repair import default_method
+    from offline.patch.repair import default_method
 
     model, fit, select, measure = setup
     report = repair(model, fit.x, fit.y, select, measure, RepairSettings(unlearn_epochs=1))

@@ -13,7 +13,7 @@ import pytest
 from offline.attacks import BackdoorResult, PatchTrigger
 from offline.data import Dataset
 from offline.models import load_model, save_torchscript
-from offline.neural_cleanse import scan
+from offline.scan.neural_cleanse import scan
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ def test_traced_and_single_output_onnx_models_are_scanned_end_to_end(tmp_path: P
 
 def test_tabor_metric_scores_the_true_trigger_low_and_a_trigger_over_the_digit_high(badnets_model: BackdoorResult,
                                                                                    mnist_splits) -> None:
-    from offline.neural_cleanse import tabor_metric
+    from offline.scan.neural_cleanse import tabor_metric
 
     _, clean = mnist_splits
     model = badnets_model.model.eval()
