@@ -104,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--true-trigger", default=None,
                     help="evaluation mode: attack.json from 'train'; the report gives the recovered trigger's "
                          "overlap with it")
+    rp.add_argument("--evidence", default=None, metavar="DIR",
+                    help="the guard's evidence store (serve --evidence-dir): the report's impact gains the "
+                         "deployment exposure (flagged inputs, by detector, when, answered as what, the chain "
+                         "checked, a strip of the inputs)")
+    rp.add_argument("--metrics", default=None, metavar="FILE_OR_URL",
+                    help="with --evidence: the guard's Prometheus metrics, a file saved from /metrics or its URL "
+                         "(requests and inputs served since the bundle was loaded)")
+    rp.add_argument("--evidence-key-file", default=None,
+                    help="the guard's --evidence-key-file: the evidence chain's HMAC links are verified with it")
     rp.add_argument("--audit", default=None,
                     help="audit.json from 'trojan-forensics audit' of the model's training set: its clustering "
                          "statistics join the detection section (kept in the bundle's report/ for later rebuilds)")
@@ -140,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(%(default)s) ...")
     au.add_argument("--max-cluster-share", type=fraction, default=0.35,
                     help="... and its smaller cluster holds at most this share of the label (%(default)s)")
+    au.add_argument("--scan", default=None, metavar="SCAN_JSON",
+                    help="scan.json of the same model (from 'scan', or a bundle's report/scan.json): the "
+                         "trigger-informed audit ranks each flagged label's rows by how much they behave like "
+                         "its recovered trigger (cut out, the model leaves the label; near other images "
+                         "stamped with it) and cuts where two populations separate, whatever their shares")
     au.add_argument("--expected-poison-rate", type=fraction, default=0.1,
                     help="expected poisoned share of a label; spectral signatures remove 1.5x that (%(default)s)")
     _device_flag(au)
@@ -330,6 +344,18 @@ def _cmd_poison_rate(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _exposure(args: argparse.Namespace) -> tuple[dict[str, Any], bytes | None]:
+    """``report --evidence``: the deployment exposure, from the guard's evidence store (and metrics)."""
+    from guard.evidence import load_key
+    from offline.exposure import deployment_exposure
+
+    try:
+        key = load_key(args.evidence_key_file) if args.evidence_key_file else None
+    except OSError as exc:
+        raise ForensicsError(str(exc)) from exc
+    return deployment_exposure(args.evidence, args.metrics, key=key)
+
+
 def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
@@ -354,6 +380,8 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
             raise ForensicsError(f"{args.audit}: not a readable audit.json ({exc})") from exc
         if not isinstance(audit, dict) or "classes" not in audit or "activation_clustering" not in audit:
             raise ForensicsError(f"{args.audit}: not an audit.json written by 'trojan-forensics audit'")
+    if args.metrics and not args.evidence:
+        raise ForensicsError("--metrics goes with --evidence (the guard's evidence store)")
     was_signed = (bundle.root / SIGNATURE).exists()
     # the report is rebuilt beside the bundle and the bundle rewritten with it, so guard.json lists it
     with tempfile.TemporaryDirectory() as tmp:
@@ -371,6 +399,11 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
                 kept[name] = data
         if audit is not None:
             write_json_atomic(report_dir / "audit.json", audit)
+        if args.evidence:
+            exposure, strip = _exposure(args)
+            write_json_atomic(report_dir / "exposure.json", exposure)
+            if strip is not None:
+                (report_dir / "exposure_inputs.png").write_bytes(strip)
         report = build_report(report_dir, bundle.manifest.model_dump(), args.true_trigger)
         written = report_files(report_dir)
         try:
@@ -393,9 +426,10 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from offline.audit import AuditSettings, audit, detection_quality
+    from offline.audit import AuditSettings, audit, detection_quality, load_recovered_triggers
     from offline.jobs import load_case, write_json_atomic
 
+    triggers = load_recovered_triggers(args.scan) if args.scan else None  # a bad path fails before the model loads
     case = load_case(args.model, args.data, None, args.device)
     truth = None
     if str(args.data).endswith(".npz"):
@@ -409,12 +443,15 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     def progress(items, total, desc):  # a bar on a terminal, silence in logs and pipes
         return tqdm(items, total=total, desc=desc, unit="label", disable=True if args.quiet else None)
 
-    report = audit(case.model, case.data.x, case.data.y, settings, progress)
+    report = audit(case.model, case.data.x, case.data.y, settings, progress, triggers)
     report["model_sha256"], report["data"] = case.model_sha256, case.data.source
     if truth is not None:
         report["evaluation"] = {
             "activation_clustering": detection_quality(report["activation_clustering"]["flagged_indices"], truth),
             "spectral_signatures": detection_quality(report["spectral_signatures"]["removed_indices"], truth)}
+        if "trigger_informed" in report:
+            report["evaluation"]["trigger_informed"] = detection_quality(
+                report["trigger_informed"]["flagged_indices"], truth)
     out = Path(args.out)
     write_json_atomic(out / "audit.json", report)
     print(f"audited {report['samples']} samples at layer {report['settings']['layer']} "
@@ -432,6 +469,11 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     print(f"activation clustering: flagged labels {report['flagged_classes'] or 'none'}, "
           f"{len(ac['flagged_indices'])} suspect samples; spectral signatures: "
           f"{len(ss['removed_indices'])} samples to remove")
+    for t in report.get("trigger_informed", {}).get("classes", []):
+        print(f"trigger-informed, label {t['label']}: {t['flagged']} of {t['count']} rows flagged "
+              f"({t['share']:.0%}; populations {t['separation']:.1f} SD apart; cutting the trigger's area "
+              f"costs the label's log-probability {t['cut_drop_flagged']:.2f} on them, {t['cut_drop_clean']:.2f} "
+              f"on the rest)")
     for name, q in report.get("evaluation", {}).items():
         print(f"  against poison_idx ({q['poisoned']} poisoned): {name.replace('_', ' ')}: precision "
               f"{q['precision']:.1%}, recall {q['recall']:.1%}")

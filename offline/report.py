@@ -118,6 +118,7 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
     per_class = scan.get("per_class", [])
     truth = _read_json(Path(true_trigger_file)) if true_trigger_file else {}
     audit = _read_json(report_dir / "audit.json")
+    exposure = _read_json(report_dir / "exposure.json")
 
     triggers = []
     for rec in scan.get("recovered_triggers", []):
@@ -173,7 +174,8 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                    "asr_measured_with": "true trigger" if asr_key == "true_asr" else "recovered trigger",
                    "affected": (f"inputs of every other class carrying the trigger are classified as "
                                 f"{', '.join(class_names[c] if class_names else str(c) for c in flagged)}")
-                   if backdoored else "none found"},
+                   if backdoored else "none found",
+                   "deployment": exposure or None},
         "repair": {"method": repair.get("method"), "before": before, "after": after,
                    "guard": {"detectors": verdict_spec.get("detectors", []), "rule": verdict_spec.get("rule"),
                              "frr": verdict_spec.get("frr"), "classes": verdict_spec.get("classes", []),
@@ -196,6 +198,9 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
                           ("pattern", f"triggers/class_{t['class']}_pattern.png")):
             if name and (report_dir / name).is_file():
                 images[f"{key}_{t['class']}"] = _png_data_uri((report_dir / name).read_bytes())
+    strip = (exposure.get("strip") or {}).get("file")
+    if strip and (report_dir / strip).is_file():
+        images["exposure"] = _png_data_uri((report_dir / strip).read_bytes())
     (report_dir / "report.html").write_text(_html(report, images))
     return report
 
@@ -236,6 +241,39 @@ def _audit_html(a: dict[str, Any] | None) -> str:
             f"({a['flagged_samples']} suspect samples); spectral signatures would remove {a['spectral_removed']}."
             f"</p><ul>{scored}</ul><table><tr><th>label</th><th>samples</th><th>silhouette</th><th>suspects</th>"
             f"<th>kept in label</th><th>mostly sent to</th><th>spectral peak</th><th></th></tr>{rows}</table>")
+
+
+def _counts(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+
+
+def _exposure_html(x: dict[str, Any] | None, strip: str | None) -> str:
+    """The impact in production, from the guard's evidence (and metrics): ``report --evidence``."""
+    if not x:
+        return ""
+    e = html.escape
+    m = x.get("metrics") or {}
+    served = ""
+    if m:
+        inputs = m.get("inputs_by_verdict", {})
+        requests = m.get("requests_by_action", {})
+        served = (f"<li>served since the bundle was loaded ({e(str(m.get('source')))}): "
+                  f"{int(sum(requests.values()))} requests ({e(_counts(requests))}), "
+                  f"{int(sum(inputs.values()))} inputs ({e(_counts(inputs))}); flagged by detector: "
+                  f"{e(_counts(m.get('flagged_by_detector', {})))}</li>")
+    chain = x.get("chain", {})
+    intact = ("the evidence chain is intact" + (" and authenticated (HMAC)" if chain.get("authenticated") else "")
+              if not chain.get("altered") and not chain.get("problems") else
+              f"the evidence chain is NOT intact: {chain.get('altered', 0)} altered record(s); "
+              + "; ".join(chain.get("problems", [])))
+    img = f"<figure><img alt='flagged inputs' src='{strip}'><figcaption>the last flagged inputs, with the class " \
+          f"the model answered and the detectors behind the refusal</figcaption></figure>" if strip else ""
+    return (f"<h3 id='exposure'>Deployment exposure</h3><ul>{served}"
+            f"<li>flagged inputs kept as evidence: {x['flagged_inputs']} in {x['requests']} request(s), "
+            f"{e(str(x.get('first_flagged')))} to {e(str(x.get('last_flagged')))}</li>"
+            f"<li>by detector: {e(_counts(x.get('flagged_by_detector', {})))}</li>"
+            f"<li>answered with class: {e(_counts(x.get('answered_with', {})))}</li>"
+            f"<li>{e(intact)}</li></ul><div class='imgs'>{img}</div>")
 
 
 def _pct(v: Any) -> str:
@@ -308,6 +346,7 @@ SHA-256 <code>{e(str(tri.get('sha256')))}</code></li>
 <h2>4. Impact</h2><ul><li>clean accuracy: {_pct(r['impact']['clean_accuracy'])}</li>
 <li>attack success rate ({e(r['impact']['asr_measured_with'])}): {_pct(r['impact']['attack_success_rate'])}</li>
 <li>affected: {e(r['impact']['affected'])}</li></ul>
+{_exposure_html(r['impact'].get('deployment'), images.get('exposure'))}
 <h2>5. Repair</h2><p>method: {e(str(rep['method']))}</p>
 <table><tr><th></th><th>before</th><th>after</th></tr>{repair_rows}</table>
 <p>Guard verdict: {e(', '.join(p for p in parts if p))} combined by {e(str(g.get('rule')))}'s rule at one

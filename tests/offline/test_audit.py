@@ -133,3 +133,32 @@ def test_cli_audit_rejects_mismatched_data(tmp_path: Path, capsys, case_dir: Pat
     err = capsys.readouterr().err
     assert code != 0 and "only 10 outputs" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "audit.json").exists()
+
+
+def test_the_recovered_trigger_finds_poison_that_is_half_its_label(badnets_model, patched) -> None:
+    """10 % of the set poisoned is half of label 3: activation clustering's minority assumption fails there;
+    the scan's recovered trigger separates the two halves (cut out, the poison leaves the label; clean rows
+    keep it). The same trigger on a label it does not belong to flags nothing."""
+    from offline.audit import RecoveredTrigger, load_recovered_triggers, trigger_informed
+
+    bundle, _ = patched
+    triggers = load_recovered_triggers(bundle / "report" / "scan.json")
+    assert [t.target for t in triggers] == [3]
+    model = ForensicModel(badnets_model.model, "body.8")
+    x, y = badnets_model.train_x, badnets_model.train_y
+    report = audit(model, x, y, triggers=triggers)
+    found = detection_quality(report["trigger_informed"]["flagged_indices"], badnets_model.poison_idx)
+    assert found["precision"] >= 0.95 and found["recall"] >= 0.95, found
+    assert 0.4 < report["trigger_informed"]["classes"][0]["share"] < 0.6
+    elsewhere = trigger_informed(model, x, y, [RecoveredTrigger(5, triggers[0].mask, triggers[0].pattern)],
+                                 clustering_layer(model))
+    assert elsewhere[0].flagged == 0, elsewhere
+
+
+def test_audit_with_a_scan_that_is_not_one_is_a_one_line_error(tmp_path: Path, capsys, case_dir: Path) -> None:
+    (tmp_path / "scan.json").write_text("not json")
+    code = main(["audit", "--quiet", "--model", str(case_dir / "model.pt"), "--data", str(case_dir / "clean.npz"),
+                 "--scan", str(tmp_path / "scan.json"), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a usable scan.json" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()

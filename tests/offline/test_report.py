@@ -119,3 +119,88 @@ def test_report_includes_a_training_data_audit(patched: tuple[Path, dict], tmp_p
     # a later rebuild without --audit keeps the section
     assert main(["report", "--bundle", str(bundle)]) == 0
     assert json.loads((bundle / "report" / "report.json").read_text())["detection"]["training_data_audit"]
+
+
+def test_deployment_exposure_counts_what_the_guard_kept_and_served(tmp_path: Path) -> None:
+    """From an evidence store and a metrics snapshot as the guard writes them: flagged inputs by detector and
+    answered class, first and last time, the chain checked, the served counts, a strip of the inputs."""
+    from prometheus_client import generate_latest
+
+    from guard.evidence import EvidenceStore
+    from guard.metrics import GuardMetrics
+    from offline.errors import DataError
+    from offline.exposure import deployment_exposure
+
+    store = EvidenceStore(tmp_path / "evidence", 1 << 24, 1 << 20)
+    rng = np.random.default_rng(0)
+    for i, (detectors, predicted) in enumerate([(["strip"], "7"), (["strip", "knn"], "7"), (["knn"], "3")]):
+        store.append(rng.random((1, 8, 8)).astype(np.float32), request_id=f"r{i}", input_index=0, model="m",
+                     bundle_sha256="ab" * 32, policy="enforce", detectors=detectors, p_value=0.001, scores={},
+                     p_values={}, predicted=predicted)
+    metrics = GuardMetrics()
+    metrics.requests.labels("m", "clean", "answered").inc(40)
+    metrics.requests.labels("m", "flagged", "refused").inc(3)
+    metrics.inputs.labels("m", "clean").inc(40)
+    metrics.inputs.labels("m", "flagged").inc(3)
+    metrics.detections.labels("m", "strip").inc(2)
+    (tmp_path / "metrics.txt").write_bytes(generate_latest(metrics.registry))
+
+    summary, strip = deployment_exposure(tmp_path / "evidence", str(tmp_path / "metrics.txt"))
+    assert summary["flagged_inputs"] == 3 and summary["requests"] == 3
+    assert summary["flagged_by_detector"] == {"strip": 2, "knn": 2}
+    assert summary["answered_with"] == {"7": 2, "3": 1}
+    assert summary["first_flagged"] <= summary["last_flagged"]
+    assert summary["chain"]["altered"] == 0 and not summary["chain"]["problems"]
+    m = summary["metrics"]
+    assert m["requests_by_action"] == {"answered": 40, "refused": 3} and m["inputs_by_verdict"]["flagged"] == 3
+    assert m["flagged_by_detector"] == {"strip": 2}
+    assert strip is not None and strip.startswith(b"\x89PNG") and summary["strip"]["inputs"] == 3
+
+    (tmp_path / "other.txt").write_text("# nothing of the guard\nup 1\n")
+    with pytest.raises(DataError, match="no trojan_guard_"):
+        deployment_exposure(tmp_path / "evidence", str(tmp_path / "other.txt"))
+    with pytest.raises(DataError, match="not a directory"):
+        deployment_exposure(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_the_report_shows_a_real_guard_runs_exposure_in_chromium(guard_only_bundle: Path, tmp_path: Path,
+                                                                   traffic: dict[str, np.ndarray]) -> None:
+    """The guard serves the unrepaired model with evidence kept; triggered requests are refused; the report
+    built from its evidence store and its /metrics endpoint shows the exposure, and renders."""
+    import grpc
+
+    from offline.cli import main
+    from tests.guard.conftest import GuardProcess, request
+
+    bundle = Path(shutil.copytree(guard_only_bundle, tmp_path / "bundle"))
+    server = GuardProcess(bundle, tmp_path, "--evidence-dir", str(tmp_path / "evidence"))
+    try:
+        server.stub.ModelInfer(request(traffic["clean_x"][:4]))
+        refused = 0
+        for x in traffic["triggered_x"][:6]:
+            try:
+                server.stub.ModelInfer(request(x[None]))
+            except grpc.RpcError as exc:
+                refused += exc.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert refused >= 5
+        metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        assert main(["report", "--bundle", str(bundle), "--evidence", str(tmp_path / "evidence"),
+                     "--metrics", metrics_url]) == 0
+    finally:
+        server.stop()
+    report = json.loads((bundle / "report" / "report.json").read_text())
+    exposure = report["impact"]["deployment"]
+    assert exposure["flagged_inputs"] >= refused and exposure["metrics"]["requests_by_action"]["refused"] == refused
+    assert set(exposure["answered_with"]) == {"3"}  # the backdoor's target: what the model would have answered
+    page = tmp_path / "report.html"
+    shutil.copy(bundle / "report" / "report.html", page)
+    run = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    dom = run.stdout
+    loaded = int(dom.split('data-images-loaded="')[1].split('"')[0])
+    assert loaded == int(dom.split('data-images-total="')[1].split('"')[0])
+    section = dom.split('id="exposure"')[1][:3000]
+    assert f"flagged inputs kept as evidence: {exposure['flagged_inputs']}" in section
+    assert "alt=\"flagged inputs\"" in section and "evidence chain is intact" in section
