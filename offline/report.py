@@ -188,7 +188,8 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         "attribution": {"atlas": [{"id": k, "name": v[0], "why": v[1]} for k, v in ATLAS.items()] if backdoored
                         else [],
                         "trigger_character": [t["character"] for t in triggers],
-                        "known_trigger": (truth.get("trigger") or {}).get("kind")},
+                        "known_trigger": (truth.get("trigger") or {}).get("kind"),
+                        "poisoning": _poisoning(audit, triggers)},
     }
     write_json_atomic(report_dir / "report.json", report)
     images = {"anomaly": _png_data_uri(anomaly_chart_png(per_class, scan.get("threshold", 2.0), class_names))
@@ -203,6 +204,26 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
         images["exposure"] = _png_data_uri((report_dir / strip).read_bytes())
     (report_dir / "report.html").write_text(_html(report, images))
     return report
+
+
+def _poisoning(audit: dict[str, Any], triggers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The poisoning rate the trigger-informed audit estimates, against the rates the literature reports as
+    enough for the trigger's family (``offline.attacks.rates``)."""
+    found = audit.get("trigger_informed") if audit else None
+    if not found or not audit.get("samples") or not triggers:
+        return None
+    from offline.attacks.rates import LITERATURE
+
+    family = "patch" if triggers[0]["character"].startswith("patch") else "blended"
+    entry = next(r for r in LITERATURE if r.family == family)
+    rate = len(found["flagged_indices"]) / audit["samples"]
+    reading = ("no poisoned rows found in the flagged label(s)" if rate == 0 else
+               "below" if rate < entry.low else "above" if rate > entry.high else "within")
+    if rate:
+        reading += (f" the {100 * entry.low:g}-{100 * entry.high:g} % the literature reports as enough for a "
+                    f"{family} trigger ({entry.sources.split(';')[0]})")
+    return {"family": family, "flagged_rows": len(found["flagged_indices"]), "samples": audit["samples"],
+            "estimated_rate": round(rate, 5), "literature_range": [entry.low, entry.high], "reading": reading}
 
 
 def _audit_summary(audit: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +295,14 @@ def _exposure_html(x: dict[str, Any] | None, strip: str | None) -> str:
             f"<li>by detector: {e(_counts(x.get('flagged_by_detector', {})))}</li>"
             f"<li>answered with class: {e(_counts(x.get('answered_with', {})))}</li>"
             f"<li>{e(intact)}</li></ul><div class='imgs'>{img}</div>")
+
+
+def _poisoning_html(p: dict[str, Any] | None) -> str:
+    if not p:
+        return ""
+    return (f"<p id='poisoning'>Poisoning (trigger-informed audit): {p['flagged_rows']} of {p['samples']} "
+            f"training rows, an estimated {100 * p['estimated_rate']:.2f} % of the set: "
+            f"{html.escape(p['reading'])}.</p>")
 
 
 def _pct(v: Any) -> str:
@@ -355,6 +384,7 @@ guarantee {_pct(guarantee_.get('expected_frr'))} (95 % bound {_pct(guarantee_.ge
 held-out clean data {_pct(g.get('test_frr'))}.</p>
 <h2>6. Attribution</h2><ul>{atlas or '<li>no backdoor: nothing to attribute</li>'}</ul>
 <p>Trigger character: {e('; '.join(r['attribution']['trigger_character']) or 'n/a')}</p>
+{_poisoning_html(r['attribution'].get('poisoning'))}
 <footer><p>{e(r['tool'])}, {e(r['created'])}</p></footer>
 <script>
 window.addEventListener("load", () => {{

@@ -155,6 +155,26 @@ def test_the_recovered_trigger_finds_poison_that_is_half_its_label(badnets_model
     assert elsewhere[0].flagged == 0, elsewhere
 
 
+def test_the_report_attributes_the_poisoning_rate_the_audit_estimates(badnets_model, patched,
+                                                                       tmp_path: Path) -> None:
+    """report --audit with a trigger-informed audit: the estimated poisoning rate (10 % here) against the
+    literature's range for a patch trigger (0.1-1 %), in report.json and the page."""
+    import shutil
+
+    from offline.audit import load_recovered_triggers
+
+    bundle = Path(shutil.copytree(patched[0], tmp_path / "bundle"))
+    model = ForensicModel(badnets_model.model, "body.8")
+    result = audit(model, badnets_model.train_x, badnets_model.train_y,
+                   triggers=load_recovered_triggers(bundle / "report" / "scan.json"))
+    (tmp_path / "audit.json").write_text(json.dumps(result))
+    assert main(["report", "--bundle", str(bundle), "--audit", str(tmp_path / "audit.json")]) == 0
+    poisoning = json.loads((bundle / "report" / "report.json").read_text())["attribution"]["poisoning"]
+    assert poisoning["family"] == "patch" and abs(poisoning["estimated_rate"] - 0.1) < 0.01
+    assert poisoning["reading"].startswith("above the 0.1-1 %")
+    assert "id='poisoning'" in (bundle / "report" / "report.html").read_text()
+
+
 def test_audit_with_a_scan_that_is_not_one_is_a_one_line_error(tmp_path: Path, capsys, case_dir: Path) -> None:
     (tmp_path / "scan.json").write_text("not json")
     code = main(["audit", "--quiet", "--model", str(case_dir / "model.pt"), "--data", str(case_dir / "clean.npz"),
