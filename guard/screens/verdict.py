@@ -24,7 +24,10 @@ conformal instead: each score becomes a tail probability against the
 reference (its empirical survival, with an exponential tail fitted to the top
 tenth beyond it, so it does not floor at the reference's maximum), the rule
 combines those, and the input's p-value is its statistic's rank among the
-calibration images' statistics. The transform depends on the reference alone,
+calibration images' statistics. Tail probabilities and statistics are computed
+as logarithms: far beyond the reference a probability underflows to 0, and a
+clean calibration outlier and a triggered input would tie there (the input
+then answered); their logarithms keep them apart. The transform depends on the reference alone,
 so calibration images and clean traffic stay exchangeable and the guarantee is
 the same; no ties, and one input costs O(D log m + log n).
 """
@@ -70,13 +73,30 @@ def _cauchy_evidence(p: np.ndarray) -> np.ndarray:
     return np.tan((0.5 - np.minimum(p, 0.5)) * np.pi)
 
 
+_SMALL_LOG_P = np.log(1e-6)  # below it tan((1/2 - p) pi) = 1 / (pi p) to float precision
+
+
+def _log_cauchy_statistic(log_p: np.ndarray) -> np.ndarray:
+    """log of the Cauchy statistic (the sum of :func:`_cauchy_evidence` over the last axis) from log p-values,
+    without overflow: a p-value of 1e-400 still counts more than one of 1e-300. -inf when every p >= 1/2."""
+    with np.errstate(divide="ignore"):
+        body = np.log(_cauchy_evidence(np.exp(np.maximum(log_p, _SMALL_LOG_P))))
+    terms = np.where(log_p < _SMALL_LOG_P, -log_p - np.log(np.pi), body)
+    top = terms.max(axis=-1, keepdims=True)
+    finite = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return (finite + np.log(np.exp(terms - finite).sum(axis=-1, keepdims=True)))[..., 0]
+
+
 class TailProbability:
     """Per detector, a score's probability of being matched or exceeded by a clean one, from reference scores.
 
     Empirical survival (with +1 smoothing) in the body; above the reference's top ``TAIL`` share an
     exponential tail with the mean excess of the scores there, so that scores beyond every reference keep
     getting smaller probabilities instead of all sharing the floor 1/(m+1). ``reference`` is (m, D),
-    oriented so that high is suspicious.
+    oriented so that high is suspicious. :meth:`log` gives the log-probabilities, which never floor: far out
+    in the tail the probabilities underflow (a clean outlier and a triggered input would both read 0 and tie),
+    their logarithms keep their order.
     """
 
     def __init__(self, reference: np.ndarray) -> None:
@@ -90,10 +110,13 @@ class TailProbability:
         excess = np.where(above, self.sorted - self.knee, 0.0).sum(axis=0) / np.maximum(above.sum(axis=0), 1)
         self.scale = np.maximum(excess, 1e-12)
 
+    def log(self, oriented: np.ndarray) -> np.ndarray:
+        body = np.log(_survival(self.sorted, oriented))
+        tail = np.log(self.knee_p) - np.maximum(oriented - self.knee, 0.0) / self.scale
+        return np.where(oriented > self.knee, np.minimum(body, tail), body)
+
     def __call__(self, oriented: np.ndarray) -> np.ndarray:
-        body = _survival(self.sorted, oriented)
-        tail = self.knee_p * np.exp(-np.maximum(oriented - self.knee, 0.0) / self.scale)
-        return np.maximum(np.where(oriented > self.knee, np.minimum(body, tail), body), 1e-300)
+        return np.exp(self.log(oriented))
 
 
 def guarantee(n: int, rate: float) -> dict[str, float | int]:
@@ -177,9 +200,9 @@ class OneBudget:
             self._e_with = self._evidence((self_counts + 1) / (self.n + 1))
         else:
             if self.rule in FITTED_ONLY:  # each rule's statistic as a tail probability among the reference's
-                self._rule_tail = TailProbability(self._rules(self._tail(self._orient(self.reference))))
+                self._rule_tail = TailProbability(self._log_rules(self._tail.log(self._orient(self.reference))))
             # the calibration images' statistics, sorted: the input's rank among them
-            self._cal_stat = np.sort(self._fitted_statistic(self._tail(self._c)))
+            self._cal_stat = np.sort(self._fitted_statistic(self._tail.log(self._c)))
 
     def _orient(self, scores: np.ndarray) -> np.ndarray:
         """Scores with high = suspicious for every detector."""
@@ -199,21 +222,26 @@ class OneBudget:
         return evidence.max(axis=-1) if self.rule == "min" else evidence.sum(axis=-1)
 
     @staticmethod
-    def _rules(p: np.ndarray) -> np.ndarray:
-        """Fisher's and Cauchy's statistics of each row of p-values: (B, 2)."""
-        return np.stack([-np.log(p).sum(axis=-1), _cauchy_evidence(p).sum(axis=-1)], axis=-1)
+    def _log_rules(log_p: np.ndarray) -> np.ndarray:
+        """Fisher's statistic and the log of Cauchy's, of each row of log p-values: (B, 2) (both increasing in
+        the evidence, so their tail probabilities are those of the statistics themselves)."""
+        return np.stack([-log_p.sum(axis=-1), _log_cauchy_statistic(log_p)], axis=-1)
 
-    def _fitted_statistic(self, p: np.ndarray) -> np.ndarray:
+    def _fitted_statistic(self, log_p: np.ndarray) -> np.ndarray:
+        """The rule's statistic from fitted log p-values, computed so that none saturates."""
         if self.rule in FITTED_ONLY:
-            return -np.log(self._rule_tail(self._rules(p)).min(axis=-1))
-        return self._statistic(self._evidence(p))
+            return -self._rule_tail.log(self._log_rules(log_p)).min(axis=-1)
+        if self.rule == "cauchy":
+            return _log_cauchy_statistic(log_p)
+        return -log_p.min(axis=-1) if self.rule == "min" else -log_p.sum(axis=-1)
 
     def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Judgement:
         """The verdict on raw scores (B, D); ``predicted`` (B,) is needed when the budget is scoped."""
         s = self._orient(scores)
         if self._tail is not None:
-            p_each = self._tail(s)
-            own = self._fitted_statistic(p_each)
+            log_p = self._tail.log(s)
+            p_each = np.exp(log_p)
+            own = self._fitted_statistic(log_p)
             combined = (1 + self.n - np.searchsorted(self._cal_stat, own - 1e-9, side="left")) / (self.n + 1)
             return self._flag(combined, p_each, predicted)
         p_each = (self._at_least(s) + 1) / (self.n + 1)

@@ -30,7 +30,7 @@ from offline.patch.settings import FILTER_USE, CalibrationSettings
 from offline.stamp import stamp
 
 # bumped when calibration changes what it computes, so a kept work directory recalibrates
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5  # 5: the fitted verdict in log space (a clean outlier no longer ties a triggered input)
 
 
 def _auroc(clean: np.ndarray, suspicious: np.ndarray) -> float:

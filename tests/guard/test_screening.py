@@ -130,6 +130,27 @@ def test_fisher_cauchy_refuses_what_either_rule_refuses() -> None:
         OneBudget(names, sides, cal, 0.01, "fisher-cauchy")
 
 
+@pytest.mark.parametrize("rule", ["fisher-cauchy", "cauchy", "fisher", "min"])
+def test_a_clean_outlier_far_beyond_the_reference_does_not_blind_the_verdict(rule: str) -> None:
+    """Five detectors; one clean calibration image lies thousands of reference spreads out on one of them
+    (a SCALE-UP or IBD-PSC score of an odd clean image). Its tail probability underflows to 0, and so did a
+    triggered input's on another detector: the two statistics tied at the floor and the input, not first
+    among the calibration images, was answered (the signs ResNet's verdict with SCALE-UP and IBD-PSC let
+    every BadNets input through). In log space the more extreme one ranks first."""
+    rng = np.random.default_rng(3)
+    names = ("strip", "knn", "scale_up", "ibd_psc", "activation")
+    sides = ("low", "high", "high", "high", "high")
+    cal, ref = rng.normal(size=(99, 5)), rng.normal(size=(600, 5))
+    cal[0, 3] = 2000.0  # far beyond every reference on one detector
+    budget = OneBudget(names, sides, cal, 0.01, rule, reference=ref)
+    assert budget.guarantee["flag_rank"] == 1  # only the first of the 100 can be refused
+    triggered = np.array([[-20000.0, 5000.0, 0.0, 0.0, 8000.0]])
+    judged = budget.judge(triggered)
+    assert judged.p_values[0, 0] == 0.0  # the probability itself underflows ...
+    assert judged.flagged[0] and judged.p_value[0] == pytest.approx(1 / 100)  # ... its logarithm does not
+    assert not budget.judge(rng.normal(size=(50, 5))).flagged.any()
+
+
 def test_fitted_p_values_let_one_detector_use_every_refusal_the_budget_allows() -> None:
     """Two clean calibration images far out on k-NN (as wanet-a's have): in the bag an input third on k-NN ties
     with STRIP's third and is answered; against the fit split's tail it is refused, and the tail keeps
