@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 # a field's metadata key: its Flag
 KEY = "flag"
 
 
+@dataclass(frozen=True)
 class Flag:
-    """How a field is offered on the command line."""
+    """How a field is offered on the command line: its help, and what argparse needs beyond the default."""
 
-    def __init__(self, help: str, *, flag: str | None = None, type: Callable[[str], Any] | None = None,
-                 choices: tuple[str, ...] | None = None, metavar: str | None = None,
-                 default_text: str | None = None, aliases: tuple[str, ...] = ()) -> None:
-        self.help, self.flag, self.type, self.choices = help, flag, type, choices
-        self.metavar, self.default_text, self.aliases = metavar, default_text, aliases
+    help: str
+    flag: str | None = None  # default: --field-name
+    type: Callable[[str], Any] | None = None  # default: the default's type
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    default_text: str | None = None  # how --help shows a default that is computed (None: "the paper's rule")
+    aliases: tuple[str, ...] = ()
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -55,12 +58,6 @@ def _metavar(f: Field) -> str:
     """N for whole numbers, X for real ones, else the field's name (annotations are strings here)."""
     annotation = str(f.type)
     return "N" if annotation.startswith("int") else "X" if annotation.startswith("float") else f.name.upper()
-
-
-def flag_name(cls: type, name: str) -> str:
-    """The flag of field ``name`` of ``cls`` (for messages that name it)."""
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.metadata[KEY].flag or "--" + name.replace("_", "-")
 
 
 def dest(cls: type, name: str) -> str:
