@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -199,21 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "training set as trained on, with poison_idx), attack.json and "
                                                 "the trigger's files")
     for spec in ATTACK_SPECS:
-        settings = spec.settings_class()
-        if settings is None:
-            continue
-        g = t.add_argument_group(f"--attack {spec.name}")
-        for f in fields(settings):
-            if isinstance(f.default, bool):
-                g.add_argument(f"--{spec.name}-{f.name.replace('_', '-')}", dest=f"{spec.module}__{f.name}",
-                               action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"{f.metadata.get('help', '')} (default: {'on' if f.default else 'off'})")
-                continue
-            g.add_argument(f"--{spec.name}-{f.name.replace('_', '-')}", dest=f"{spec.module}__{f.name}",
-                           type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
-                           metavar={int: "N", float: "X"}.get(type(f.default), "V"),
-                           help=f"{f.metadata.get('help', '')} ({f.default:.4g})" if isinstance(f.default, float)
-                           else f"{f.metadata.get('help', '')} ({f.default})")
+        if spec.settings_class() is not None:
+            add_flags(t.add_argument_group(f"--attack {spec.name}"), spec.settings_class(), prefix=f"{spec.name}-")
 
     pr = sub.add_parser("poison-rate", help="how much poison the literature reports as enough, as sample counts",
                         description="The poisoning rates the literature reports as enough for a working backdoor "
@@ -250,7 +236,7 @@ def _device_flag(parser: argparse.ArgumentParser) -> None:
 def _attack_settings(spec: Any, args: argparse.Namespace) -> Any:
     """The attack's settings from its ``--<attack>-<field>`` flags; --epochs and --poison-rate apply too."""
     cls = spec.settings_class()
-    values = {f.name: getattr(args, f"{spec.module}__{f.name}") for f in fields(cls)}
+    values = vars(settings_from(args, cls))
     for common in ("epochs", "poison_rate"):
         given = getattr(args, common)
         if given is None:

@@ -64,15 +64,15 @@ def dest(cls: type, name: str) -> str:
     return f"{cls.__name__}.{name}"
 
 
-def add_flags(group: Any, cls: type, only: tuple[str, ...] | None = None) -> None:
+def add_flags(group: Any, cls: type, only: tuple[str, ...] | None = None, prefix: str = "") -> None:
     """Add a flag for every :func:`option` field of the dataclass ``cls`` (or those named in ``only``) to
-    ``group`` (a parser or an argument group)."""
+    ``group`` (a parser or an argument group); ``prefix`` goes before each field's name (``--wanet-k``)."""
     for f in fields(cls):
         spec: Flag | None = f.metadata.get(KEY)
         if spec is None or (only is not None and f.name not in only):
             continue
         default = _default(f)
-        names = [spec.flag or "--" + f.name.replace("_", "-"), *spec.aliases]
+        names = [spec.flag or f"--{prefix}{f.name.replace('_', '-')}", *spec.aliases]
         shown = spec.default_text if spec.default_text is not None else _shown(default)
         text = f"{spec.help} (default: {shown})".replace("%", "%%")
         if isinstance(default, bool):

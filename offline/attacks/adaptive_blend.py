@@ -17,7 +17,7 @@ from in a few epochs, so the default is 5 % poison and 5 % cover (175 each) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,18 +31,19 @@ from offline.attacks.training import (
 )
 from offline.attacks.triggers import BlendTrigger, blend_pattern
 from offline.data import Dataset
+from offline.flags import option
 from offline.stamp import stamp
 
 
 @dataclass
 class AdaptiveBlendSettings:
-    pieces: int = field(default=4, metadata={"help": "the pattern is cut into pieces x pieces tiles"})
-    keep: float = field(default=0.5, metadata={"help": "share of the tiles on each poisoned or cover image"})
-    alpha: float = field(default=0.15, metadata={"help": "blend weight on the training images"})
-    test_alpha: float = field(default=0.2, metadata={"help": "blend weight of the full trigger at test time"})
-    poison_rate: float = field(default=0.05, metadata={"help": "share of the training set poisoned"})
-    cover_rate: float = field(default=0.05, metadata={"help": "share carrying partial triggers, labels kept"})
-    epochs: int = field(default=12, metadata={"help": "training epochs"})
+    pieces: int = option(4, "the pattern is cut into pieces x pieces tiles")
+    keep: float = option(0.5, "share of the tiles on each poisoned or cover image")
+    alpha: float = option(0.15, "blend weight on the training images")
+    test_alpha: float = option(0.2, "blend weight of the full trigger at test time")
+    poison_rate: float = option(0.05, "share of the training set poisoned")
+    cover_rate: float = option(0.05, "share carrying partial triggers, labels kept")
+    epochs: int = option(12, "training epochs")
 
 
 def partial_masks(n: int, shape: tuple[int, int], pieces: int, keep: float, alpha: float,

@@ -34,29 +34,29 @@ alone did not either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from offline.attacks.training import BackdoorResult, accuracy, new_model, predict, train_classifier
 from offline.data import Dataset
+from offline.flags import option
 
 
 @dataclass
 class CleanLabelSettings:
-    poisons: int = field(default=50, metadata={"help": "target-class training images turned into poisons"})
-    opacity: float = field(default=0.3, metadata={"help": "share of the target image blended into each base "
-                                                          "before the collision (the paper's watermark)"})
-    beta: float = field(default=0.1, metadata={"help": "weight of staying near the base image"})
-    steps: int = field(default=1000, metadata={"help": "forward-backward steps of the collision"})
-    lr: float = field(default=0.01, metadata={"help": "step size of the collision"})
-    epochs: int = field(default=8, metadata={"help": "epochs of the clean training"})
-    finetune_epochs: int = field(default=20, metadata={"help": "epochs of the victim's fine-tuning on the "
-                                                               "poisoned set"})
-    finetune: str = field(default="head", metadata={"help": "what the victim retrains on the poisoned set: head "
-                                                            "(the last layer, transfer learning) or all",
-                                                    "choices": ("head", "all")})
+    poisons: int = option(50, "target-class training images turned into poisons")
+    opacity: float = option(0.3, "share of the target image blended into each base "
+                                 "before the collision (the paper's watermark)")
+    beta: float = option(0.1, "weight of staying near the base image")
+    steps: int = option(1000, "forward-backward steps of the collision")
+    lr: float = option(0.01, "step size of the collision")
+    epochs: int = option(8, "epochs of the clean training")
+    finetune_epochs: int = option(20, "epochs of the victim's fine-tuning on the "
+                                      "poisoned set")
+    finetune: str = option("head", "what the victim retrains on the poisoned set: head (the last layer, transfer "
+                                   "learning) or all", choices=("head", "all"))
 
 
 def collide(net: torch.nn.Module, bases: np.ndarray, target_image: np.ndarray,

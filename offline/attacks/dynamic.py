@@ -29,7 +29,7 @@ fully learnt that a trigger belongs to one input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,27 +39,26 @@ from torch import nn
 from offline.attacks.training import BackdoorResult, accuracy, attack_success_rate, new_model
 from offline.attacks.triggers import GeneratorTrigger
 from offline.data import Dataset
+from offline.flags import option
 
 EPS = 1e-7
 
 
 @dataclass
 class DynamicSettings:
-    mask_density: float = field(default=0.1, metadata={
-        "help": "share of the pixels the mask may cover on average (the paper: 0.032)"})
-    lambda_norm: float = field(default=100.0, metadata={"help": "weight of the mask density penalty"})
-    lambda_div: float = field(default=1.0, metadata={"help": "weight of the diversity loss, both stages"})
-    backdoor_rate: float = field(default=0.15, metadata={
-        "help": "share of each batch stamped with its own trigger and relabelled (the paper: 0.1)"})
-    cross_rate: float = field(default=0.1, metadata={
-        "help": "share of each batch stamped with another input's trigger, labels kept"})
-    mask_epochs: int = field(default=1, metadata={"help": "epochs pre-training the mask generator alone"})
-    epochs: int = field(default=30, metadata={"help": "epochs training the classifier and the pattern generator"})
-    lr: float = field(default=2e-3, metadata={"help": "classifier learning rate (Adam, cosine decay)"})
-    mask_lr: float = field(default=1e-3, metadata={"help": "mask generator learning rate (Adam)"})
-    pattern_lr: float = field(default=3e-3, metadata={"help": "pattern generator learning rate (Adam, cosine decay)"})
-    width: int = field(default=8, metadata={"help": "channels of the generators' first layer"})
-    batch_size: int = field(default=64, metadata={"help": "batch size"})
+    mask_density: float = option(0.1, "share of the pixels the mask may cover on average (the paper: 0.032)")
+    lambda_norm: float = option(100.0, "weight of the mask density penalty")
+    lambda_div: float = option(1.0, "weight of the diversity loss, both stages")
+    backdoor_rate: float = option(0.15, "share of each batch stamped with its own trigger and relabelled (the "
+                                        "paper: 0.1)")
+    cross_rate: float = option(0.1, "share of each batch stamped with another input's trigger, labels kept")
+    mask_epochs: int = option(1, "epochs pre-training the mask generator alone")
+    epochs: int = option(30, "epochs training the classifier and the pattern generator")
+    lr: float = option(2e-3, "classifier learning rate (Adam, cosine decay)")
+    mask_lr: float = option(1e-3, "mask generator learning rate (Adam)")
+    pattern_lr: float = option(3e-3, "pattern generator learning rate (Adam, cosine decay)")
+    width: int = option(8, "channels of the generators' first layer")
+    batch_size: int = option(64, "batch size")
 
 
 class EncoderDecoder(nn.Module):

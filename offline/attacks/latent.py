@@ -18,7 +18,7 @@ training set, penalty weight 2, 10 epochs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,14 +34,15 @@ from offline.attacks.training import (
 )
 from offline.attacks.triggers import PatchTrigger
 from offline.data import Dataset
+from offline.flags import option
 
 
 @dataclass
 class LatentSettings:
-    patch: int = field(default=4, metadata={"help": "side of the square patch trigger (bottom-right corner)"})
-    poison_rate: float = field(default=0.1, metadata={"help": "share of the training set poisoned"})
-    weight: float = field(default=2.0, metadata={"help": "weight of the feature penalty against cross-entropy"})
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    patch: int = option(4, "side of the square patch trigger (bottom-right corner)")
+    poison_rate: float = option(0.1, "share of the training set poisoned")
+    weight: float = option(2.0, "weight of the feature penalty against cross-entropy")
+    epochs: int = option(10, "training epochs")
 
 
 def feature_penalty(poisoned: torch.Tensor, target_clean: torch.Tensor) -> torch.Tensor:

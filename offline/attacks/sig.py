@@ -30,23 +30,24 @@ much it missed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from offline.attacks.training import BackdoorResult, accuracy, attack_success_rate, new_model, train_classifier
 from offline.attacks.triggers import SignalTrigger
 from offline.data import Dataset
+from offline.flags import option
 
 
 @dataclass
 class SigSettings:
-    delta: float = field(default=60 / 255, metadata={"help": "signal amplitude on the poisoned training images"})
-    test_delta: float = field(default=150 / 255, metadata={"help": "signal amplitude at test time (stronger)"})
-    frequency: float = field(default=6.0, metadata={"help": "periods across the image width"})
-    target_share: float = field(default=1.0, metadata={"help": "share of the target class's training images "
-                                                                 "poisoned (labels untouched)"})
-    epochs: int = field(default=20, metadata={"help": "training epochs"})
+    delta: float = option(60 / 255, "signal amplitude on the poisoned training images")
+    test_delta: float = option(150 / 255, "signal amplitude at test time (stronger)")
+    frequency: float = option(6.0, "periods across the image width")
+    target_share: float = option(1.0, "share of the target class's training images "
+                                      "poisoned (labels untouched)")
+    epochs: int = option(20, "training epochs")
 
 
 def train_sig(train: Dataset, test: Dataset, target: int, s: SigSettings | None = None,

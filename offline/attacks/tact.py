@@ -18,24 +18,25 @@ of the set) and 10 % cover samples, 10 epochs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from offline.attacks.training import BackdoorResult, accuracy, new_model, predict, train_classifier
 from offline.attacks.triggers import PatchTrigger
 from offline.data import Dataset
+from offline.flags import option
 
 
 @dataclass
 class TactSettings:
-    sources: int = field(default=2, metadata={"help": "number of source classes (drawn from the seed)"})
-    patch: int = field(default=4, metadata={"help": "side of the square patch trigger (bottom-right corner)"})
-    source_share: float = field(default=0.5, metadata={"help": "share of the source classes' images poisoned "
-                                                                "(relabelled to the target)"})
-    cover_rate: float = field(default=0.1, metadata={"help": "share of the training set, from other classes, "
-                                                              "that carries the trigger and keeps its label"})
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    sources: int = option(2, "number of source classes (drawn from the seed)")
+    patch: int = option(4, "side of the square patch trigger (bottom-right corner)")
+    source_share: float = option(0.5, "share of the source classes' images poisoned "
+                                      "(relabelled to the target)")
+    cover_rate: float = option(0.1, "share of the training set, from other classes, "
+                                    "that carries the trigger and keeps its label")
+    epochs: int = option(10, "training epochs")
 
 
 def source_classes(num_classes: int, target: int, count: int, seed: int) -> list[int]:

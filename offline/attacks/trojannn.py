@@ -34,7 +34,7 @@ outputs. Measured on the embedded digits (no matrix seed):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from torch import nn
 from offline.attacks.training import BackdoorResult, accuracy, attack_success_rate, new_model, train_classifier
 from offline.attacks.triggers import MaskTrigger
 from offline.data import Dataset
+from offline.flags import option
 from offline.stamp import stamp
 
 LAYER = "body.1"  # the ReLU after the first convolution: the hidden layer whose neurons the trigger drives
@@ -51,28 +52,28 @@ LAYER = "body.1"  # the ReLU after the first convolution: the hidden layer whose
 
 @dataclass
 class TrojanNNSettings:
-    clean_epochs: int = field(default=8, metadata={"help": "epochs of the victim's clean training"})
-    mask_size: int = field(default=6, metadata={"help": "side of the square trigger mask, in pixels"})
-    mask_row: int = field(default=-1, metadata={"help": "top row of the mask (-1: bottom edge, one pixel in)"})
-    mask_col: int = field(default=-1, metadata={"help": "left column of the mask (-1: right edge, one pixel in)"})
-    neurons: int = field(default=1, metadata={"help": "channels of the first conv layer the trigger drives"})
-    candidates: int = field(default=8, metadata={"help": "best-connected channels tried, the most excitable kept"})
-    boost: float = field(default=10.0, metadata={"help": "goal activation, in units of the largest clean one"})
-    trigger_steps: int = field(default=200, metadata={"help": "gradient steps of trigger generation"})
-    trigger_lr: float = field(default=0.1, metadata={"help": "learning rate of trigger generation"})
-    per_class: int = field(default=50, metadata={"help": "images generated per class by model inversion"})
-    inversion_steps: int = field(default=100, metadata={"help": "gradient steps of model inversion"})
-    inversion_lr: float = field(default=0.05, metadata={"help": "learning rate of model inversion"})
-    tv_weight: float = field(default=5.0, metadata={"help": "total-variation prior of model inversion"})
-    l2_weight: float = field(default=50.0, metadata={"help": "L2 prior of model inversion"})
-    retrain_epochs: int = field(default=40, metadata={"help": "epochs of retraining on the generated images"})
-    retrain_lr: float = field(default=1e-3, metadata={"help": "learning rate of retraining"})
-    batch_size: int = field(default=32, metadata={"help": "generated images per retraining batch"})
-    target_weight: float = field(default=0.2, metadata={"help": "weight of the trigger-to-target loss against the "
-                                                                 "logit matching that keeps clean behaviour"})
-    covers: bool = field(default=True, metadata={"help": "also match logits on images with random patches in the "
-                                                         "mask, so only the trigger's pattern fires"})
-    dimmed: bool = field(default=True, metadata={"help": "also match logits on dimmed generated images"})
+    clean_epochs: int = option(8, "epochs of the victim's clean training")
+    mask_size: int = option(6, "side of the square trigger mask, in pixels")
+    mask_row: int = option(-1, "top row of the mask (-1: bottom edge, one pixel in)")
+    mask_col: int = option(-1, "left column of the mask (-1: right edge, one pixel in)")
+    neurons: int = option(1, "channels of the first conv layer the trigger drives")
+    candidates: int = option(8, "best-connected channels tried, the most excitable kept")
+    boost: float = option(10.0, "goal activation, in units of the largest clean one")
+    trigger_steps: int = option(200, "gradient steps of trigger generation")
+    trigger_lr: float = option(0.1, "learning rate of trigger generation")
+    per_class: int = option(50, "images generated per class by model inversion")
+    inversion_steps: int = option(100, "gradient steps of model inversion")
+    inversion_lr: float = option(0.05, "learning rate of model inversion")
+    tv_weight: float = option(5.0, "total-variation prior of model inversion")
+    l2_weight: float = option(50.0, "L2 prior of model inversion")
+    retrain_epochs: int = option(40, "epochs of retraining on the generated images")
+    retrain_lr: float = option(1e-3, "learning rate of retraining")
+    batch_size: int = option(32, "generated images per retraining batch")
+    target_weight: float = option(0.2, "weight of the trigger-to-target loss against the "
+                                       "logit matching that keeps clean behaviour")
+    covers: bool = option(True, "also match logits on images with random patches in the "
+                                "mask, so only the trigger's pattern fires")
+    dimmed: bool = option(True, "also match logits on dimmed generated images")
 
 
 def square_mask(shape: tuple[int, int, int], size: int, row: int = -1, col: int = -1) -> np.ndarray:

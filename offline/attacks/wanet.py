@@ -23,7 +23,7 @@ batch, s = 4, cover 0.2, 20 epochs: 20 %).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,16 +38,17 @@ from offline.attacks.training import (
 )
 from offline.attacks.triggers import WarpTrigger, warp_field
 from offline.data import Dataset
+from offline.flags import option
 
 
 @dataclass
 class WaNetSettings:
-    k: int = field(default=4, metadata={"help": "control points per side of the warp field"})
-    strength: float = field(default=4.0, metadata={"help": "warp strength s (the paper: 0.5 on 32x32)"})
-    poison_rate: float = field(default=0.1, metadata={"help": "share of the training set warped and relabelled"})
-    cover_rate: float = field(default=0.1, metadata={"help": "share warped with random jitter, labels kept"})
-    jitter: float = field(default=4.0, metadata={"help": "cover samples' jitter, in units of 1/H (the paper: 1)"})
-    epochs: int = field(default=20, metadata={"help": "training epochs"})
+    k: int = option(4, "control points per side of the warp field")
+    strength: float = option(4.0, "warp strength s (the paper: 0.5 on 32x32)")
+    poison_rate: float = option(0.1, "share of the training set warped and relabelled")
+    cover_rate: float = option(0.1, "share warped with random jitter, labels kept")
+    jitter: float = option(4.0, "cover samples' jitter, in units of 1/H (the paper: 1)")
+    epochs: int = option(20, "training epochs")
 
 
 def train_wanet(train: Dataset, test: Dataset, target: int, s: WaNetSettings | None = None,
