@@ -8,6 +8,7 @@ measures the zoo, which they were not chosen on, misses included.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def test_the_recovered_trigger_finds_poison_that_is_half_its_label(badnets_model
     bundle, _ = patched
     triggers = load_recovered_triggers(bundle / "report" / "scan.json")
     assert [t.target for t in triggers] == [3]
-    model = ForensicModel(badnets_model.model, "body.8")
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # it hooks the net: not the shared one
     x, y = badnets_model.train_x, badnets_model.train_y
     report = audit(model, x, y, triggers=triggers)
     found = detection_quality(report["trigger_informed"]["flagged_indices"], badnets_model.poison_idx)
@@ -164,7 +165,7 @@ def test_the_report_attributes_the_poisoning_rate_the_audit_estimates(badnets_mo
     from offline.audit import load_recovered_triggers
 
     bundle = Path(shutil.copytree(patched[0], tmp_path / "bundle"))
-    model = ForensicModel(badnets_model.model, "body.8")
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # it hooks the net: not the shared one
     result = audit(model, badnets_model.train_x, badnets_model.train_y,
                    triggers=load_recovered_triggers(bundle / "report" / "scan.json"))
     (tmp_path / "audit.json").write_text(json.dumps(result))
