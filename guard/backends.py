@@ -14,7 +14,7 @@ import onnxruntime as ort
 Outputs = tuple
 
 
-def outputs_of(arrays: list[np.ndarray], extra: tuple[str, ...]) -> Outputs:
+def _outputs(arrays: list[np.ndarray], extra: tuple[str, ...]) -> Outputs:
     return (arrays[0], arrays[1]) if not extra else (arrays[0], arrays[1], dict(zip(extra, arrays[2:], strict=True)))
 
 
@@ -32,7 +32,7 @@ def in_chunks(run: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray, size
                extra: tuple[str, ...] = ()) -> Outputs:
     """``run`` over slices of at most ``size`` rows, each output concatenated."""
     parts = [run(x[i:i + size]) for i in range(0, len(x), size)]
-    return outputs_of([np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))], extra)
+    return _outputs([np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))], extra)
 
 
 class EmbeddedBackend:

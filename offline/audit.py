@@ -53,6 +53,7 @@ from sklearn.preprocessing import StandardScaler
 
 from offline.errors import DataError
 from offline.models import ForensicModel, is_linear
+from offline.stamp import stamp
 
 
 @dataclass
@@ -296,12 +297,11 @@ def load_recovered_triggers(scan_json: str | Path) -> list[RecoveredTrigger]:
 
 
 def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """The mask scaled to a peak of 1 and grown by ``pixels`` (a max filter): (1, H, W)."""
-    from scipy.ndimage import maximum_filter
+    """The mask scaled to a peak of 1 and grown by ``pixels`` (the repair's dilation): (1, H, W)."""
+    from offline.patch.repair.core import grow_mask
 
     m = np.asarray(mask, dtype=np.float32).reshape(1, *np.asarray(mask).shape[-2:])
-    m = m / max(float(m.max()), 1e-12)
-    return maximum_filter(m, size=(1, 2 * pixels + 1, 2 * pixels + 1)) if pixels else m
+    return grow_mask(torch.from_numpy(m / max(float(m.max()), 1e-12)), pixels).numpy()
 
 
 @torch.no_grad()
@@ -371,10 +371,8 @@ def trigger_informed(model: ForensicModel, x: np.ndarray, y: np.ndarray, trigger
         mask = _grown(trig.mask, grow)
         fill = ref.mean(axis=0)
         rows = x[idx]
-        drop = (_log_probs(model, rows)[:, trig.target]
-                - _log_probs(model, (1 - mask) * rows + mask * fill)[:, trig.target])
-        stamped = ((1 - trig.mask.reshape(mask.shape)) * ref
-                   + trig.mask.reshape(mask.shape) * trig.pattern).astype(np.float32)
+        drop = _log_probs(model, rows)[:, trig.target] - _log_probs(model, stamp(rows, mask, fill))[:, trig.target]
+        stamped = stamp(ref, trig.mask.reshape(mask.shape), trig.pattern).astype(np.float32)
         feats = layer_activations(model, layer, np.concatenate([rows, ref, stamped]))
         feats = StandardScaler().fit(feats[len(rows):]).transform(feats)
         f_rows, f_ref, f_stamped = feats[:len(rows)], feats[len(rows):len(rows) + len(ref)], feats[-len(ref):]

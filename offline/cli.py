@@ -20,7 +20,6 @@ ATTACK_ACCURACY_BAR = 0.02
 
 def build_parser() -> argparse.ArgumentParser:
     from offline.patch.settings import CalibrationSettings, PatchSettings, RepairSettings
-    from offline.scan.settings import NeuralCleanseConfig
 
     parser = argparse.ArgumentParser(
         prog="trojan-forensics",
@@ -52,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, PatchSettings, only=("recover_restarts",))
     _device_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_flags(p.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)"),
-              NeuralCleanseConfig)
+    _neural_cleanse_flags(p)
 
     pa = sub.add_parser("patch", help="scan, repair, calibrate and write the guard bundle",
                         description="The whole offline job: Neural Cleanse scan and trigger recovery, repair, "
@@ -78,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--fresh", action="store_true", help="ignore finished phases of an earlier run")
     _device_flag(pa)
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_flags(pa.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)"),
-              NeuralCleanseConfig)
+    _neural_cleanse_flags(pa)
 
     kg = sub.add_parser("keygen", help="write an Ed25519 key pair for signing guard bundles",
                         description="Write DIR/bundle-signing.key (private, mode 0600: keep it with the patch "
@@ -223,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _neural_cleanse_flags(parser: argparse.ArgumentParser) -> None:
+    from offline.scan.settings import NeuralCleanseConfig
+
+    add_flags(parser.add_argument_group("Neural Cleanse optimisation (defaults: the original implementation's)"),
+              NeuralCleanseConfig)
 
 
 def _device_flag(parser: argparse.ArgumentParser) -> None:

@@ -10,16 +10,14 @@ report as ``exposure.json``.
 
 from __future__ import annotations
 
-import io
 import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from guard.evidence import audit_evidence
 from offline.errors import DataError
+from offline.plots import image_strip_png
 
 PREFIX = "trojan_guard_"
 STRIP_INPUTS = 10  # flagged inputs shown in the report
@@ -67,25 +65,6 @@ def read_metrics(source: str, timeout_s: float = 10.0) -> dict[str, Any]:
     }
 
 
-def _strip_png(tensors: list[np.ndarray], captions: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tensors), figsize=(1.6 * len(tensors), 2.0), squeeze=False)
-    for ax, x, caption in zip(axes[0], tensors, captions, strict=True):
-        img = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
-        ax.imshow(np.clip(img, 0, 1), cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1)
-        ax.set_title(caption, fontsize=7)
-        ax.axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def deployment_exposure(evidence_dir: str | Path, metrics: str | None = None, key: bytes | None = None
                         ) -> tuple[dict[str, Any], bytes | None]:
     """(the exposure summary, a PNG strip of flagged inputs or None) for the report.
@@ -120,4 +99,4 @@ def deployment_exposure(evidence_dir: str | Path, metrics: str | None = None, ke
     if not shown:
         return summary, None
     summary["strip"] = {"file": "exposure_inputs.png", "inputs": len(shown)}
-    return summary, _strip_png([x for x, _ in shown], [c for _, c in shown])
+    return summary, image_strip_png([x for x, _ in shown], [c for _, c in shown])

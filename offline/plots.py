@@ -107,3 +107,25 @@ def anomaly_chart_png(per_class: list[dict], threshold: float, class_names: list
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def image_strip_png(tensors: list[np.ndarray], captions: list[str]) -> bytes:
+    """A row of (C, H, W) images in [0, 1], each with its caption, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tensors), figsize=(1.6 * len(tensors), 2.0), squeeze=False)
+    for ax, x, caption in zip(axes[0], tensors, captions, strict=True):
+        img = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
+        ax.imshow(np.clip(img, 0, 1), cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
