@@ -28,6 +28,13 @@
   representations and score each sample by its squared projection on the top
   singular vector; poison concentrates along it. The top ``1.5 x`` the expected
   poison count of every label are removed (the paper's rule).
+- **Clean-anchored spectral audit** (this project's; needs the defender's
+  clean images, :func:`anchored_spectral`). Like SPECTRE (Hayase et al.,
+  2021) it whitens the label's top singular directions with a covariance that
+  poison cannot bend, but takes that covariance from the defender's clean
+  images of the label instead of a robust estimate that assumes the poison is
+  a minority: so it works when the poison is half the label or most of it, and
+  it estimates the poison count instead of taking a rate from the user.
 
 Both run on numpy arrays with scikit-learn, one label at a time; indices in the
 result refer to rows of the audited set.
@@ -76,6 +83,14 @@ class AuditSettings:
     # spectral signatures: expected poisoned share of a label, and how much more than that to remove
     expected_poison_rate: float = 0.1
     removal_factor: float = 1.5
+    # clean-anchored spectral audit (with the defender's clean images): principal directions of a label, the
+    # clean images' quantile a label must exceed too often to be flagged, the family-wise false-flag rate over
+    # labels, rounds of the cross-fitted linear refinement and its regularisation
+    anchored_components: int = 10
+    anchored_quantile: float = 0.95
+    anchored_alpha: float = 1e-6
+    anchored_rounds: int = 3
+    anchored_c: float = 0.01
     seed: int = 0
 
 
@@ -159,6 +174,99 @@ def spectral_signature(feats: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class AnchoredClass:
+    label: int
+    count: int
+    clean_images: int  # the defender's clean images of the label
+    above: float  # share of the label's rows beyond the clean images' quantile (expected: 1 - quantile)
+    p_value: float  # of that many or more beyond it, were the label clean (binomial)
+    flagged: bool
+    estimated_poison: int  # rows flagged: the poison count, estimated
+    flagged_indices: list[int] = field(default_factory=list)
+
+
+def _anchored_scores(rows: np.ndarray, clean: np.ndarray, components: int, seed: int) -> tuple[np.ndarray,
+                                                                                             np.ndarray]:
+    """Log Mahalanobis distance of a label's rows from its clean images, in the rows' top principal directions
+    with the clean images' (shrunk) covariance; and the clean images' own, each scored by a fit without it
+    (5-fold), which is their distribution when clean."""
+    from sklearn.covariance import LedoitWolf
+    from sklearn.model_selection import KFold
+
+    pca = PCA(n_components=max(1, min(components, len(clean) - 2, rows.shape[1], len(rows))),
+              random_state=seed).fit(rows)
+    r, c = pca.transform(rows), pca.transform(clean)
+    scores = np.log(LedoitWolf().fit(c).mahalanobis(r) + 1e-12)
+    null = np.empty(len(c))
+    for fit, held in KFold(n_splits=min(5, len(c)), shuffle=True, random_state=seed).split(c):
+        null[held] = np.log(LedoitWolf().fit(c[fit]).mahalanobis(c[held]) + 1e-12)
+    return scores, null
+
+
+def _refine(feats: np.ndarray, suspect: np.ndarray, s: AuditSettings) -> np.ndarray:
+    """Rounds of a cross-fitted linear probe on all of the label's activations, trained on the current split
+    and predicting each fold it did not see: the trigger's direction sharpens the split the few principal
+    directions made."""
+    from sklearn.model_selection import cross_val_predict
+
+    z = StandardScaler().fit_transform(feats)
+    for _ in range(s.anchored_rounds):
+        if min(int(suspect.sum()), int((~suspect).sum())) < 5:
+            break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            suspect = cross_val_predict(LogisticRegression(C=s.anchored_c, max_iter=300), z, suspect, cv=5) == 1
+    return suspect
+
+
+def anchored_spectral(feats: np.ndarray, y: np.ndarray, clean_feats: np.ndarray, clean_y: np.ndarray,
+                      s: AuditSettings) -> list[AnchoredClass]:
+    """Audit every label against the defender's clean images of it; indices refer to rows of ``feats``.
+
+    Per label: its rows are scored by their whitened distance from its clean images in its top
+    ``anchored_components`` principal directions (poison, whatever its share, pulls these directions towards
+    itself while the clean images' covariance stays clean). The clean images' own cross-fitted scores give
+    the distribution of a clean row; the label is flagged when more of its rows lie beyond that
+    distribution's ``anchored_quantile`` than chance allows (binomial, ``anchored_alpha`` over all labels).
+    In a flagged label a 2-component mixture on the scores splits the rows, a cross-fitted linear probe on
+    all activations refines the split (``anchored_rounds``), and the upper part is flagged: its size is the
+    estimated poison count. A label with fewer than 5 clean images is not audited (``clean_images`` says so).
+    """
+    from scipy.stats import binom
+    from sklearn.mixture import GaussianMixture
+
+    labels = [int(v) for v in np.unique(y)]
+    scored: dict[int, tuple[np.ndarray, int]] = {}
+    nulls = []
+    for label in labels:
+        rows, clean = feats[y == label], clean_feats[clean_y == label]
+        if len(clean) < 5 or len(rows) < 4:
+            continue
+        scores, null = _anchored_scores(rows, clean, s.anchored_components, s.seed)
+        scored[label] = (scores, len(clean))
+        nulls.append(null)
+    threshold = float(np.quantile(np.concatenate(nulls), s.anchored_quantile)) if nulls else np.inf
+    out = []
+    for label in labels:
+        idx = np.flatnonzero(y == label)
+        if label not in scored:
+            out.append(AnchoredClass(label, len(idx), int((clean_y == label).sum()), 0.0, 1.0, False, 0))
+            continue
+        scores, n_clean = scored[label]
+        beyond = int((scores > threshold).sum())
+        p = float(binom.sf(beyond - 1, len(scores), 1 - s.anchored_quantile))
+        flagged = p < s.anchored_alpha / len(labels)
+        suspect = np.zeros(len(idx), dtype=bool)
+        if flagged:
+            gm = GaussianMixture(2, random_state=s.seed, n_init=3).fit(scores[:, None])
+            suspect = gm.predict(scores[:, None]) == int(np.argmax(gm.means_[:, 0]))
+            suspect = _refine(feats[idx], suspect, s)
+        out.append(AnchoredClass(label, len(idx), n_clean, round(beyond / len(idx), 4), p, bool(flagged),
+                                 int(suspect.sum()), sorted(idx[suspect].tolist())))
+    return out
+
+
+@dataclass
 class Reclassified:
     kept: float  # share the probe still puts in the label
     other: int  # the most frequent other class
@@ -187,11 +295,13 @@ def exclusionary_reclassification(reps: np.ndarray, y: np.ndarray, members: np.n
 
 def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSettings | None = None,
           progress: Callable[[Iterable[Any], int, str], Iterable[Any]] = lambda it, total, desc: it,
-          triggers: list[RecoveredTrigger] | None = None) -> dict[str, Any]:
+          triggers: list[RecoveredTrigger] | None = None,
+          clean: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Audit a (possibly poisoned) training set; indices in the result refer to rows of ``x``.
 
     ``progress(iterable, total, description)`` wraps the long loops (a progress bar). ``triggers`` (the
-    scan's recovered triggers, :func:`load_recovered_triggers`) add the trigger-informed audit of their labels.
+    scan's recovered triggers, :func:`load_recovered_triggers`) add the trigger-informed audit of their labels;
+    ``clean`` (the defender's clean images and labels, never trained on) the clean-anchored spectral audit.
     """
     s = settings or AuditSettings()
     if len(x) != len(y) or len(y) == 0:
@@ -244,6 +354,17 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
         "spectral_signatures": {"removed_indices": sorted(i for c in ordered for i in c.ss_removed_indices)},
         "classes": [asdict(c) for c in ordered],
     }
+    if clean is not None:
+        cx, cy = clean
+        if len(cx) != len(cy) or len(cy) == 0 or cx.shape[1:] != x.shape[1:]:
+            raise DataError(f"the clean images are {cx.shape[1:]} x {len(cy)} labels; need images shaped like "
+                            f"the training set's {x.shape[1:]}, one label each")
+        anchored = anchored_spectral(feats, y, layer_activations(model, layer, cx), np.asarray(cy), s)
+        result["anchored_spectral"] = {
+            "clean_images": int(len(cy)),
+            "flagged_classes": [a.label for a in anchored if a.flagged],
+            "flagged_indices": sorted(i for a in anchored for i in a.flagged_indices),
+            "classes": [asdict(a) for a in anchored]}
     if triggers:
         found = trigger_informed(model, x, y, triggers, layer, seed=s.seed)
         result["trigger_informed"] = {"labels": [t.target for t in triggers],

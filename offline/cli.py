@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "trigger-informed audit ranks each flagged label's rows by how much they behave like "
                          "its recovered trigger (cut out, the model leaves the label; near other images "
                          "stamped with it) and cuts where two populations separate, whatever their shares")
+    au.add_argument("--clean", default=None, metavar="CLEAN",
+                    help="the defender's clean images, never trained on (.npz with x and y, or an image folder; "
+                         "`train` writes clean.npz; a few hundred do, 500 is the reference): adds the "
+                         "clean-anchored spectral audit, which finds poison that is half a label or more and "
+                         "estimates its count")
     au.add_argument("--expected-poison-rate", type=fraction, default=0.1,
                     help="expected poisoned share of a label; spectral signatures remove 1.5x that (%(default)s)")
     _device_flag(au)
@@ -417,9 +422,11 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from offline.audit import AuditSettings, audit, detection_quality, load_recovered_triggers
+    from offline.data import load_dataset
     from offline.jobs import load_case, write_json_atomic
 
     triggers = load_recovered_triggers(args.scan) if args.scan else None  # a bad path fails before the model loads
+    clean = load_dataset(args.clean) if args.clean else None
     case = load_case(args.model, args.data, None, args.device)
     truth = None
     if str(args.data).endswith(".npz"):
@@ -433,15 +440,16 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     def progress(items, total, desc):  # a bar on a terminal, silence in logs and pipes
         return tqdm(items, total=total, desc=desc, unit="label", disable=True if args.quiet else None)
 
-    report = audit(case.model, case.data.x, case.data.y, settings, progress, triggers)
+    report = audit(case.model, case.data.x, case.data.y, settings, progress, triggers,
+                   None if clean is None else (clean.x, clean.y))
     report["model_sha256"], report["data"] = case.model_sha256, case.data.source
     if truth is not None:
         report["evaluation"] = {
             "activation_clustering": detection_quality(report["activation_clustering"]["flagged_indices"], truth),
             "spectral_signatures": detection_quality(report["spectral_signatures"]["removed_indices"], truth)}
-        if "trigger_informed" in report:
-            report["evaluation"]["trigger_informed"] = detection_quality(
-                report["trigger_informed"]["flagged_indices"], truth)
+        for method in ("anchored_spectral", "trigger_informed"):
+            if method in report:
+                report["evaluation"][method] = detection_quality(report[method]["flagged_indices"], truth)
     out = Path(args.out)
     write_json_atomic(out / "audit.json", report)
     print(f"audited {report['samples']} samples at layer {report['settings']['layer']} "
@@ -459,6 +467,17 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
     print(f"activation clustering: flagged labels {report['flagged_classes'] or 'none'}, "
           f"{len(ac['flagged_indices'])} suspect samples; spectral signatures: "
           f"{len(ss['removed_indices'])} samples to remove")
+    if "anchored_spectral" in report:
+        found, quantile = report["anchored_spectral"], report["settings"]["anchored_quantile"]
+        for a in found["classes"]:
+            if a["flagged"]:
+                print(f"clean-anchored spectral, label {a['label']}: {a['estimated_poison']} of {a['count']} rows "
+                      f"flagged (estimated poison; {a['above']:.0%} of the label lies beyond {quantile:.0%} of its "
+                      f"{a['clean_images']} clean images, p = {a['p_value']:.1e})")
+        unaudited = [a["label"] for a in found["classes"] if a["clean_images"] < 5]
+        print(f"clean-anchored spectral ({found['clean_images']} clean images): flagged labels "
+              f"{found['flagged_classes'] or 'none'}" + (f"; labels {unaudited} not audited (fewer than 5 clean "
+                                                          f"images)" if unaudited else ""))
     for t in report.get("trigger_informed", {}).get("classes", []):
         print(f"trigger-informed, label {t['label']}: {t['flagged']} of {t['count']} rows flagged "
               f"({t['share']:.0%}; populations {t['separation']:.1f} SD apart; cutting the trigger's area "

@@ -568,6 +568,15 @@ class _DualOutputModel(ForensicModel):
 
 
 def save_torchscript(net: nn.Module, path: str | Path) -> None:
-    """Save an eager module as TorchScript (what ``load_model`` reads back)."""
+    """Save an eager module as TorchScript (what ``load_model`` reads back). Forward hooks (a
+    :class:`ForensicModel`'s taps) are left out of the saved model and kept on ``net``: TorchScript cannot
+    compile them, and the model file should not carry them."""
     net.eval()
-    torch.jit.script(net).save(str(path))
+    hooked = {m: dict(m._forward_hooks) for m in net.modules() if m._forward_hooks}
+    try:
+        for m in hooked:
+            m._forward_hooks.clear()
+        torch.jit.script(net).save(str(path))
+    finally:
+        for m, hooks in hooked.items():
+            m._forward_hooks.update(hooks)

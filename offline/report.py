@@ -207,11 +207,12 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
 
 
 def _poisoning(audit: dict[str, Any], triggers: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The poisoning rate the trigger-informed audit estimates, against the rates the literature reports as
-    enough for the trigger's family (``offline.attacks.rates``)."""
-    found = audit.get("trigger_informed") if audit else None
-    if not found or not audit.get("samples") or not triggers:
+    """The poisoning rate the trigger-informed audit (else the clean-anchored one) estimates, against the rates
+    the literature reports as enough for the trigger's family (``offline.attacks.rates``)."""
+    method = next((m for m in ("trigger_informed", "anchored_spectral") if audit and m in audit), None)
+    if method is None or not audit.get("samples") or not triggers:
         return None
+    found = audit[method]
     from offline.attacks.rates import LITERATURE
 
     family = "patch" if triggers[0]["character"].startswith("patch") else "blended"
@@ -222,7 +223,8 @@ def _poisoning(audit: dict[str, Any], triggers: list[dict[str, Any]]) -> dict[st
     if rate:
         reading += (f" the {100 * entry.low:g}-{100 * entry.high:g} % the literature reports as enough for a "
                     f"{family} trigger ({entry.sources.split(';')[0]})")
-    return {"family": family, "flagged_rows": len(found["flagged_indices"]), "samples": audit["samples"],
+    return {"method": method, "family": family, "flagged_rows": len(found["flagged_indices"]),
+            "samples": audit["samples"],
             "estimated_rate": round(rate, 5), "literature_range": [entry.low, entry.high], "reading": reading}
 
 
@@ -300,7 +302,8 @@ def _exposure_html(x: dict[str, Any] | None, strip: str | None) -> str:
 def _poisoning_html(p: dict[str, Any] | None) -> str:
     if not p:
         return ""
-    return (f"<p id='poisoning'>Poisoning (trigger-informed audit): {p['flagged_rows']} of {p['samples']} "
+    method = p.get("method", "trigger_informed").replace("_", "-").replace("anchored-spectral", "clean-anchored")
+    return (f"<p id='poisoning'>Poisoning ({method} audit): {p['flagged_rows']} of {p['samples']} "
             f"training rows, an estimated {100 * p['estimated_rate']:.2f} % of the set: "
             f"{html.escape(p['reading'])}.</p>")
 

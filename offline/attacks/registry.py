@@ -101,8 +101,9 @@ def save_case(out: Any, name: str, result: Any, train: Any, test: Any, source: s
     test.save_npz(out / "clean.npz")
     x_train = train.x if result.train_x is None else result.train_x
     y_train = train.y if result.train_y is None else result.train_y
+    covers = {} if result.cover_idx is None else {"cover_idx": result.cover_idx}
     np.savez_compressed(out / "train.npz", x=x_train, y=y_train, class_names=np.array(train.class_names),
-                        poison_idx=result.poison_idx)
+                        poison_idx=result.poison_idx, **covers)
     summary = {"attack": name, "data": source, "train_images": len(train), "held_out_images": len(test),
                **result.summary()}
     if result.trigger is not None:

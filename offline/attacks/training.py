@@ -89,6 +89,7 @@ class BackdoorResult:
     train_x: np.ndarray | None = None
     train_y: np.ndarray | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    cover_idx: np.ndarray | None = None  # rows carrying the trigger (or part of it) with their labels kept
 
     def summary(self) -> dict:
         return {

@@ -68,4 +68,4 @@ def train_wanet(train: Dataset, test: Dataset, target: int, s: WaNetSettings | N
     train_classifier(net, x, y, epochs=s.epochs, seed=rng)
     return BackdoorResult(net, trigger, target, s.poison_rate, idx, accuracy(net, test.x, test.y),
                           attack_success_rate(net, trigger, test.x, test.y, target), train_x=x, train_y=y,
-                          details={"cover_samples": int(len(cover))})
+                          cover_idx=cover, details={"cover_samples": int(len(cover))})

@@ -41,11 +41,14 @@ def test_wanet_warp_takes_and_keeps_cover_labels(mnist_splits, clean_models) -> 
     result = train_wanet(train, test, 2, WaNetSettings(), seed=1)
     _beats_clean(result, clean_models[0], test)
     assert result.clean_accuracy > 0.93
-    cover = result.details["cover_samples"]
+    cover = result.cover_idx
+    assert len(cover) == result.details["cover_samples"] and not set(cover) & set(result.poison_idx)
     changed = np.flatnonzero(np.abs(result.train_x - train.x).reshape(len(train), -1).max(1) > 0)
-    assert len(changed) >= len(result.poison_idx) + cover * 0.9  # poison and cover rows are warped
+    assert len(changed) >= len(result.poison_idx) + len(cover) * 0.9  # poison and cover rows are warped
+    assert len(set(changed) & set(cover)) >= 0.9 * len(cover)
     relabelled = np.flatnonzero(result.train_y != train.y)
     assert set(relabelled) <= set(result.poison_idx)  # only the poison is relabelled
+    assert (result.train_y[cover] == train.y[cover]).all()
 
 
 @pytest.mark.slow
@@ -56,7 +59,7 @@ def test_adaptive_blend_trains_on_partial_triggers_and_fires_on_the_full_one(mni
     assert not np.array_equal(masks[0], masks[1])
     result = train_adaptive_blend(train, test, 6, AdaptiveBlendSettings(), seed=1)
     _beats_clean(result, clean_models[0], test)
-    assert result.details["cover_samples"] == len(result.poison_idx)
+    assert result.details["cover_samples"] == len(result.poison_idx) == len(result.cover_idx)
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_cli_audit_finds_patch_poison(tmp_path: Path, capsys) -> None:
         assert (train["y"][train["poison_idx"]] == 3).all()
     capsys.readouterr()
     assert main(["audit", "--quiet", "--model", str(case / "model.pt"), "--data", str(case / "train.npz"),
-                 "--out", str(tmp_path / "audit")]) == 0
+                 "--clean", str(case / "clean.npz"), "--out", str(tmp_path / "audit")]) == 0
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert report["flagged_classes"] == [3]
@@ -59,6 +59,11 @@ def test_cli_audit_finds_patch_poison(tmp_path: Path, capsys) -> None:
     assert target["flagged"] and target["kept_label"] < 0.3 and target["reclassified_spread"] > 3
     assert target["ac_flagged_indices"] == report["activation_clustering"]["flagged_indices"]
     assert "flagged labels [3]" in printed and "precision" in printed
+    # the clean-anchored audit with the held-out images `train` wrote
+    anchored = report["evaluation"]["anchored_spectral"]
+    assert report["anchored_spectral"]["flagged_classes"] == [3] and anchored["recall"] >= 0.8, anchored
+    assert anchored["precision"] >= 0.9, anchored
+    assert "clean-anchored spectral, label 3" in printed and "anchored spectral: precision" in printed
 
 
 def test_blended_poison_is_found(mnist_splits) -> None:
@@ -121,6 +126,62 @@ def test_spectral_signature_and_reclassification_on_planted_data() -> None:
     assert found.kept < 0.1 and found.other == 1 and found.other_share > 0.9 and found.spread < 1.5
     clean = np.arange(40, 80)
     assert exclusionary_reclassification(reps, y, clean, AuditSettings()).kept > 0.9
+
+
+def _reference(mnist_splits, count: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """The defender's clean images: ``count`` of the held-out split, never trained on."""
+    held_out = mnist_splits[1]
+    pick = np.random.default_rng(0).choice(len(held_out), count, replace=False)
+    return held_out.x[pick], held_out.y[pick]
+
+
+def test_the_clean_images_anchor_finds_poison_that_is_half_its_label(badnets_model, mnist_splits) -> None:
+    """10 % of the set poisoned is half of label 3 (activation clustering's minority assumption fails there):
+    500 clean images find it without a scan, and the estimated count is the true one within 10 %."""
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # it hooks the net: not the shared one
+    report = audit(model, badnets_model.train_x, badnets_model.train_y, clean=_reference(mnist_splits))
+    found = report["anchored_spectral"]
+    assert found["flagged_classes"] == [3] and found["clean_images"] == 500
+    quality = detection_quality(found["flagged_indices"], badnets_model.poison_idx)
+    assert quality["precision"] >= 0.9 and quality["recall"] >= 0.9, quality
+    label = next(c for c in found["classes"] if c["label"] == 3)
+    assert abs(label["estimated_poison"] - 350) <= 35 and label["p_value"] < 1e-20
+
+
+def test_the_clean_images_anchor_flags_nothing_on_clean_models(clean_models, mnist_splits) -> None:
+    train = mnist_splits[0]
+    for bd in clean_models[:2]:
+        report = audit(ForensicModel(copy.deepcopy(bd.model), "body.8"), train.x, train.y,
+                       clean=_reference(mnist_splits))
+        assert report["anchored_spectral"]["flagged_indices"] == [], report["anchored_spectral"]["flagged_classes"]
+
+
+def test_the_poison_that_is_most_of_its_label_is_found(mnist_splits) -> None:
+    """20 % of the set: label 3 is two-thirds poison, the clean rows its minority; the clean images still tell
+    which part is which."""
+    bd, x, y = _poisoned(mnist_splits, PatchTrigger(3, row=2, col=20, pattern="checker"), 3, 0.2, seed=4)
+    report = audit(ForensicModel(bd.model, "body.8"), x, y, clean=_reference(mnist_splits, 300))
+    quality = detection_quality(report["anchored_spectral"]["flagged_indices"], bd.poison_idx)
+    assert quality["precision"] >= 0.9 and quality["recall"] >= 0.9, quality
+
+
+def test_the_anchored_audit_without_clean_images_of_a_label_skips_it(badnets_model, mnist_splits) -> None:
+    cx, cy = _reference(mnist_splits)
+    keep = cy != 3
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")
+    report = audit(model, badnets_model.train_x, badnets_model.train_y, clean=(cx[keep], cy[keep]))
+    label = next(c for c in report["anchored_spectral"]["classes"] if c["label"] == 3)
+    assert label["clean_images"] == 0 and not label["flagged"]
+
+
+def test_cli_audit_with_clean_images_of_another_shape_is_a_one_line_error(tmp_path: Path, capsys,
+                                                                         case_dir: Path) -> None:
+    np.savez(tmp_path / "c.npz", x=np.zeros((20, 3, 32, 32), np.float32), y=np.arange(20) % 10)
+    code = main(["audit", "--quiet", "--model", str(case_dir / "model.pt"), "--data", str(case_dir / "clean.npz"),
+                 "--clean", str(tmp_path / "c.npz"), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "clean images" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
 
 
 def test_clustering_layer_is_the_convolutional_representation() -> None:

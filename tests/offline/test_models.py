@@ -32,6 +32,23 @@ def test_torchscript_round_trip_with_default_features(tmp_path: Path, badnets_mo
     torch.testing.assert_close(logits, expected)
 
 
+def test_a_net_a_forensic_model_hooked_still_saves_without_its_hooks(tmp_path: Path, mnist_splits) -> None:
+    """Auditing or scanning a net in memory taps its layers with forward hooks; saving it afterwards works,
+    the file carries no hook, and the net keeps its taps."""
+    from offline.models import ForensicModel
+
+    net = SmallCNN().eval()
+    model = ForensicModel(net, "body.8")
+    x = torch.from_numpy(mnist_splits[1].x[:4])
+    before = model.layer_output("body.6", x)
+    save_torchscript(net, tmp_path / "m.pt")
+    assert any(m._forward_hooks for m in net.modules())
+    torch.testing.assert_close(model.layer_output("body.6", x), before)
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    assert not any(m._forward_hooks for m in loaded.modules())
+    torch.testing.assert_close(loaded(x), net(x))
+
+
 def test_onnx_is_converted_and_matches_onnxruntime(tmp_path: Path, badnets_model: BackdoorResult,
                                                   mnist_splits) -> None:
     x = mnist_splits[1].x[:64]
