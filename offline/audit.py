@@ -89,6 +89,7 @@ class AuditSettings:
     anchored_components: int = 10
     anchored_quantile: float = 0.95
     anchored_alpha: float = 1e-6
+    anchored_excess: float = 2.0  # ... and at least this many times the rate of a clean label of the set
     anchored_rounds: int = 3
     anchored_c: float = 0.01
     seed: int = 0
@@ -178,7 +179,8 @@ class AnchoredClass:
     label: int
     count: int
     clean_images: int  # the defender's clean images of the label
-    above: float  # share of the label's rows beyond the clean images' quantile (expected: 1 - quantile)
+    above: float  # share of the label's rows beyond the clean images' quantile
+    expected_above: float  # that share in a clean label of this set: 1 - quantile, or the labels' median if higher
     p_value: float  # of that many or more beyond it, were the label clean (binomial)
     flagged: bool
     estimated_poison: int  # rows flagged: the poison count, estimated
@@ -227,7 +229,9 @@ def anchored_spectral(feats: np.ndarray, y: np.ndarray, clean_feats: np.ndarray,
     ``anchored_components`` principal directions (poison, whatever its share, pulls these directions towards
     itself while the clean images' covariance stays clean). The clean images' own cross-fitted scores give
     the distribution of a clean row; the label is flagged when more of its rows lie beyond that
-    distribution's ``anchored_quantile`` than chance allows (binomial, ``anchored_alpha`` over all labels).
+    distribution's ``anchored_quantile`` than chance allows (binomial, ``anchored_alpha`` over all labels)
+    and at least ``anchored_excess`` times as many as in the median label (the rate of a clean label of
+    this set: a training set that differs from the clean images everywhere is not flagged everywhere).
     In a flagged label a 2-component mixture on the scores splits the rows, a cross-fitted linear probe on
     all activations refines the split (``anchored_rounds``), and the upper part is flagged: its size is the
     estimated poison count. A label with fewer than 5 clean images is not audited (``clean_images`` says so).
@@ -246,23 +250,29 @@ def anchored_spectral(feats: np.ndarray, y: np.ndarray, clean_feats: np.ndarray,
         scored[label] = (scores, len(clean))
         nulls.append(null)
     threshold = float(np.quantile(np.concatenate(nulls), s.anchored_quantile)) if nulls else np.inf
+    beyond = {label: int((scores > threshold).sum()) for label, (scores, _) in scored.items()}
+    # The rate a clean label of this set lies beyond the threshold: nominally 1 - quantile, more where the
+    # training rows differ from the clean images (another source, augmentation): the labels' median, so a
+    # shift that touches every label flags none; poison in most labels at once (all-to-all) is missed.
+    base = max(1 - s.anchored_quantile,
+               float(np.median([beyond[label] / len(scored[label][0]) for label in scored])) if scored else 0.0)
     out = []
     for label in labels:
         idx = np.flatnonzero(y == label)
         if label not in scored:
-            out.append(AnchoredClass(label, len(idx), int((clean_y == label).sum()), 0.0, 1.0, False, 0))
+            out.append(AnchoredClass(label, len(idx), int((clean_y == label).sum()), 0.0, round(base, 4), 1.0,
+                                     False, 0))
             continue
         scores, n_clean = scored[label]
-        beyond = int((scores > threshold).sum())
-        p = float(binom.sf(beyond - 1, len(scores), 1 - s.anchored_quantile))
-        flagged = p < s.anchored_alpha / len(labels)
+        p = float(binom.sf(beyond[label] - 1, len(scores), base))
+        flagged = p < s.anchored_alpha / len(labels) and beyond[label] >= s.anchored_excess * base * len(scores)
         suspect = np.zeros(len(idx), dtype=bool)
         if flagged:
             gm = GaussianMixture(2, random_state=s.seed, n_init=3).fit(scores[:, None])
             suspect = gm.predict(scores[:, None]) == int(np.argmax(gm.means_[:, 0]))
             suspect = _refine(feats[idx], suspect, s)
-        out.append(AnchoredClass(label, len(idx), n_clean, round(beyond / len(idx), 4), p, bool(flagged),
-                                 int(suspect.sum()), sorted(idx[suspect].tolist())))
+        out.append(AnchoredClass(label, len(idx), n_clean, round(beyond[label] / len(idx), 4), round(base, 4), p,
+                                 bool(flagged), int(suspect.sum()), sorted(idx[suspect].tolist())))
     return out
 
 
