@@ -121,6 +121,8 @@ def run_set(name: str, family: str | None, target: int | None, rate: float, seed
            "asr": None if bd.attack_success_rate is None else round(bd.attack_success_rate, 4),
            "ac_labels": result["flagged_classes"], "anchored_labels": result["anchored_spectral"]["flagged_classes"],
            "anchored_estimate": sum(c["estimated_poison"] for c in result["anchored_spectral"]["classes"]),
+           "anchored_character": {c["label"]: c["character"]["family"]
+                                  for c in result["anchored_spectral"]["classes"] if "character" in c},
            "seconds": round(seconds, 1),
            **{m: quality(flagged[m], bd.poison_idx, len(y), bd.cover_idx) for m in METHODS}}
     if family is not None:
@@ -149,6 +151,15 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
+def _character(r: dict[str, Any]) -> str:
+    """The family read from the target label's flagged rows (other flagged labels after it)."""
+    found = {int(k): v for k, v in r.get("anchored_character", {}).items()}
+    if not found:
+        return "-"
+    first = [found.pop(r["target"])] if r["target"] in found else []
+    return ", ".join(first + [f"{v} ({k})" for k, v in sorted(found.items())])
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     def cell(q: dict[str, float], poisoned: bool) -> str:
         if not poisoned:
@@ -157,14 +168,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         return f"{q['precision']:.2f} / {q['recall']:.2f} / **{q['f1']:.2f}**{covers}"
 
     lines = ["| set | rate | ASR | AC: P / R / F1 | SS: P / R / F1 | anchored: P / R / F1 | anchored: labels, "
-             "estimated count (true) | ASR retrained without anchored's rows | best F1 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "estimated count (true) | character of the flagged rows | ASR retrained without anchored's rows | "
+             "best F1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         poisoned = r["family"] != "clean"
         asr = _pct(r["asr"])
         lines.append(f"| {r['name']} | {r['rate']:.1%} | {asr} | {cell(r['ac'], poisoned)} | {cell(r['ss'], poisoned)} "
                      f"| {cell(r['anchored'], poisoned)} | {r['anchored_labels'] or '-'}, {r['anchored_estimate']} "
-                     f"({r['poisoned']}) | {_pct(r.get('asr_without_anchored'))} | {r.get('best', '-')} "
+                     f"({r['poisoned']}) | {_character(r)} | {_pct(r.get('asr_without_anchored'))} | "
+                     f"{r.get('best', '-')} "
                      f"{r.get('best_f1', '')} |")
     return "\n".join(lines)
 

@@ -277,6 +277,49 @@ def anchored_spectral(feats: np.ndarray, y: np.ndarray, clean_feats: np.ndarray,
 
 
 @dataclass
+class PoisonCharacter:
+    """What the flagged rows share, from their mean difference to their nearest clean images (pixels)."""
+
+    family: str  # patch, sinusoidal, blended, or image-dependent (warping, sample-specific)
+    rows: int
+    concentration: float  # share of the mean difference's energy in its strongest 5 % of pixels
+    spread: float  # share of the image spanned by the box around its pixels at >= half its peak
+    periodicity: float  # share of its (non-constant) spectral energy at its strongest frequency
+    region: list[int]  # that box: top, left, height, width
+
+
+def poison_character(rows: np.ndarray, clean_x: np.ndarray) -> PoisonCharacter:
+    """The trigger's family as the flagged rows show it, for the report's attribution.
+
+    Each row minus its nearest clean image (Euclidean, pixels) keeps the trigger and a difference of
+    shapes; averaged over the rows the shapes cancel and the trigger stays. A patch puts most of that mean's
+    energy in a few pixels (concentration >= 0.8, or its strongest pixels within a tenth of the image); a
+    sinusoidal signal (SIG) puts it at one spatial frequency (periodicity >= 0.4); a blend spreads it over
+    the image (concentration < 0.35); what is left, neither compact nor spread, moves with each image
+    (warping, sample-specific triggers). Thresholds from one set of each family and the unit test's
+    triggers (docs/lab/audit.md); all-to-all poison is not told apart here.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    flat = rows.reshape(len(rows), -1)
+    nearest = NearestNeighbors(n_neighbors=1).fit(clean_x.reshape(len(clean_x), -1)).kneighbors(flat)[1][:, 0]
+    mean = (rows - clean_x[nearest]).mean(axis=0).mean(axis=0)  # (H, W)
+    energy = mean ** 2
+    total = max(float(energy.sum()), 1e-12)
+    concentration = float(np.sort(energy.ravel())[::-1][:max(1, int(0.05 * energy.size))].sum() / total)
+    r, c = np.nonzero(np.abs(mean) >= 0.5 * np.abs(mean).max())
+    box = [int(r.min()), int(c.min()), int(np.ptp(r)) + 1, int(np.ptp(c)) + 1]
+    spread = box[2] * box[3] / mean.size
+    spectrum = np.abs(np.fft.rfft2(mean - mean.mean())) ** 2
+    spectrum[0, 0] = 0.0
+    periodicity = float(spectrum.max() / max(float(spectrum.sum()), 1e-12))
+    family = ("patch" if concentration >= 0.8 or spread <= 0.1 else "sinusoidal" if periodicity >= 0.4 else
+              "blended" if concentration < 0.35 else "image-dependent")
+    return PoisonCharacter(family, len(rows), round(concentration, 3), round(spread, 3), round(periodicity, 3),
+                           box)
+
+
+@dataclass
 class Reclassified:
     kept: float  # share the probe still puts in the label
     other: int  # the most frequent other class
@@ -374,7 +417,8 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
             "clean_images": int(len(cy)),
             "flagged_classes": [a.label for a in anchored if a.flagged],
             "flagged_indices": sorted(i for a in anchored for i in a.flagged_indices),
-            "classes": [asdict(a) for a in anchored]}
+            "classes": [asdict(a) | ({"character": asdict(poison_character(x[a.flagged_indices], cx))}
+                                     if a.flagged_indices else {}) for a in anchored]}
     if triggers:
         found = trigger_informed(model, x, y, triggers, layer, seed=s.seed)
         result["trigger_informed"] = {"labels": [t.target for t in triggers],

@@ -206,16 +206,32 @@ def build_report(report_dir: str | Path, manifest: dict[str, Any], true_trigger_
     return report
 
 
+# the literature table's row for each family the audit reads from the flagged rows
+_LITERATURE_FAMILY = {"patch": "patch", "blended": "blended", "image-dependent": "blended",
+                      "sinusoidal": "clean-label"}
+
+
 def _poisoning(audit: dict[str, Any], triggers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The poisoning rate the trigger-informed audit (else the clean-anchored one) estimates, against the rates
-    the literature reports as enough for the trigger's family (``offline.attacks.rates``)."""
+    the literature reports as enough for the trigger's family (``offline.attacks.rates``). The family is the
+    one the anchored audit read from its flagged rows where it has one, else the recovered trigger's
+    character (patch or blended)."""
     method = next((m for m in ("trigger_informed", "anchored_spectral") if audit and m in audit), None)
-    if method is None or not audit.get("samples") or not triggers:
+    if method is None or not audit.get("samples"):
         return None
     found = audit[method]
+    characters = [c["character"] for c in audit.get("anchored_spectral", {}).get("classes", []) if "character" in c]
+    if characters:
+        read = max(characters, key=lambda c: c["rows"])
+        character, source = read["family"], "the audit's flagged rows"
+    elif triggers:
+        character = "patch" if triggers[0]["character"].startswith("patch") else "blended"
+        source = "the recovered trigger"
+    else:
+        return None
     from offline.attacks.rates import LITERATURE
 
-    family = "patch" if triggers[0]["character"].startswith("patch") else "blended"
+    family = _LITERATURE_FAMILY[character]
     entry = next(r for r in LITERATURE if r.family == family)
     rate = len(found["flagged_indices"]) / audit["samples"]
     reading = ("no poisoned rows found in the flagged label(s)" if rate == 0 else
@@ -223,8 +239,8 @@ def _poisoning(audit: dict[str, Any], triggers: list[dict[str, Any]]) -> dict[st
     if rate:
         reading += (f" the {100 * entry.low:g}-{100 * entry.high:g} % the literature reports as enough for a "
                     f"{family} trigger ({entry.sources.split(';')[0]})")
-    return {"method": method, "family": family, "flagged_rows": len(found["flagged_indices"]),
-            "samples": audit["samples"],
+    return {"method": method, "character": character, "character_from": source, "family": family,
+            "flagged_rows": len(found["flagged_indices"]), "samples": audit["samples"],
             "estimated_rate": round(rate, 5), "literature_range": [entry.low, entry.high], "reading": reading}
 
 
@@ -303,9 +319,11 @@ def _poisoning_html(p: dict[str, Any] | None) -> str:
     if not p:
         return ""
     method = p.get("method", "trigger_informed").replace("_", "-").replace("anchored-spectral", "clean-anchored")
+    character = (f" The poison's character: {html.escape(p['character'])} (read from "
+                 f"{html.escape(p['character_from'])})." if p.get("character") else "")
     return (f"<p id='poisoning'>Poisoning ({method} audit): {p['flagged_rows']} of {p['samples']} "
             f"training rows, an estimated {100 * p['estimated_rate']:.2f} % of the set: "
-            f"{html.escape(p['reading'])}.</p>")
+            f"{html.escape(p['reading'])}.{character}</p>")
 
 
 def _pct(v: Any) -> str:

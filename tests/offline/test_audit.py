@@ -64,6 +64,7 @@ def test_cli_audit_finds_patch_poison(tmp_path: Path, capsys) -> None:
     assert report["anchored_spectral"]["flagged_classes"] == [3] and anchored["recall"] >= 0.8, anchored
     assert anchored["precision"] >= 0.9, anchored
     assert "clean-anchored spectral, label 3" in printed and "anchored spectral: precision" in printed
+    assert "the rows read as: patch" in printed
 
 
 def test_blended_poison_is_found(mnist_splits) -> None:
@@ -184,6 +185,25 @@ def test_cli_audit_with_clean_images_of_another_shape_is_a_one_line_error(tmp_pa
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("family", ["patch", "sinusoidal", "blended", "image-dependent"])
+def test_the_flagged_rows_tell_the_triggers_family(mnist_splits, family: str) -> None:
+    """Poisoned rows (images of other classes with the trigger) against other clean images: the mean
+    difference to their nearest clean images says patch, sinusoidal (SIG), blended or image-dependent (WaNet)."""
+    from offline.attacks import SignalTrigger, WarpTrigger
+    from offline.attacks.triggers import warp_field
+    from offline.audit import poison_character
+
+    held_out = mnist_splits[1]
+    trigger = {"patch": PatchTrigger(4, row=3, col=20, pattern="checker"), "sinusoidal": SignalTrigger(60 / 255, 5),
+               "blended": BlendTrigger(0.15, seed=21),
+               "image-dependent": WarpTrigger(warp_field(28, 28, 4, 21), 4.0, 4, 21)}[family]
+    rows = trigger.apply(held_out.x[:300])
+    found = poison_character(rows, held_out.x[1000:1500])
+    assert found.family == family, found
+    if family == "patch":
+        assert found.region == [3, 20, 4, 4]
+
+
 def test_clustering_layer_is_the_convolutional_representation() -> None:
     assert clustering_layer(ForensicModel(SmallCNN(), "body.8")) == "body.6"
 
@@ -235,6 +255,26 @@ def test_the_report_attributes_the_poisoning_rate_the_audit_estimates(badnets_mo
     assert poisoning["family"] == "patch" and abs(poisoning["estimated_rate"] - 0.1) < 0.01
     assert poisoning["reading"].startswith("above the 0.1-1 %")
     assert "id='poisoning'" in (bundle / "report" / "report.html").read_text()
+
+
+def test_the_report_reads_the_family_from_the_anchored_audits_rows(badnets_model, patched, mnist_splits,
+                                                                   tmp_path: Path) -> None:
+    """Without a scan in the audit, the clean-anchored audit's rows give the rate (10 %) and the family
+    (patch, read from the rows themselves), in report.json and the page."""
+    import shutil
+
+    bundle = Path(shutil.copytree(patched[0], tmp_path / "bundle"))
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")
+    result = audit(model, badnets_model.train_x, badnets_model.train_y, clean=_reference(mnist_splits))
+    label = next(c for c in result["anchored_spectral"]["classes"] if c["label"] == 3)
+    assert label["character"]["family"] == "patch" and label["character"]["region"] == [23, 23, 4, 4]
+    (tmp_path / "audit.json").write_text(json.dumps(result))
+    assert main(["report", "--bundle", str(bundle), "--audit", str(tmp_path / "audit.json")]) == 0
+    poisoning = json.loads((bundle / "report" / "report.json").read_text())["attribution"]["poisoning"]
+    assert poisoning["method"] == "anchored_spectral" and poisoning["character"] == "patch"
+    assert poisoning["character_from"] == "the audit's flagged rows" and abs(poisoning["estimated_rate"] - 0.1) < 0.01
+    page = (bundle / "report" / "report.html").read_text()
+    assert "clean-anchored audit" in page and "character: patch" in page
 
 
 def test_audit_with_a_scan_that_is_not_one_is_a_one_line_error(tmp_path: Path, capsys, case_dir: Path) -> None:
