@@ -36,7 +36,7 @@
   a minority: so it works when the poison is half the label or most of it, and
   it estimates the poison count instead of taking a rate from the user.
 
-Both run on numpy arrays with scikit-learn, one label at a time; indices in the
+All run on numpy arrays with scikit-learn, one label at a time; indices in the
 result refer to rows of the audited set.
 """
 
@@ -359,6 +359,11 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
     s = settings or AuditSettings()
     if len(x) != len(y) or len(y) == 0:
         raise DataError(f"the training set has {len(x)} images and {len(y)} labels; need as many of each, > 0")
+    if clean is not None:
+        cx, cy = clean
+        if len(cx) != len(cy) or len(cy) == 0 or cx.shape[1:] != x.shape[1:]:
+            raise DataError(f"the clean images are {cx.shape[1:]} x {len(cy)} labels; need images shaped like "
+                            f"the training set's {x.shape[1:]}, one label each")
     layer = s.layer or clustering_layer(model)
     feats = layer_activations(model, layer, x)
     labels = [int(v) for v in np.unique(y)]
@@ -408,10 +413,6 @@ def audit(model: ForensicModel, x: np.ndarray, y: np.ndarray, settings: AuditSet
         "classes": [asdict(c) for c in ordered],
     }
     if clean is not None:
-        cx, cy = clean
-        if len(cx) != len(cy) or len(cy) == 0 or cx.shape[1:] != x.shape[1:]:
-            raise DataError(f"the clean images are {cx.shape[1:]} x {len(cy)} labels; need images shaped like "
-                            f"the training set's {x.shape[1:]}, one label each")
         anchored = anchored_spectral(feats, y, layer_activations(model, layer, cx), np.asarray(cy), s)
         result["anchored_spectral"] = {
             "clean_images": int(len(cy)),

@@ -77,4 +77,5 @@ def train_adaptive_blend(train: Dataset, test: Dataset, target: int, s: Adaptive
     trigger = BlendTrigger(s.test_alpha, seed)
     return BackdoorResult(net, trigger, target, s.poison_rate, idx, accuracy(net, test.x, test.y),
                           attack_success_rate(net, trigger, test.x, test.y, target), train_x=x, train_y=y,
-                          cover_idx=cover, details={"cover_samples": int(len(cover)), "train_alpha": s.alpha, "pieces": s.pieces})
+                          cover_idx=cover,
+                          details={"cover_samples": int(len(cover)), "train_alpha": s.alpha, "pieces": s.pieces})
