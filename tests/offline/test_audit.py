@@ -129,6 +129,9 @@ def test_spectral_signature_and_reclassification_on_planted_data() -> None:
     assert exclusionary_reclassification(reps, y, clean, AuditSettings()).kept > 0.9
 
 
+ANCHORED_ONLY = AuditSettings(exclusionary=False)  # activation clustering's probe is not what these test
+
+
 def _reference(mnist_splits, count: int = 500) -> tuple[np.ndarray, np.ndarray]:
     """The defender's clean images: ``count`` of the held-out split, never trained on."""
     held_out = mnist_splits[1]
@@ -140,7 +143,7 @@ def test_the_clean_images_anchor_finds_poison_that_is_half_its_label(badnets_mod
     """10 % of the set poisoned is half of label 3 (activation clustering's minority assumption fails there):
     500 clean images find it without a scan, and the estimated count is the true one within 10 %."""
     model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # it hooks the net: not the shared one
-    report = audit(model, badnets_model.train_x, badnets_model.train_y, clean=_reference(mnist_splits))
+    report = audit(model, badnets_model.train_x, badnets_model.train_y, ANCHORED_ONLY, clean=_reference(mnist_splits))
     found = report["anchored_spectral"]
     assert found["flagged_classes"] == [3] and found["clean_images"] == 500
     quality = detection_quality(found["flagged_indices"], badnets_model.poison_idx)
@@ -152,7 +155,7 @@ def test_the_clean_images_anchor_finds_poison_that_is_half_its_label(badnets_mod
 def test_the_clean_images_anchor_flags_nothing_on_clean_models(clean_models, mnist_splits) -> None:
     train = mnist_splits[0]
     for bd in clean_models[:2]:
-        report = audit(ForensicModel(copy.deepcopy(bd.model), "body.8"), train.x, train.y,
+        report = audit(ForensicModel(copy.deepcopy(bd.model), "body.8"), train.x, train.y, ANCHORED_ONLY,
                        clean=_reference(mnist_splits))
         assert report["anchored_spectral"]["flagged_indices"] == [], report["anchored_spectral"]["flagged_classes"]
 
@@ -161,7 +164,7 @@ def test_the_poison_that_is_most_of_its_label_is_found(mnist_splits) -> None:
     """20 % of the set: label 3 is two-thirds poison, the clean rows its minority; the clean images still tell
     which part is which."""
     bd, x, y = _poisoned(mnist_splits, PatchTrigger(3, row=2, col=20, pattern="checker"), 3, 0.2, seed=4)
-    report = audit(ForensicModel(bd.model, "body.8"), x, y, clean=_reference(mnist_splits, 300))
+    report = audit(ForensicModel(bd.model, "body.8"), x, y, ANCHORED_ONLY, clean=_reference(mnist_splits, 300))
     quality = detection_quality(report["anchored_spectral"]["flagged_indices"], bd.poison_idx)
     assert quality["precision"] >= 0.9 and quality["recall"] >= 0.9, quality
 
@@ -170,7 +173,7 @@ def test_the_anchored_audit_without_clean_images_of_a_label_skips_it(badnets_mod
     cx, cy = _reference(mnist_splits)
     keep = cy != 3
     model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")
-    report = audit(model, badnets_model.train_x, badnets_model.train_y, clean=(cx[keep], cy[keep]))
+    report = audit(model, badnets_model.train_x, badnets_model.train_y, ANCHORED_ONLY, clean=(cx[keep], cy[keep]))
     label = next(c for c in report["anchored_spectral"]["classes"] if c["label"] == 3)
     assert label["clean_images"] == 0 and not label["flagged"]
 
@@ -265,7 +268,7 @@ def test_the_report_reads_the_family_from_the_anchored_audits_rows(badnets_model
 
     bundle = Path(shutil.copytree(patched[0], tmp_path / "bundle"))
     model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")
-    result = audit(model, badnets_model.train_x, badnets_model.train_y, clean=_reference(mnist_splits))
+    result = audit(model, badnets_model.train_x, badnets_model.train_y, ANCHORED_ONLY, clean=_reference(mnist_splits))
     label = next(c for c in result["anchored_spectral"]["classes"] if c["label"] == 3)
     assert label["character"]["family"] == "patch" and label["character"]["region"] == [23, 23, 4, 4]
     (tmp_path / "audit.json").write_text(json.dumps(result))
