@@ -474,7 +474,7 @@ def _cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"clean-anchored spectral, label {a['label']}: {a['estimated_poison']} of {a['count']} rows "
                       f"flagged (estimated poison; {a['above']:.0%} of the label lies beyond {quantile:.0%} of its "
                       f"{a['clean_images']} clean images, against {a['expected_above']:.0%} in a clean label, "
-                      f"p = {a['p_value']:.1e}; the rows read as: {a['character']['family']})")
+                      f"p = {a['p_value']:.1e}; the rows read as: {a.get('character', {}).get('family', '-')})")
         unaudited = [a["label"] for a in found["classes"] if a["clean_images"] < 5]
         print(f"clean-anchored spectral ({found['clean_images']} clean images): flagged labels "
               f"{found['flagged_classes'] or 'none'}" + (f"; labels {unaudited} not audited (fewer than 5 clean "
