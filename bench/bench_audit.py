@@ -1,6 +1,6 @@
 """Training-data audit over poisoned sets no audit setting was chosen on: precision, recall, F1, clean rows flagged.
 
-Run: ``.venv/bin/python bench/bench_audit.py [--rates 0.01,0.03,0.1,0.2] [--only NAME,...] [--parts sets,timing]``
+Run: ``.venv/bin/python bench/bench_audit.py [--rates 0.01,0.03,0.1,0.2] [--only NAME,...] [--parts sets,timing,signs]``
 
 ``sets``: for every family and poison rate it trains the project's CNN on the embedded MNIST digits (3,500
 training images), poisoned by the simulator, and audits the training set as trained on with every method
@@ -22,7 +22,8 @@ other triggers, targets and seeds (docs/lab/audit.md); the seeds here are not th
 Each row is written to ``OUT/rows/<name>.json`` as it finishes, and a row already there is not run again
 (``--fresh`` reruns). ``timing``: a 60,000-image set (the 3,500 training digits repeated with shifts of up to
 two pixels, 10 % poisoned by the 4x4 patch, a model trained on it) audited with every method: wall time of the
-audit and the process's peak resident memory.
+audit and the process's peak resident memory. ``signs``: the 43-class RGB ResNet-18s that ``bench_rgb.py`` keeps
+in bench/models (BadNets, blend, WaNet), their poisoned training sets rebuilt from the same seeds.
 """
 
 from __future__ import annotations
@@ -203,11 +204,58 @@ def timing(train: Dataset, test: Dataset, reference: tuple[np.ndarray, np.ndarra
                 ("anchored", result["anchored_spectral"]["flagged_indices"]))}}
 
 
+def signs(clean_images: int = REFERENCE_CLEAN) -> list[dict[str, Any]]:
+    """The 43-class RGB ResNet-18s of ``bench_rgb.py`` (kept in bench/models; their 100 MB training sets rebuilt
+    from the same seeds and draws as the attacks made them), audited with ``clean_images`` of the defender's
+    clean images (about 12 per class at 500)."""
+    import torch
+    from bench_rgb import signs_splits
+
+    from offline.attacks.training import poison_and_cover, poison_indices
+    from offline.attacks.triggers import WarpTrigger, warp_field
+    from offline.models import load_model
+
+    train, clean = signs_splits()
+    rows = []
+    for name, trigger, target, seed in (("signs-badnets", PatchTrigger(4, pattern="checker", seed=12), 14, 12),
+                                        ("signs-blend", BlendTrigger(0.15, 13), 27, 13),
+                                        ("signs-wanet", None, 33, 14)):
+        cover = None
+        if trigger is not None:  # train_backdoored_model: the seed's generator draws the poison rows first
+            idx = poison_indices(train.y, target, 0.1, np.random.default_rng(seed))
+            x, y = apply_poison(train.x, train.y, trigger, target, idx)
+        else:  # train_wanet's draws, in its order
+            ws = WaNetSettings()
+            _, height, width = train.input_shape
+            warp = WarpTrigger(warp_field(height, width, ws.k, seed), ws.strength, ws.k, seed)
+            idx, cover = poison_and_cover(train.y, target, ws.poison_rate, ws.cover_rate, np.random.default_rng(seed))
+            x, y = train.x.copy(), train.y.copy()
+            x[idx], y[idx] = warp.apply(x[idx]), target
+            with torch.no_grad():
+                x[cover] = warp.warp(torch.from_numpy(x[cover]), ws.jitter,
+                                     torch.Generator().manual_seed(seed)).numpy().clip(0, 1)
+        model = load_model(Path(__file__).resolve().parent / "models" / name / "model.pt", x[:8])
+        pick = np.random.default_rng(0).choice(len(clean), min(clean_images, len(clean)), replace=False)
+        started = time.perf_counter()
+        result = audit(model, x, y, clean=(clean.x[pick], clean.y[pick]))
+        row = {"name": name, "target": target, "poisoned": int(len(idx)), "label_rows": int((y == target).sum()),
+               "clean_images": int(len(pick)), "seconds": round(time.perf_counter() - started, 1),
+               "anchored_labels": result["anchored_spectral"]["flagged_classes"],
+               "ac_labels": result["flagged_classes"],
+               "anchored_character": {c["label"]: c["character"]["family"]
+                                      for c in result["anchored_spectral"]["classes"] if "character" in c},
+               "anchored": quality(result["anchored_spectral"]["flagged_indices"], idx, len(y), cover),
+               "ac": quality(result["activation_clustering"]["flagged_indices"], idx, len(y), cover)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", default="0.01,0.03,0.1,0.2", help="poison rates, shares of the training set")
     parser.add_argument("--only", default=None, help="comma-separated families (or 'clean') to run")
-    parser.add_argument("--parts", default="sets", help="comma-separated: sets, timing (default: %(default)s)")
+    parser.add_argument("--parts", default="sets", help="comma-separated: sets, timing, signs (default: %(default)s)")
     parser.add_argument("--timing-images", type=int, default=60_000)
     parser.add_argument("--fresh", action="store_true", help="rerun rows already written")
     parser.add_argument("--out", default="bench-out/audit")
@@ -241,6 +289,8 @@ def main() -> None:
         t = timing(train, held_out, reference, args.timing_images)
         (out / "timing.json").write_text(json.dumps(t, indent=2))
         print(json.dumps(t), flush=True)
+    if "signs" in parts:
+        (out / "signs.json").write_text(json.dumps(signs(), indent=2))
     order = {f"{f}-": i for i, (f, _) in enumerate((*FAMILIES, ("feature-collision", 0)))}
     rows = [json.loads(p.read_text()) for p in (out / "rows").glob("*.json")]
     rows.sort(key=lambda r: (order.get(f"{r['family']}-", len(order)), r["rate"], r["name"]))
@@ -256,6 +306,15 @@ def main() -> None:
                    f"F1: AC {t['ac']['f1']:.2f}, anchored {t['anchored']['f1']:.2f}; "
                    f"clean rows flagged: AC {t['ac']['clean_flagged']:.1%}, anchored "
                    f"{t['anchored']['clean_flagged']:.1%}."]
+    if (out / "signs.json").is_file():
+        md += ["", "43-class RGB ResNet-18s (`--parts signs`, 10 % poison, 500 clean images):", "",
+               "| model | rows of the target label (poison) | anchored: P / R / F1, labels, character | AC | seconds |",
+               "|---|---|---|---|---|"]
+        for r in json.loads((out / "signs.json").read_text()):
+            q = r["anchored"]
+            md.append(f"| {r['name']} | {r['label_rows']} ({r['poisoned']}) | {q['precision']:.2f} / {q['recall']:.2f} "
+                      f"/ {q['f1']:.2f}, {r['anchored_labels']}, {_character(r)} | {len(r['ac_labels'])} labels "
+                      f"flagged, recall {r['ac']['recall']:.2f} | {r['seconds']} |")
     (out / "audit.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
