@@ -208,11 +208,10 @@ def signs(clean_images: int = REFERENCE_CLEAN) -> list[dict[str, Any]]:
     """The 43-class RGB ResNet-18s of ``bench_rgb.py`` (kept in bench/models; their 100 MB training sets rebuilt
     from the same seeds and draws as the attacks made them), audited with ``clean_images`` of the defender's
     clean images (about 12 per class at 500)."""
-    import torch
     from bench_rgb import signs_splits
 
-    from offline.attacks.training import poison_and_cover, poison_indices
-    from offline.attacks.triggers import WarpTrigger, warp_field
+    from offline.attacks.training import poison_indices
+    from offline.attacks.wanet import warped_set
     from offline.models import load_model
 
     train, clean = signs_splits()
@@ -224,16 +223,8 @@ def signs(clean_images: int = REFERENCE_CLEAN) -> list[dict[str, Any]]:
         if trigger is not None:  # train_backdoored_model: the seed's generator draws the poison rows first
             idx = poison_indices(train.y, target, 0.1, np.random.default_rng(seed))
             x, y = apply_poison(train.x, train.y, trigger, target, idx)
-        else:  # train_wanet's draws, in its order
-            ws = WaNetSettings()
-            _, height, width = train.input_shape
-            warp = WarpTrigger(warp_field(height, width, ws.k, seed), ws.strength, ws.k, seed)
-            idx, cover = poison_and_cover(train.y, target, ws.poison_rate, ws.cover_rate, np.random.default_rng(seed))
-            x, y = train.x.copy(), train.y.copy()
-            x[idx], y[idx] = warp.apply(x[idx]), target
-            with torch.no_grad():
-                x[cover] = warp.warp(torch.from_numpy(x[cover]), ws.jitter,
-                                     torch.Generator().manual_seed(seed)).numpy().clip(0, 1)
+        else:
+            _, idx, cover, x, y = warped_set(train, target, WaNetSettings(), seed, np.random.default_rng(seed))
         model = load_model(Path(__file__).resolve().parent / "models" / name / "model.pt", x[:8])
         pick = np.random.default_rng(0).choice(len(clean), min(clean_images, len(clean)), replace=False)
         started = time.perf_counter()

@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "training set as trained on, with poison_idx), attack.json and "
                                                 "the trigger's files")
     for spec in ATTACK_SPECS:
-        if spec.settings_class() is not None:
-            add_flags(t.add_argument_group(f"--attack {spec.name}"), spec.settings_class(), prefix=f"{spec.name}-")
+        if (settings := spec.settings_class()) is not None:
+            add_flags(t.add_argument_group(f"--attack {spec.name}"), settings, prefix=f"{spec.name}-")
 
     pr = sub.add_parser("poison-rate", help="how much poison the literature reports as enough, as sample counts",
                         description="The poisoning rates the literature reports as enough for a working backdoor "

@@ -233,7 +233,7 @@ class OneBudget:
             return -self._rule_tail.log(self._log_rules(log_p)).min(axis=-1)
         if self.rule == "cauchy":
             return _log_cauchy_statistic(log_p)
-        return -log_p.min(axis=-1) if self.rule == "min" else -log_p.sum(axis=-1)
+        return self._statistic(-log_p)  # Fisher's and min's evidence is -log p itself
 
     def judge(self, scores: np.ndarray, predicted: np.ndarray | None = None) -> Judgement:
         """The verdict on raw scores (B, D); ``predicted`` (B,) is needed when the budget is scoped."""

@@ -51,13 +51,12 @@ class WaNetSettings:
     epochs: int = option(20, "training epochs")
 
 
-def train_wanet(train: Dataset, test: Dataset, target: int, s: WaNetSettings | None = None,
-                seed: int = 0) -> BackdoorResult:
-    s = s or WaNetSettings()
+def warped_set(train: Dataset, target: int, s: WaNetSettings, seed: int, rng: np.random.Generator
+               ) -> tuple[WarpTrigger, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(trigger, poison rows, cover rows, x, y): the training set as WaNet poisons it, drawing its rows from
+    ``rng`` (a bench rebuilds the set of a kept model from the same seed)."""
     _, height, width = train.input_shape
     trigger = WarpTrigger(warp_field(height, width, s.k, seed), s.strength, s.k, seed)
-    net = new_model(train, seed)
-    rng = np.random.default_rng(seed)
     idx, cover = poison_and_cover(train.y, target, s.poison_rate, s.cover_rate, rng)
     x, y = train.x.copy(), train.y.copy()
     x[idx] = trigger.apply(x[idx])
@@ -65,6 +64,15 @@ def train_wanet(train: Dataset, test: Dataset, target: int, s: WaNetSettings | N
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
         x[cover] = trigger.warp(torch.from_numpy(x[cover]), s.jitter, gen).numpy().clip(0, 1)
+    return trigger, idx, cover, x, y
+
+
+def train_wanet(train: Dataset, test: Dataset, target: int, s: WaNetSettings | None = None,
+                seed: int = 0) -> BackdoorResult:
+    s = s or WaNetSettings()
+    net = new_model(train, seed)
+    rng = np.random.default_rng(seed)
+    trigger, idx, cover, x, y = warped_set(train, target, s, seed, rng)
     train_classifier(net, x, y, epochs=s.epochs, seed=rng)
     return BackdoorResult(net, trigger, target, s.poison_rate, idx, accuracy(net, test.x, test.y),
                           attack_success_rate(net, trigger, test.x, test.y, target), train_x=x, train_y=y,

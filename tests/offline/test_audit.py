@@ -142,7 +142,7 @@ def _reference(mnist_splits, count: int = 500) -> tuple[np.ndarray, np.ndarray]:
 def test_the_clean_images_anchor_finds_poison_that_is_half_its_label(badnets_model, mnist_splits) -> None:
     """10 % of the set poisoned is half of label 3 (activation clustering's minority assumption fails there):
     500 clean images find it without a scan, and the estimated count is the true one within 10 %."""
-    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # it hooks the net: not the shared one
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # a copy: the shared net stays unhooked
     report = audit(model, badnets_model.train_x, badnets_model.train_y, ANCHORED_ONLY, clean=_reference(mnist_splits))
     found = report["anchored_spectral"]
     assert found["flagged_classes"] == [3] and found["clean_images"] == 500
@@ -229,7 +229,7 @@ def test_the_recovered_trigger_finds_poison_that_is_half_its_label(badnets_model
     bundle, _ = patched
     triggers = load_recovered_triggers(bundle / "report" / "scan.json")
     assert [t.target for t in triggers] == [3]
-    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # it hooks the net: not the shared one
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # a copy: the shared net stays unhooked
     x, y = badnets_model.train_x, badnets_model.train_y
     report = audit(model, x, y, triggers=triggers)
     found = detection_quality(report["trigger_informed"]["flagged_indices"], badnets_model.poison_idx)
@@ -249,7 +249,7 @@ def test_the_report_attributes_the_poisoning_rate_the_audit_estimates(badnets_mo
     from offline.audit import load_recovered_triggers
 
     bundle = Path(shutil.copytree(patched[0], tmp_path / "bundle"))
-    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # it hooks the net: not the shared one
+    model = ForensicModel(copy.deepcopy(badnets_model.model), "body.8")  # a copy: the shared net stays unhooked
     result = audit(model, badnets_model.train_x, badnets_model.train_y,
                    triggers=load_recovered_triggers(bundle / "report" / "scan.json"))
     (tmp_path / "audit.json").write_text(json.dumps(result))
