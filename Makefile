@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# constraints.txt pins torch==2.13.0 (the CPU build on this machine's disk)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[offline,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[offline,fleet,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

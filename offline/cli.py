@@ -53,6 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _neural_cleanse_flags(p)
 
+    fl = sub.add_parser("fleet", help="scan every model of a registry, one Ray task each",
+                        description="Scan many models as 'scan' does, each a Ray task (a local cluster sized to "
+                                    "this machine, or --address). Writes OUT/fleet.json (per model: path, SHA-256, "
+                                    "verdict, flagged classes, anomaly indices, seconds, error), OUT/fleet.html "
+                                    "and each model's scan under OUT/scans/. Resumable: a model whose SHA-256, "
+                                    "settings and clean data match a finished scan is not scanned again. A model "
+                                    "that fails (corrupt file, worker killed) is reported and the others go on. "
+                                    "Needs the 'fleet' extra (pip install 'trojan-guard[fleet]').")
+    fl.add_argument("--models", required=True, nargs="+", metavar="DIR_OR_LIST",
+                    help="model files, directories (searched for .pt, .pth, .ts and .onnx files) or text files "
+                         "listing one model path a line")
+    fl.add_argument("--data", default="mnist", help="clean data, as for scan (default: %(default)s); loaded "
+                                                    "here and sent to the workers")
+    fl.add_argument("--out", required=True, help="output directory")
+    fl.add_argument("--address", default=None,
+                    help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:10001 (default: a local cluster)")
+    fl.add_argument("--num-cpus", type=positive(int), default=None,
+                    help="CPUs of the local cluster (default: all of this machine's)")
+    fl.add_argument("--cpus-per-task", type=positive(int), default=1,
+                    help="CPUs reserved for each model's scan, and its torch threads (%(default)s)")
+    fl.add_argument("--features-layer", default=None, help="as for scan")
+    add_flags(fl, PatchSettings, only=("anomaly_threshold", "repeats"))
+    fl.add_argument("--eval-fraction", type=fraction, default=0.2, help="as for scan (%(default)s)")
+    fl.add_argument("--no-recover", dest="recover", action="store_false", help="as for scan")
+    add_flags(fl, PatchSettings, only=("recover_restarts",))
+    fl.add_argument("--fresh", action="store_true", help="scan every model again, finished ones too")
+    _device_flag(fl)
+    fl.add_argument("--quiet", action="store_true", help="no progress bar")
+    _neural_cleanse_flags(fl)
+
     pa = sub.add_parser("patch", help="scan, repair, calibrate and write the guard bundle",
                         description="The whole offline job: Neural Cleanse scan and trigger recovery, repair, "
                                     "ONNX export, calibration of the guard's detectors and of its one verdict "
@@ -536,6 +566,39 @@ def _cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
+    from offline.data import load_dataset
+    from offline.fleet.scan import FleetScanSettings, run_fleet
+    from offline.patch.settings import PatchSettings
+    from offline.scan.settings import NeuralCleanseConfig
+
+    s = settings_from(args, PatchSettings)
+    settings = FleetScanSettings(config=settings_from(args, NeuralCleanseConfig), threshold=s.anomaly_threshold,
+                                 repeats=s.repeats, eval_fraction=args.eval_fraction, recover=args.recover,
+                                 restarts=s.recover_restarts, features_layer=args.features_layer,
+                                 device=args.device)
+    fleet = run_fleet(args.models, load_dataset(args.data), args.out, settings, address=args.address,
+                      num_cpus=args.num_cpus, cpus_per_task=args.cpus_per_task, fresh=args.fresh,
+                      progress=not args.quiet)
+    width = max(len(e["name"]) for e in fleet["models"])
+    print(f"{'model':{width}} {'verdict':10} {'flagged':8} {'max AI':>6} {'seconds':>8}")
+    for e in fleet["models"]:
+        peak = "-" if e["max_anomaly_index"] is None else f"{e['max_anomaly_index']:.2f}"
+        secs = "-" if e["seconds"] is None else f"{e['seconds']:.0f}" + ("*" if e["reused"] else "")
+        print(f"{e['name']:{width}} {e['verdict']:10} {','.join(map(str, e['flagged_classes'])) or '-':8} "
+              f"{peak:>6} {secs:>8}" + (f"  {e['error']}" if e["error"] else ""))
+    n = fleet["summary"]
+    print(f"{n['models']} models: {n['backdoored']} backdoored, {n['clean']} clean, {n['failed']} failed"
+          + (f", {n['reused']} reused from an earlier run (*)" if n["reused"] else "")
+          + f"; {fleet['cluster']['nodes']} Ray node(s), {fleet['cluster']['cpus']} CPUs, {fleet['seconds']:.0f} s")
+    out = Path(args.out)
+    print(f"written: {out / 'fleet.json'}, {out / 'fleet.html'}")
+    if n["failed"]:
+        raise ForensicsError(f"{n['failed']} of {n['models']} models could not be scanned (their errors are "
+                             f"above and in fleet.json)")
+    return fleet
+
+
 def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
     from offline.patch.job import run_patch
     from offline.patch.settings import CalibrationSettings, PatchSettings, RepairSettings
@@ -614,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"(its --{args.attack}-* flags) or more epochs usually helps", file=sys.stderr)
         elif args.command == "patch":
             _cmd_patch(args)
+        elif args.command == "fleet":
+            _cmd_fleet(args)
         elif args.command == "report":
             _cmd_report(args)
         elif args.command == "audit":

@@ -58,11 +58,11 @@ class LoadedCase:
     model_sha256: str
 
 
-def load_case(model_path: str | Path, data_spec: str, features_layer: str | None,
+def load_case(model_path: str | Path, data_spec: str | Dataset, features_layer: str | None,
               device: str = "cpu") -> LoadedCase:
-    """Load data and model, check that they belong together, and run the model on ``device`` (``auto``: the
-    GPU where torch sees one)."""
-    data = load_dataset(data_spec)
+    """Load data (a spec as ``--data`` takes it, or a loaded :class:`Dataset`) and model, check that they belong
+    together, and run the model on ``device`` (``auto``: the GPU where torch sees one)."""
+    data = data_spec if isinstance(data_spec, Dataset) else load_dataset(data_spec)
     target = resolve_device(device)  # before the model loads: a missing GPU is a quick, clear error
     model = load_model(model_path, data.x[:8], features_layer).to_device(target)
     with torch.no_grad():

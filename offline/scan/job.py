@@ -21,7 +21,7 @@ from offline.stamp import stamp
 
 def run_scan(
     model_path: str | Path,
-    data_spec: str,
+    data_spec: str | Dataset,
     out: str | Path,
     *,
     features_layer: str | None = None,

@@ -1,0 +1,59 @@
+"""Ray, the engine fleet scans and shadow-model training run on: importing it with a useful error, and a
+session that joins a cluster or starts a local one sized to the machine.
+
+Ray is the optional extra ``fleet`` (``pip install 'trojan-guard[fleet]'``); nothing else imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from offline.errors import ForensicsError
+
+INSTALL_HINT = "pip install 'trojan-guard[fleet]'"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ForensicsError(f"this command runs on Ray, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[dict[str, Any]]:
+    """Connect to Ray for the length of the block; yields what the run reports of its cluster.
+
+    ``address``: ``auto`` (the cluster this machine belongs to), ``HOST:PORT`` or ``ray://HOST:10001`` (Ray
+    Client); ``None`` starts a local cluster of ``num_cpus`` CPUs (default: all of this machine's), bound to
+    loopback, shut down at the end. A session already open in this process (a test's or a bench's cluster) is
+    used as it is and left open.
+    """
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        try:
+            if address:
+                ray.init(address=address, **common)
+            else:
+                # without it Ray 2.60 binds the machine's own address; a local cluster needs loopback only
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            raise ForensicsError(f"could not start or join {where}: {exc}") from exc
+        started = True
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        yield {"address": address or "local", "nodes": len(nodes),
+               "cpus": int(ray.cluster_resources().get("CPU", 0))}
+    finally:
+        if started:
+            ray.shutdown()
