@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_patch.py --models fresh
 	$(PY) bench/bench_repair.py
 	$(PY) bench/bench_audit.py
+	$(PY) bench/bench_fleet.py
 	$(PY) bench/bench_matrix.py --jobs 2
 	$(PY) bench/bench_verdict.py
 	$(PY) bench/bench_guard.py

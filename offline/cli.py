@@ -19,6 +19,8 @@ ATTACK_ACCURACY_BAR = 0.02
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from offline.mntd.meta import MetaSettings
+    from offline.mntd.shadows import ShadowSettings
     from offline.patch.settings import CalibrationSettings, PatchSettings, RepairSettings
 
     parser = argparse.ArgumentParser(
@@ -51,7 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, PatchSettings, only=("recover_restarts",))
     _device_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--meta", default=None, metavar="DIR",
+                   help="with --method mntd: the meta-classifier from 'trojan-forensics mntd train'")
     _neural_cleanse_flags(p)
+
+    mn = sub.add_parser("mntd", help="Meta Neural Trojan Detection: train shadow models and the meta-classifier",
+                        description="Meta Neural Trojan Detection (Xu et al., IEEE S&P 2021). 'mntd train' trains "
+                                    "shadow models on the clean data (half clean, half backdoored with triggers "
+                                    "drawn from the jumbo distribution: random patches and blends, targets, "
+                                    "poisoning rates), one Ray task each, then a meta-classifier with query "
+                                    "tuning, calibrated on held-out shadows; 'scan --method mntd --meta DIR' uses "
+                                    "it. Needs the 'fleet' extra (pip install 'trojan-guard[fleet]').")
+    mn_sub = mn.add_subparsers(dest="mntd_command", required=True, metavar="SUBCOMMAND")
+    mt = mn_sub.add_parser("train", help="train shadows (Ray tasks) and the calibrated meta-classifier",
+                           description="Train --shadows shadow models into OUT/shadows (resumable: the ones there "
+                                       "are kept) and the query-tuned meta-classifier into OUT (mntd.json, "
+                                       "queries.npy, classifier.npz: arrays only, their digests in mntd.json).")
+    mt.add_argument("--data", default="mnist", help="the defender's clean images the shadows train on, as for "
+                                                    "scan (default: %(default)s)")
+    mt.add_argument("--out", required=True, help="output directory")
+    mt.add_argument("--shadows", type=positive(int), default=128,
+                    help="shadow models, half of them backdoored (%(default)s; the paper trains thousands)")
+    mt.add_argument("--address", default=None, help="Ray cluster, as for fleet (default: a local cluster)")
+    mt.add_argument("--num-cpus", type=positive(int), default=None,
+                    help="CPUs of the local cluster (default: all of this machine's)")
+    mt.add_argument("--cpus-per-task", type=positive(int), default=1,
+                    help="CPUs and torch threads of each shadow's training (%(default)s)")
+    mt.add_argument("--fresh", action="store_true", help="train every shadow again")
+    mt.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_flags(mt.add_argument_group("shadow models"), ShadowSettings)
+    add_flags(mt.add_argument_group("meta-classifier"), MetaSettings)
 
     fl = sub.add_parser("fleet", help="scan every model of a registry, one Ray task each",
                         description="Scan many models as 'scan' does, each a Ray task (a local cluster sized to "
@@ -557,9 +588,12 @@ def _cmd_scan(args: argparse.Namespace) -> dict[str, Any]:
     from offline.scan.job import run_scan
     from offline.scan.settings import NeuralCleanseConfig
 
+    config = settings_from(args, NeuralCleanseConfig)
+    if config.method == "mntd" or args.meta:
+        return _cmd_mntd_scan(args, config.method)
     s = settings_from(args, PatchSettings)
     report = run_scan(args.model, args.data, args.out, features_layer=args.features_layer,
-                      config=settings_from(args, NeuralCleanseConfig), threshold=s.anomaly_threshold,
+                      config=config, threshold=s.anomaly_threshold,
                       repeats=s.repeats, eval_fraction=args.eval_fraction, recover=args.recover,
                       restarts=s.recover_restarts, progress=not args.quiet, device=args.device)
     _print_scan(report, Path(args.out))
@@ -597,6 +631,44 @@ def _cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
         raise ForensicsError(f"{n['failed']} of {n['models']} models could not be scanned (their errors are "
                              f"above and in fleet.json)")
     return fleet
+
+
+def _cmd_mntd_scan(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    from offline.mntd.job import run_mntd_scan
+
+    if method != "mntd":
+        raise ForensicsError("--meta goes with --method mntd")
+    if not args.meta:
+        raise ForensicsError("--method mntd needs --meta DIR, a meta-classifier from 'trojan-forensics mntd train'")
+    report = run_mntd_scan(args.model, args.data, args.out, args.meta, device=args.device)
+    shadows = report["meta"]["shadows"]
+    print(f"verdict: {report['verdict'].upper()} (MNTD backdoor probability {report['backdoor_probability']:.3f}, "
+          f"threshold {report['threshold']:.3f}: at most {report['target_fpr']:.0%} of clean models above it, "
+          f"calibrated on {shadows['calibration_clean']} held-out clean shadows)")
+    print(f"results in {Path(args.out) / 'scan.json'}")
+    return report
+
+
+def _cmd_mntd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from offline.data import load_dataset
+    from offline.mntd.job import run_mntd_train
+    from offline.mntd.meta import MetaSettings
+    from offline.mntd.shadows import ShadowSettings
+
+    manifest = run_mntd_train(load_dataset(args.data), args.out, args.shadows, settings_from(args, ShadowSettings),
+                              settings_from(args, MetaSettings), address=args.address, num_cpus=args.num_cpus,
+                              cpus_per_task=args.cpus_per_task, fresh=args.fresh, progress=not args.quiet)
+    m = manifest["measured"]
+    sh = m["shadows"]
+    auroc = "-" if m["calibration_auroc"] is None else f"{m['calibration_auroc']:.3f}"
+    print(f"shadows: {sh['used']} used ({sh['left_out_weak_attack']} backdoored ones left out, their attack "
+          f"under --min-shadow-asr), {sh['training']} to train, {sh['calibration']} to calibrate; median clean "
+          f"accuracy {m['shadow_quality']['clean_accuracy_median']:.1%}; {m['shadow_seconds']:.0f} s of training")
+    print(f"meta-classifier: held-out AUROC {auroc}; threshold {manifest['threshold']:.3f} (target FPR "
+          f"{manifest['target_fpr']:.0%}): held-out FPR {m['calibration_fpr']:.0%}, TPR {m['calibration_tpr']:.0%}")
+    print(f"written: {Path(args.out) / 'mntd.json'} (use it: trojan-forensics scan --method mntd --meta {args.out} "
+          f"--model MODEL --out DIR)")
+    return manifest
 
 
 def _cmd_patch(args: argparse.Namespace) -> dict[str, Any]:
@@ -679,6 +751,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_patch(args)
         elif args.command == "fleet":
             _cmd_fleet(args)
+        elif args.command == "mntd":
+            _cmd_mntd_train(args)
         elif args.command == "report":
             _cmd_report(args)
         elif args.command == "audit":

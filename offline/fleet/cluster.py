@@ -57,3 +57,13 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     finally:
         if started:
             ray.shutdown()
+
+
+def node_id() -> str | None:
+    """The Ray node this code runs on (inside a task), or None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - no Ray, or not in a Ray process
+        return None

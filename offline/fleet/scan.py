@@ -27,9 +27,9 @@ import numpy as np
 from guard.bundle import sha256_file
 from offline.data import Dataset
 from offline.errors import ForensicsError
-from offline.fleet.cluster import import_ray, ray_session
+from offline.fleet.cluster import import_ray, node_id, ray_session
 from offline.jobs import TOOL_VERSION, write_json_atomic
-from offline.scan.settings import NeuralCleanseConfig
+from offline.scan.settings import TRIGGER_METHODS, NeuralCleanseConfig
 
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".onnx")
 
@@ -122,7 +122,7 @@ def scan_task(name: str, model_bytes: bytes, data: Dataset, settings: FleetScanS
     from offline.scan.job import run_scan
 
     torch.set_num_threads(threads)
-    node = _node_id()
+    node = node_id()
     with tempfile.TemporaryDirectory(prefix="trojan-fleet-") as tmp:
         path = Path(tmp) / Path(name.split("#")[0]).name
         path.write_bytes(model_bytes)
@@ -135,15 +135,6 @@ def scan_task(name: str, model_bytes: bytes, data: Dataset, settings: FleetScanS
             return {"error": f"{type(exc).__name__}: {exc}".replace(str(path), name), "node": node}
         files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     return {"report": report, "files": files, "node": node}
-
-
-def _node_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside Ray
-        return None
 
 
 def _entry(model: FleetModel, report: dict[str, Any] | None, seconds: float | None, error: str | None,
@@ -225,6 +216,8 @@ def run_fleet(
     """
     started = time.perf_counter()
     settings = settings or FleetScanSettings()
+    if settings.config.method not in TRIGGER_METHODS:
+        raise ForensicsError(f"the fleet scans with {' or '.join(TRIGGER_METHODS)}, not {settings.config.method}")
     out = Path(out)
     models = find_models(sources)
     digest = data_digest(data)
@@ -242,11 +235,23 @@ def run_fleet(
         write_fleet(out, summary)
         remote = ray.remote(task).options(num_cpus=cpus_per_task, max_retries=1)
         data_ref = ray.put(data)
-        pending = {remote.remote(m.name, m.path.read_bytes(), data_ref, settings, cpus_per_task): (m, time.time())
-                   for m in todo}
+        # a window of tasks in flight, not the whole registry's bytes in the object store at once
+        window = max(2, 2 * max(cluster["cpus"], 1) // cpus_per_task)
+        queue = list(todo)
+        pending: dict[Any, tuple[FleetModel, float]] = {}
         bar = _bar(progress, len(models), len(models) - len(todo))
         try:
-            while pending:
+            while queue or pending:
+                while queue and len(pending) < window:
+                    m = queue.pop(0)
+                    content = m.path.read_bytes()  # hashed again: the bytes scanned are the bytes listed
+                    if hashlib.sha256(content).hexdigest() != m.sha256:
+                        entries[m.name] = _entry(m, None, None, "the file changed while the fleet ran; run the "
+                                                 "fleet again to scan its new contents", False, None)
+                        continue
+                    pending[remote.remote(m.name, content, data_ref, settings, cpus_per_task)] = (m, time.time())
+                if not pending:
+                    break
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 m, submitted = pending.pop(ready[0])
                 try:
@@ -267,6 +272,8 @@ def run_fleet(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"{m.name}: {entries[m.name]['verdict']}")
+            summary = _summary(models, entries, data, digest, settings, cluster, started)
+            write_fleet(out, summary)
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref, force=True)

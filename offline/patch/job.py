@@ -39,6 +39,7 @@ from offline.patch.repair import Evaluator, RepairSettings, repair
 from offline.patch.settings import CALIBRATION_IMAGES, PatchSettings
 from offline.report import build_report
 from offline.scan.job import scan_case
+from offline.scan.settings import TRIGGER_METHODS
 from offline.stamp import stamp
 
 PHASES = ("scan", "repair", "export", "calibrate", "evaluate", "bundle")
@@ -276,6 +277,9 @@ def run_patch(
     one); export, calibration and evaluation run the exported ONNX model on the CPU, as the guard does.
     """
     s = settings or PatchSettings()
+    if s.scan.method not in TRIGGER_METHODS:
+        raise ForensicsError(f"--method {s.scan.method} finds no trigger to repair or screen for; the patch job "
+                             f"scans with {' or '.join(TRIGGER_METHODS)}")
     out = Path(out)
     work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
     if fresh and work.exists():

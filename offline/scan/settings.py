@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from offline.flags import option, positive
 
-METHODS = ("neural-cleanse", "tabor")
+# "mntd" is a scan of its own (offline/mntd): a meta-classifier's verdict on the whole model, no trigger
+METHODS = ("neural-cleanse", "tabor", "mntd")
+TRIGGER_METHODS = METHODS[:2]  # what the patch job and the fleet scan reverse-engineer triggers with
 ANOMALY_SCALES = ("log", "linear")
 SCHEDULES = ("adaptive", "full")
 # what the verdict's MAD outlier test runs over: every class's best mask norm (Neural Cleanse), or TABOR's
@@ -66,8 +68,9 @@ class NeuralCleanseConfig:
     batch_size: int = option(32, "mini-batch size")
     seed: int = option(0, "random seed of the first run")
     # "tabor" adds TABOR's regularisers (Guo et al. 2019) to the objective, weighted as TABOR_TERMS lists
-    method: str = option("neural-cleanse", "neural-cleanse, or tabor: the same objective plus TABOR's "
-                         "regularisers against scattered, overly large and object-covering false triggers",
+    method: str = option("neural-cleanse", "neural-cleanse; tabor: the same objective plus TABOR's "
+                         "regularisers against scattered, overly large and object-covering false triggers; mntd "
+                         "(scan only, with --meta): Meta Neural Trojan Detection's backdoor probability",
                          choices=METHODS)
     tabor_weights: tuple[float, ...] = option((1e-3, 1e-5, 1e-3, 1e-4, 1e-2, 1e-2),
                                               "weights of TABOR's terms " + ", ".join(TABOR_TERMS)

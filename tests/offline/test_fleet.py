@@ -8,8 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,31 +20,13 @@ from offline.scan.job import run_scan
 from offline.scan.settings import NeuralCleanseConfig
 
 ray = pytest.importorskip("ray", reason="the fleet extra (ray) is not installed")
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402  (the two_node_ray fixture's, in tests/offline/conftest.py)
 
 pytestmark = pytest.mark.slow
 
 # two scan steps: seconds a model, for what the fleet does with its results, not how good they are
 QUICK = FleetScanSettings(config=NeuralCleanseConfig(max_steps=2, samples_per_step=64, early_stop=False),
                           recover=False)
-
-
-@pytest.fixture(scope="module")
-def two_nodes() -> Iterator[Cluster]:
-    """A head and a worker node of one CPU each, on loopback, shared by this module's tests."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    Path("/tmp/ray").mkdir(exist_ok=True)  # Ray writes /tmp/ray/ray_current_cluster whatever temp_dir says
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths live under it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp,
-                                                            "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +48,7 @@ def clean_data(mnist_splits: tuple[Dataset, Dataset]) -> Dataset:
 
 
 def test_the_fleet_on_two_nodes_gives_the_plain_scans_verdicts_and_reports_the_broken_file(
-        two_nodes: Cluster, registry: Path, clean_data: Dataset, case_dir: Path, tmp_path: Path) -> None:
+        two_node_ray: Cluster, registry: Path, clean_data: Dataset, case_dir: Path, tmp_path: Path) -> None:
     # the BadNets model (target 3) listed by path in a text file, beside the registry directory
     (tmp_path / "more.txt").write_text(f"# the suspect\n{case_dir / 'model.pt'}\n")
     fleet = run_fleet([registry, tmp_path / "more.txt"], clean_data, tmp_path / "out", FleetScanSettings(recover=False),
@@ -98,7 +78,7 @@ def test_the_fleet_on_two_nodes_gives_the_plain_scans_verdicts_and_reports_the_b
 
 
 def test_a_rerun_reuses_finished_scans_and_other_settings_or_a_changed_model_scan_again(
-        two_nodes: Cluster, tiny_case: Path, clean_data: Dataset, tmp_path: Path) -> None:
+        two_node_ray: Cluster, tiny_case: Path, clean_data: Dataset, tmp_path: Path) -> None:
     registry = tmp_path / "models"
     registry.mkdir()
     shutil.copy(tiny_case / "model.pt", registry / "a.pt")
@@ -131,7 +111,7 @@ def _dies_on_b(name: str, *args):
 
 
 def test_a_killed_worker_is_reported_for_its_model_and_the_others_finish(
-        two_nodes: Cluster, tiny_case: Path, clean_data: Dataset, tmp_path: Path) -> None:
+        two_node_ray: Cluster, tiny_case: Path, clean_data: Dataset, tmp_path: Path) -> None:
     registry = tmp_path / "models"
     registry.mkdir()
     for name in ("a.pt", "b.pt", "c.pt"):
