@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -287,15 +288,116 @@ def part_c(case: Path, images: np.ndarray, seconds: float) -> dict:
     return rows
 
 
+PEER_LEVELS = (1, 4, 8, 16)
+
+
+def part_peers(bundle_dir: Path, images: np.ndarray, seconds: float, peers: list[str], out: Path) -> dict:
+    """The guard beside KServe, MLServer and Triton (pytriton) serving the same model unscreened, and in upstream
+    mode in front of each (bench/guard_peers.py says how each runs)."""
+    from guard_peers import MODEL_NAME, drive_cells, peer_server
+
+    bundle = GuardBundle.load(bundle_dir)
+    m = bundle.manifest
+    strip = Screen([StripScreen(bundle.pool, m.strip.n, m.strip.blend_rule)])
+    batches = np.stack([strip.model_batch(x[None])[0] for x in images[:32]]).astype(np.float32)
+    singles = images[:64, None].astype(np.float32)
+    rows: dict[str, dict[int, dict]] = {}
+
+    def cells(name: str, port: int, model: str, items: np.ndarray) -> None:
+        rows[name] = drive_cells(port, model, m.input.name, items, seconds, PEER_LEVELS,
+                                 out / "peers" / "client" / name.replace(" ", "_"))
+        print(f"  {name:>18}: " + "  ".join(f"c{c} p50 {r['p50_ms']:.2f} ms {r['per_s']:.0f}/s"
+                                            + (f" ({r['errors']} errors)" if r["errors"] else "")
+                                            for c, r in rows[name].items()))
+
+    def port_of(client) -> int:
+        return int(client.target.rsplit(":", 1)[1])
+
+    print(f"\nPEERS: one request = {batches.shape[1]} images ({m.strip.n} STRIP blends + the input) to a peer, "
+          f"one image (screened) to the guard; tritonclient.grpc, {seconds:.0f} s per cell")
+    with local_guard(bundle_dir, "--policy", "flag") as guard:
+        cells("guard (embedded)", port_of(guard), guard.model, singles)
+    for peer in peers:
+        with peer_server(peer, bundle.model_path, out / "peers") as port:
+            cells(peer, port, MODEL_NAME, batches)
+            for rounds, label in (("on", f"guard + {peer}"), ("off", f"guard + {peer}, one call")):
+                with local_guard(bundle_dir, "--policy", "flag", "--backend", "upstream", "--upstream",
+                                 f"127.0.0.1:{port}", "--upstream-model", MODEL_NAME, "--strip-rounds",
+                                 rounds) as guard:
+                    cells(label, port_of(guard), guard.model, singles)
+    guard_row = rows["guard (embedded)"]
+    result: dict = {"images_per_peer_request": int(batches.shape[1]), "seconds_per_cell": seconds, "rows": rows,
+                    "cpu_count": os.cpu_count()}
+    if peers:
+        fastest_c8 = max(peers, key=lambda p: rows[p][8]["per_s"])
+        result["targets"] = {
+            "p50_c1_guard_ms": guard_row[1]["p50_ms"],
+            "p50_c1_kserve_ms": rows["kserve"][1]["p50_ms"] if "kserve" in rows else None,
+            "throughput_c8_ratio_vs_fastest_peer": guard_row[8]["per_s"] / rows[fastest_c8][8]["per_s"],
+            "fastest_peer_c8": fastest_c8,
+            "upstream_added_p50_c1_ms": {p: rows[f"guard + {p}"][1]["p50_ms"] - rows[p][1]["p50_ms"] for p in peers},
+            "upstream_one_call_added_p50_c1_ms": {p: rows[f"guard + {p}, one call"][1]["p50_ms"] - rows[p][1]["p50_ms"]
+                                                  for p in peers},
+        }
+        t = result["targets"]
+        if t["p50_c1_kserve_ms"] is not None:
+            print(f"target guard p50 (screened) <= KServe p50 (unscreened) at concurrency 1: "
+                  f"{t['p50_c1_guard_ms']:.2f} vs {t['p50_c1_kserve_ms']:.2f} ms "
+                  f"{'MET' if t['p50_c1_guard_ms'] <= t['p50_c1_kserve_ms'] else 'NOT MET'}")
+        print(f"target guard throughput >= 1.0x the fastest peer ({fastest_c8}) at concurrency 8: "
+              f"{t['throughput_c8_ratio_vs_fastest_peer']:.2f}x "
+              f"{'MET' if t['throughput_c8_ratio_vs_fastest_peer'] >= 1.0 else 'NOT MET'}")
+        for p, added in t["upstream_added_p50_c1_ms"].items():
+            one = t["upstream_one_call_added_p50_c1_ms"][p]
+            print(f"upstream mode in front of {p}: adds {added:.2f} ms p50 at concurrency 1, {one:.2f} ms with "
+                  f"--strip-rounds off ({'MET' if min(added, one) <= 1.0 else 'NOT MET'} the 1 ms target)")
+    return result
+
+
+def peers_table(result: dict) -> str:
+    lines = ["# The guard beside the model servers (bench/bench_guard.py --peers)", "",
+             "Guard rows: the guard screening one image per request, embedded (onnxruntime in-process) or in "
+             "upstream mode in front of the peer (its STRIP rounds, or all blends in one call with "
+             "`--strip-rounds off`).", "",
+             f"A peer's request: {result['images_per_peer_request']} images, unscreened; the guard's: one image, "
+             f"screened (its {result['images_per_peer_request']} rows through the same model, plus k-NN and "
+             f"filter). Client and servers on loopback, {result['cpu_count']} cores, tritonclient.grpc, "
+             f"{result['seconds_per_cell']:.0f} s per cell.", "",
+             "| server | " + " | ".join(f"c{c} p50 ms | c{c} req/s" for c in PEER_LEVELS) + " |",
+             "|---|" + "---|---|" * len(PEER_LEVELS)]
+    for name, cells in result["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{cells[c]['p50_ms']:.2f} | {cells[c]['per_s']:.0f}"
+                                                  + (f" ({cells[c]['errors']} errors)" if cells[c]["errors"] else "")
+                                                  for c in PEER_LEVELS) + " |")
+    c8 = {name: cells[8] for name, cells in result["rows"].items()}
+    lines += ["", "The client's CPU at concurrency 8 (tritonclient in its own process, share of the "
+                  f"{result['cpu_count']} cores over the cell): "
+              + ", ".join(f"{name} {c['client_cpu_s'] / c['seconds'] / result['cpu_count']:.0%}"
+                          for name, c in c8.items()) + "."]
+    if "targets" in result:
+        t = result["targets"]
+        lines += ["", f"Guard p50 at concurrency 1 (screened): {t['p50_c1_guard_ms']:.2f} ms; KServe's "
+                      f"(unscreened): {t['p50_c1_kserve_ms']:.2f} ms. Guard throughput at concurrency 8: "
+                      f"{t['throughput_c8_ratio_vs_fastest_peer']:.2f}x the fastest peer ({t['fastest_peer_c8']}). "
+                      "Upstream mode's added p50 at concurrency 1: "
+                  + ", ".join(f"{p} {a:.2f} ms ({t['upstream_one_call_added_p50_c1_ms'][p]:.2f} ms in one call)"
+                              for p, a in t["upstream_added_p50_c1_ms"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out/guard")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each latency cell")
     parser.add_argument("--skip-art", action="store_true", help="skip part B")
     parser.add_argument("--parts", default="a,a2,b,c", help="comma-separated parts to run (%(default)s)")
+    parser.add_argument("--peers", default=None, metavar="LIST",
+                        help="only the peers part: comma-separated of kserve, mlserver, pytriton (installed into "
+                             "their own virtualenvs under OUT/peers on first use, MLServer from the dev extra); "
+                             "writes bench-out/guard_peers.json and .md")
     args = parser.parse_args()
     out = Path(args.out)
-    parts = args.parts.split(",")
+    parts = ["peers"] if args.peers else args.parts.split(",")
     name, trigger, target, seed = next(z for z in ZOO if z[0] == MODEL)
     verdict_case = ROOT / "bench-out" / "verdict" / name  # bench_verdict.py builds the same model
     case = verdict_case if (verdict_case / "model.pt").exists() and not (out / name).exists() else out / name
@@ -321,6 +423,17 @@ def main() -> None:
         result["b"] = part_b(bundle_dir, calib.x, test.x, triggered)
     if "c" in parts:
         result["c"] = part_c(case, test.x, args.seconds)
+    if "peers" in parts:
+        from guard_peers import PEERS
+
+        peers = [p for p in args.peers.split(",") if p]
+        if unknown := set(peers) - set(PEERS):
+            raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose from {', '.join(PEERS)}")
+        peers_result = part_peers(bundle_dir, test.x, args.seconds, peers, out)
+        (out.parent / "guard_peers.json").write_text(json.dumps(peers_result, indent=2, default=float))
+        (out.parent / "guard_peers.md").write_text(peers_table(peers_result))
+        print(f"written: {out.parent / 'guard_peers.json'}, {out.parent / 'guard_peers.md'}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
     print(f"\nwritten: {out / 'result.json'}")

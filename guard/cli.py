@@ -84,6 +84,11 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
                                                 "default: lower latency and more throughput) or sleep (off: "
                                                 "about half the CPU per request, for cores shared with the "
                                                 "model server or other pods)")),
+    ("--strip-rounds", dict(choices=("on", "off"),
+                            help="sequential STRIP, where the bundle has it: the blends in rounds, stopping once "
+                                 "the verdict is clear (on, default), or all of them in one model call (off: one "
+                                 "round trip per batch to an upstream model server instead of several, more rows "
+                                 "each; bench/bench_guard.py --peers measures both)")),
     ("--log-level", dict(choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default INFO")),
 ]
 

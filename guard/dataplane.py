@@ -74,7 +74,7 @@ class ServingState:
         self.value_range = tuple(m.input.value_range)
         self.class_names = list(m.class_names)
         per_input = int(np.prod(self.input_shape[1:])) * 4
-        self.screen = bundle.screen(seed=settings.seed)
+        self.screen = bundle.screen(seed=settings.seed, sequential=settings.strip_rounds)
         self.score_names = tuple(d.score_name for d in self.screen.detectors)
         self.columns = ("p_value", *self.score_names, *(f"{d}_p_value" for d in self.screen.names))
         rows = 1 + (m.strip.n if m.strip else 0)

@@ -108,6 +108,8 @@ class GuardSettings(BaseSettings):
                                               "(cuda,cpu; the CPU is always the last fallback)")
     spin: bool = Field(True, description="onnxruntime's idle threads busy-wait for the next batch (lower latency; "
                                          "off saves CPU on cores shared with other work)")
+    strip_rounds: bool = Field(True, description="sequential STRIP, where the bundle has it: blends in rounds, "
+                                                 "stopping once the verdict is clear (off: all in one model call)")
     seed: int = 0
     log_level: str = "INFO"
 

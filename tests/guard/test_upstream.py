@@ -83,6 +83,22 @@ def test_an_upstream_serving_another_model_is_refused(mlserver: MLServer, patche
     assert "is not the bundle's model: logits differ" in run.stderr
 
 
+def test_strip_in_one_upstream_call_screens_as_the_rounds_do(mlserver: MLServer, guard_only_bundle: Path,
+                                                              tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
+    """--strip-rounds off: every blend in one upstream call per batch (one round trip instead of several)."""
+    guard = GuardProcess(guard_only_bundle, tmp_path, "--backend", "upstream", "--upstream",
+                         f"127.0.0.1:{mlserver.grpc_port}", "--upstream-model", "digits", "--model-name", "digits",
+                         "--strip-rounds", "off", "--policy", "flag")
+    try:
+        flagged = {}
+        for kind in ("clean", "triggered"):
+            flagged[kind] = sum(guard.infer(x[None], model="digits").parameters["guard_verdict"].string_param
+                                == "flagged" for x in traffic[f"{kind}_x"][:20])
+        assert flagged["clean"] <= 1 and flagged["triggered"] >= 18, flagged
+    finally:
+        assert guard.stop() == 0
+
+
 def test_the_guard_screens_in_front_of_mlserver_and_survives_a_slow_then_dead_upstream(
         mlserver: MLServer, guard_only_bundle: Path, tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
     guard = GuardProcess(guard_only_bundle, tmp_path, "--backend", "upstream", "--upstream",
