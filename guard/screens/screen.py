@@ -112,9 +112,11 @@ class Screen:
             scores[todo, s] = mu
             if m >= n:
                 break
-            at_hi, at_lo = scores[todo].copy(), scores[todo].copy()
-            at_hi[:, s], at_lo[:, s] = hi, lo  # STRIP's least and most suspicious plausible n-blend means
-            settled = self.budget.judge(at_hi, predicted).flagged | ~self.budget.judge(at_lo, predicted).flagged
+            # STRIP's least and most suspicious plausible n-blend means, judged in one call
+            bounds = np.concatenate([scores[todo], scores[todo]])
+            bounds[:len(todo), s], bounds[len(todo):, s] = hi, lo
+            flagged = self.budget.judge(bounds, np.concatenate([predicted, predicted])).flagged
+            settled = flagged[:len(todo)] | ~flagged[len(todo):]
             todo = todo[~settled]
             if not len(todo):
                 break

@@ -35,6 +35,7 @@ the same; no ties, and one input costs O(D log m + log n).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,11 +62,14 @@ _CHUNK = 256
 TAIL = 0.1  # the share of the reference above which the tail is fitted
 
 
-def _survival(sorted_ref: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Per column, the share (+1 smoothed) of the sorted reference at or above each value: (m, D), (B, D)."""
-    m = len(sorted_ref)
-    return np.stack([(m - np.searchsorted(sorted_ref[:, j], x[:, j], side="left") + 1) / (m + 1)
-                     for j in range(sorted_ref.shape[1])], axis=1)
+def _survival(columns: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Per column, the share (+1 smoothed) of the sorted reference at or above each value: ``columns`` the D
+    sorted reference columns (contiguous, m each: a strided column would be copied by every search), x (B, D)."""
+    m = len(columns[0])
+    below = np.empty(x.shape)
+    for j, column in enumerate(columns):
+        below[:, j] = column.searchsorted(x[:, j], side="left")
+    return (m - below + 1) / (m + 1)
 
 
 def _cauchy_evidence(p: np.ndarray) -> np.ndarray:
@@ -104,14 +108,15 @@ class TailProbability:
         m = len(self.sorted)
         if m < 20:
             raise ValueError(f"fitted p-values need at least 20 reference scores per detector, got {m}")
+        self.columns = [np.ascontiguousarray(self.sorted[:, j]) for j in range(self.sorted.shape[1])]
         self.knee = self.sorted[int(np.floor((1 - TAIL) * m))]  # (D,)
-        self.knee_p = _survival(self.sorted, self.knee[None])[0]
+        self.knee_p = _survival(self.columns, self.knee[None])[0]
         above = self.sorted > self.knee
         excess = np.where(above, self.sorted - self.knee, 0.0).sum(axis=0) / np.maximum(above.sum(axis=0), 1)
         self.scale = np.maximum(excess, 1e-12)
 
     def log(self, oriented: np.ndarray) -> np.ndarray:
-        body = np.log(_survival(self.sorted, oriented))
+        body = np.log(_survival(self.columns, oriented))
         tail = np.log(self.knee_p) - np.maximum(oriented - self.knee, 0.0) / self.scale
         return np.where(oriented > self.knee, np.minimum(body, tail), body)
 
