@@ -158,8 +158,8 @@ def _store(out: Path, model: FleetModel, result: dict[str, Any], key: str) -> di
     if target.exists():
         shutil.rmtree(target)
     for rel, data in result["files"].items():
-        if rel == "scan.json":
-            continue
+        if rel == "scan.json" or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue  # nothing a worker returns lands outside the model's result directory
         dest = target / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
