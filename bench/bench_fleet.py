@@ -76,7 +76,7 @@ def mnist_models(out: Path) -> dict[str, dict[str, Any]]:
     return models
 
 
-def link_registry(models: dict[str, dict[str, Any]], names: list[str], registry: Path) -> None:
+def copy_registry(models: dict[str, dict[str, Any]], names: list[str], registry: Path) -> None:
     """A registry directory of the named models (copies: a fleet hashes and sends what it finds)."""
     shutil.rmtree(registry, ignore_errors=True)
     for name in names:
@@ -88,7 +88,7 @@ def link_registry(models: dict[str, dict[str, Any]], names: list[str], registry:
 def part_fleet(out: Path, data: Dataset, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
     names = [f"zoo/{n}" for n in FLEET_ZOO] + [f"matrix/{n}" for n in FLEET_MATRIX]
     registry = out / "fleet" / "registry-8"
-    link_registry(models, names, registry)
+    copy_registry(models, names, registry)
     settings = FleetScanSettings()
     started = time.perf_counter()
     sequential = {}
@@ -130,7 +130,7 @@ def part_mntd(out: Path, data: Dataset, models: dict[str, dict[str, Any]], shado
         shutil.copy2(meta_dir / f, KEPT_META / f)
     # Neural Cleanse on every model through the fleet (the fleet part's 8 scans are reused when they match)
     registry = out / "fleet" / "registry-all"
-    link_registry(models, list(models), registry)
+    copy_registry(models, list(models), registry)
     nc = {e["name"].rsplit("/", 1)[0]: e for e in
           run_fleet([registry], data, out / "fleet" / "fleet-all", FleetScanSettings(), progress=True)["models"]}
     rows = []

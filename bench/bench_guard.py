@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,6 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_patch import _case  # noqa: E402
 from bench_scan import ZOO  # noqa: E402
+from drive import drive  # noqa: E402
 
 from guard.backends import EmbeddedBackend  # noqa: E402
 from guard.bundle import GuardBundle  # noqa: E402
@@ -66,33 +66,6 @@ from offline.patch.repair import RepairSettings  # noqa: E402
 
 MODEL = "patch-3x3-top-left-white"
 LEVELS = (1, 4, 8)
-
-
-def drive(call, items: list, concurrency: int, seconds: float) -> dict:
-    """``concurrency`` threads call ``call(item)`` in a loop for ``seconds``; latency percentiles and rate."""
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    stop = threading.Event()
-
-    def worker(k: int) -> None:
-        i = k
-        while not stop.is_set():
-            start = time.perf_counter()
-            call(items[i % len(items)])
-            latencies[k].append(time.perf_counter() - start)
-            i += concurrency
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    lat = np.concatenate([np.array(x) for x in latencies]) * 1000
-    return {"requests": int(lat.size), "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "per_s": lat.size / elapsed}
 
 
 def heavier_bundle(src: Path, out: Path, width: int = 32) -> Path:
@@ -376,8 +349,10 @@ def peers_table(result: dict) -> str:
                           for name, c in c8.items()) + "."]
     if "targets" in result:
         t = result["targets"]
-        lines += ["", f"Guard p50 at concurrency 1 (screened): {t['p50_c1_guard_ms']:.2f} ms; KServe's "
-                      f"(unscreened): {t['p50_c1_kserve_ms']:.2f} ms. Guard throughput at concurrency 8: "
+        kserve = (f"; KServe's (unscreened): {t['p50_c1_kserve_ms']:.2f} ms" if t["p50_c1_kserve_ms"] is not None
+                  else "")
+        lines += ["", f"Guard p50 at concurrency 1 (screened): {t['p50_c1_guard_ms']:.2f} ms{kserve}. "
+                      f"Guard throughput at concurrency 8: "
                       f"{t['throughput_c8_ratio_vs_fastest_peer']:.2f}x the fastest peer ({t['fastest_peer_c8']}). "
                       "Upstream mode's added p50 at concurrency 1: "
                   + ", ".join(f"{p} {a:.2f} ms ({t['upstream_one_call_added_p50_c1_ms'][p]:.2f} ms in one call)"

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_guard import drive  # noqa: E402
+from drive import drive  # noqa: E402
 
 from guard.bundle import GuardBundle  # noqa: E402
 from guard.transport.client import local_guard  # noqa: E402

@@ -27,17 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from guard.transport.client import free_port
+
 HERE = Path(__file__).resolve().parent
 PEERS = ("kserve", "mlserver", "pytriton")
 PEER_PACKAGES = {"kserve": ["kserve==0.21.0", "onnxruntime", "numpy"],
                  "pytriton": ["nvidia-pytriton==0.7.0", "onnxruntime", "numpy"]}
 MODEL_NAME = "digits"
-
-
-def free_port() -> int:
-    from guard.transport.client import free_port as guard_free_port
-
-    return guard_free_port()
 
 
 def peer_python(peer: str, root: Path) -> Path:

@@ -4,6 +4,7 @@ The jobs themselves: :mod:`offline.scan.job`, :mod:`offline.patch.job`, :mod:`of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,27 +24,42 @@ from offline.models import ForensicModel, load_model, resolve_device
 TOOL_VERSION = "0.1.0"
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+def fingerprint(*parts: Any) -> str:
+    """SHA-256 over ``parts``: bytes as they are, anything else as sorted JSON. What a finished result must
+    match to be reused (the patch job's phases, the fleet's scans)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    write_text_atomic(path, json.dumps(payload, indent=2))
+
+
 @contextmanager
-def step_progress(enabled: bool, total: int, desc: str) -> Iterator[Any]:
-    """A tqdm bar over optimisation steps (to stderr), or a no-op when disabled."""
+def step_progress(enabled: bool, total: int, desc: str, unit: str = "step", initial: int = 0) -> Iterator[Any]:
+    """A tqdm bar over ``total`` units (optimisation steps, models; ``initial`` already done) to stderr, or a
+    no-op (None) when disabled."""
     if not enabled:
         yield None
         return
     from tqdm.auto import tqdm
 
     # disable=None: a bar on a terminal, silence in logs and pipes
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True, disable=None)
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True, disable=None)
     try:
         yield bar
     finally:

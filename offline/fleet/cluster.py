@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,3 +68,45 @@ def node_id() -> str | None:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - no Ray, or not in a Ray process
         return None
+
+
+def run_tasks(task: Callable[..., Any], jobs: Iterable[tuple[Any, tuple]], cpus_per_task: int = 1
+              ) -> Iterator[tuple[Any, Any, float]]:
+    """Run ``task(*args)`` as a Ray task of ``cpus_per_task`` CPUs for each ``(key, args)`` of ``jobs``; yields
+    ``(key, result, seconds since it was submitted)`` as each lands.
+
+    ``jobs`` is drawn lazily, two tasks per free slot of the cluster in flight (not every job's arguments in the
+    object store at once); the next is submitted before a result is yielded, so the cluster stays busy while
+    the caller writes it. A task whose worker died (killed, out of memory) even after one retry yields the
+    ``ray.exceptions.RayError`` as its result. Closing the iterator early cancels what is still running.
+    """
+    ray = import_ray()
+    remote = ray.remote(task).options(num_cpus=cpus_per_task, max_retries=1)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)) // cpus_per_task)
+    queue = iter(jobs)
+    pending: dict[Any, tuple[Any, float]] = {}
+
+    def fill() -> None:
+        while len(pending) < window and (job := next(queue, None)) is not None:
+            pending[remote.remote(*job[1])] = (job[0], time.time())
+
+    fill()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            key, submitted = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                result = exc
+            fill()
+            yield key, result, time.time() - submitted
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def task_failure(exc: BaseException) -> str:
+    """One line for a task whose worker died: the error's type and its first line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

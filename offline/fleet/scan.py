@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ import numpy as np
 from guard.bundle import sha256_file
 from offline.data import Dataset
 from offline.errors import ForensicsError
-from offline.fleet.cluster import import_ray, node_id, ray_session
-from offline.jobs import TOOL_VERSION, write_json_atomic
+from offline.fleet.cluster import import_ray, node_id, ray_session, run_tasks, task_failure
+from offline.jobs import TOOL_VERSION, fingerprint, step_progress, write_json_atomic, write_text_atomic
 from offline.scan.settings import TRIGGER_METHODS, NeuralCleanseConfig
 
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".onnx")
@@ -101,18 +101,15 @@ def find_models(sources: Sequence[str | Path]) -> list[FleetModel]:
 
 
 def data_digest(data: Dataset) -> str:
-    h = hashlib.sha256()
-    for a in (np.ascontiguousarray(data.x, np.float32), np.ascontiguousarray(data.y, np.int64)):
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+    """The clean data's SHA-256: each array's shape, then its bytes (float32 images, int64 labels)."""
+    arrays = (np.ascontiguousarray(data.x, np.float32), np.ascontiguousarray(data.y, np.int64))
+    return fingerprint(*(part for a in arrays for part in (str(a.shape).encode(), a.tobytes())))
 
 
 def result_key(model_sha256: str, settings: FleetScanSettings, data_sha256: str) -> str:
     """What a finished scan must match to be reused: the model's bytes, the settings and the clean data."""
-    blob = json.dumps({"model": model_sha256, "settings": asdict(settings), "data": data_sha256,
-                       "version": TOOL_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return fingerprint({"model": model_sha256, "settings": asdict(settings), "data": data_sha256,
+                        "version": TOOL_VERSION})
 
 
 def scan_task(name: str, model_bytes: bytes, data: Dataset, settings: FleetScanSettings, threads: int) -> dict:
@@ -231,65 +228,37 @@ def run_fleet(
 
     ray = import_ray()
     with ray_session(address, num_cpus) as cluster:
-        summary = _summary(models, entries, data, digest, settings, cluster, started)
-        write_fleet(out, summary)
-        remote = ray.remote(task).options(num_cpus=cpus_per_task, max_retries=1)
+        write_fleet(out, _summary(models, entries, data, digest, settings, cluster, started))
         data_ref = ray.put(data)
-        # a window of tasks in flight, not the whole registry's bytes in the object store at once
-        window = max(2, 2 * max(cluster["cpus"], 1) // cpus_per_task)
-        queue = list(todo)
-        pending: dict[Any, tuple[FleetModel, float]] = {}
-        bar = _bar(progress, len(models), len(models) - len(todo))
-        try:
-            while queue or pending:
-                while queue and len(pending) < window:
-                    m = queue.pop(0)
-                    content = m.path.read_bytes()  # hashed again: the bytes scanned are the bytes listed
-                    if hashlib.sha256(content).hexdigest() != m.sha256:
-                        entries[m.name] = _entry(m, None, None, "the file changed while the fleet ran; run the "
-                                                 "fleet again to scan its new contents", False, None)
-                        continue
-                    pending[remote.remote(m.name, content, data_ref, settings, cpus_per_task)] = (m, time.time())
-                if not pending:
-                    break
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                m, submitted = pending.pop(ready[0])
-                try:
-                    result = ray.get(ready[0])
-                except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory) twice
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    result = {"error": f"the Ray task scanning this model failed: {type(exc).__name__}: {first}",
+
+        def jobs() -> Iterator[tuple[FleetModel, tuple]]:
+            for m in todo:
+                content = m.path.read_bytes()  # hashed again: the bytes scanned are the bytes listed
+                if hashlib.sha256(content).hexdigest() != m.sha256:
+                    entries[m.name] = _entry(m, None, None, "the file changed while the fleet ran; run the fleet "
+                                             "again to scan its new contents", False, None)
+                    continue
+                yield m, (m.name, content, data_ref, settings, cpus_per_task)
+
+        with step_progress(progress, len(models), "fleet scan", unit="model", initial=len(models) - len(todo)) \
+                as bar:
+            for m, result, seconds in run_tasks(task, jobs(), cpus_per_task):
+                if isinstance(result, Exception):
+                    result = {"error": f"the Ray task scanning this model failed: {task_failure(result)}",
                               "node": None}
                 if "error" in result:
-                    entries[m.name] = _entry(m, None, time.time() - submitted, result["error"], False,
-                                             result["node"])
+                    entries[m.name] = _entry(m, None, seconds, result["error"], False, result["node"])
                 else:
                     report = _store(out, m, result, keys[m.name])
                     entries[m.name] = _entry(m, report, report["timings"]["total_seconds"], None, False,
                                              result["node"])
-                summary = _summary(models, entries, data, digest, settings, cluster, started)
-                write_fleet(out, summary)
+                write_fleet(out, _summary(models, entries, data, digest, settings, cluster, started))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"{m.name}: {entries[m.name]['verdict']}")
-            summary = _summary(models, entries, data, digest, settings, cluster, started)
-            write_fleet(out, summary)
-        except KeyboardInterrupt:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+        summary = _summary(models, entries, data, digest, settings, cluster, started)
+        write_fleet(out, summary)
     return summary
-
-
-def _bar(enabled: bool, total: int, done: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, desc="fleet scan", unit="model", dynamic_ncols=True, disable=None)
 
 
 def _summary(models: Iterable[FleetModel], entries: dict[str, dict[str, Any]], data: Dataset, digest: str,
@@ -341,6 +310,4 @@ def write_fleet(out: Path, summary: dict[str, Any]) -> None:
             "<th>seconds</th><th>SHA-256</th><th>result</th><th>error</th></tr>" + "".join(rows) + "</table>")
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>trojan-forensics fleet</title>"
             f"<style>{_STYLE}</style></head><body>{body}</body></html>")
-    tmp = out / ".fleet.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "fleet.html")
+    write_text_atomic(out / "fleet.html", page)

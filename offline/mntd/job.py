@@ -13,7 +13,7 @@ import numpy as np
 from offline.data import Dataset
 from offline.errors import DataError
 from offline.jobs import TOOL_VERSION, load_case, write_json_atomic
-from offline.mntd.meta import MANIFEST, MetaClassifier, MetaSettings, train_meta_classifier
+from offline.mntd.meta import MetaClassifier, MetaSettings, train_meta_classifier
 from offline.mntd.shadows import ShadowSettings, train_shadows
 
 
@@ -81,5 +81,3 @@ def run_mntd_scan(model_path: str | Path, data_spec: str | Dataset, out: str | P
     write_json_atomic(Path(out) / "scan.json", report)
     return report
 
-
-__all__ = ["MANIFEST", "run_mntd_scan", "run_mntd_train"]

@@ -25,7 +25,7 @@ import numpy as np
 
 from offline.errors import ForensicsError
 from offline.flags import fraction, option, positive
-from offline.jobs import TOOL_VERSION, write_json_atomic
+from offline.jobs import TOOL_VERSION, step_progress, write_json_atomic
 
 FORMAT = "trojan-forensics-mntd"
 FORMAT_VERSION = 1
@@ -215,17 +215,9 @@ def train_meta_classifier(shadow_dir: Path, records: Sequence[dict], shadow_sett
     models = [load_shadow(shadow_dir, r, shadow_settings, tuple(shape), num_classes) for r in usable]
     labels = [int(r["backdoored"]) for r in usable]
     started = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=settings.meta_epochs, desc="meta-classifier", unit="epoch", disable=None)
-    try:
+    with step_progress(progress, settings.meta_epochs, "meta-classifier", unit="epoch") as bar:
         net = fit_meta([models[i] for i in train_pos], [labels[i] for i in train_pos], settings, shape, num_classes,
                        None if bar is None else (lambda _: bar.update(1)))
-    finally:
-        if bar is not None:
-            bar.close()
     seconds = time.perf_counter() - started
     with torch.no_grad():
         scores = np.array([float(torch.sigmoid(net(m))) for m in models])

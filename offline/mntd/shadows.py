@@ -23,8 +23,8 @@ import numpy as np
 from offline.data import Dataset
 from offline.errors import ForensicsError
 from offline.flags import fraction, option, positive
-from offline.fleet.cluster import import_ray, node_id, ray_session
-from offline.jobs import write_json_atomic
+from offline.fleet.cluster import import_ray, node_id, ray_session, run_tasks, task_failure
+from offline.jobs import step_progress, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -148,18 +148,15 @@ def train_shadows(
         with ray_session(address, num_cpus) as cluster:
             say(f"training {len(todo)} shadow models on {cluster['nodes']} Ray node(s), {cluster['cpus']} CPUs "
                 f"({len(records)} already trained in {out})")
-            remote = ray.remote(shadow_task).options(num_cpus=cpus_per_task, max_retries=1)
             data_ref = ray.put(data)
-            pending = [remote.remote(r, data_ref, settings, cpus_per_task) for r in todo]
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=count, initial=count - len(todo), desc="shadows", unit="model", disable=None)
-            try:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1)
-                    record = ray.get(ready[0])
+            jobs = ((r, (r, data_ref, settings, cpus_per_task)) for r in todo)
+            with step_progress(progress, count, "shadows", unit="model", initial=count - len(todo)) as bar:
+                for recipe, record, _ in run_tasks(shadow_task, jobs, cpus_per_task):
+                    if bar is not None:
+                        bar.update(1)
+                    if isinstance(record, Exception):
+                        say(f"shadow {recipe['index']} failed ({task_failure(record)}); a rerun trains it again")
+                        continue
                     weights = record.pop("weights")
                     name = f"shadow-{record['index']:05d}.npz"
                     (out / name).write_bytes(weights)
@@ -167,11 +164,6 @@ def train_shadows(
                     with listing.open("a") as fh:  # one line per shadow, after its file: a resume never sees half
                         fh.write(json.dumps(record) + "\n")
                     records[record["index"]] = record
-                    if bar is not None:
-                        bar.update(1)
-            finally:
-                if bar is not None:
-                    bar.close()
     return [records[i] for i in sorted(records) if i < count]
 
 

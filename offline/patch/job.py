@@ -31,7 +31,7 @@ from guard.screens.registry import DETECTORS
 from offline.attacks import AnyTrigger, load_trigger
 from offline.data import Dataset
 from offline.errors import DataError, ForensicsError
-from offline.jobs import TOOL_VERSION, load_case, write_json_atomic
+from offline.jobs import TOOL_VERSION, fingerprint, load_case, write_json_atomic
 from offline.patch.calibrate import CALIBRATION_VERSION, calibrate, evaluate
 from offline.patch.export import INPUT_NAME, OPSET, export_onnx
 from offline.patch.ibdpsc import IBD_PSC_VERSION, add_ibd_psc_variants
@@ -127,13 +127,6 @@ def split_clean(data: Dataset, s: PatchSettings, share: float | None = None) -> 
     rest, test = data.split(s.test_fraction, seed=s.split_seed)
     fit, calib = rest.split(share / (1 - s.test_fraction), seed=s.split_seed + 1)
     return fit, calib, test
-
-
-def _digest(*parts: Any) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
 
 
 class _Phases:
@@ -296,14 +289,14 @@ def run_patch(
                         f"give at least {int(s.scan.batch_size / min(s.test_fraction, SCAN_SHARE)) + 1}")
     phases = _Phases(work, warn or (lambda line: print(line, file=sys.stderr)))
     model = case.model
-    fp_scan = _digest(case.model_sha256, case.data.x.tobytes(), case.data.y.tobytes(), features_layer,
+    fp_scan = fingerprint(case.model_sha256, case.data.x.tobytes(), case.data.y.tobytes(), features_layer,
                       asdict(s.scan), s.anomaly_threshold, s.repeats, s.recover_restarts, s.test_fraction,
                       SCAN_SHARE, s.split_seed)
-    fp_repair = _digest(fp_scan, asdict(s.repair), str(true_trigger_file), len(calib))
+    fp_repair = fingerprint(fp_scan, asdict(s.repair), str(true_trigger_file), len(calib))
     ibd_psc = "ibd_psc" in s.calibration.detectors  # the export adds the amplified-BatchNorm variants
-    fp_export = _digest(fp_repair, OPSET, ibd_psc, IBD_PSC_VERSION)
-    fp_calibrate = _digest(fp_export, asdict(s.calibration), CALIBRATION_VERSION)
-    fp_evaluate = _digest(fp_calibrate)
+    fp_export = fingerprint(fp_repair, OPSET, ibd_psc, IBD_PSC_VERSION)
+    fp_calibrate = fingerprint(fp_export, asdict(s.calibration), CALIBRATION_VERSION)
+    fp_evaluate = fingerprint(fp_calibrate)
 
     def header(i: int, phase: str, reused: bool) -> None:
         say(f"[{i}/{len(PHASES)}] {phase}" + (": reused the finished result from a previous run" if reused else ""))
