@@ -34,6 +34,12 @@ C. The cost of the detectors: bundles of the same model and scan calibrated
    filter) and every detector (plus Mahalanobis; sequential and fixed-n
    STRIP), each served by ``trojan-guard serve`` and driven at concurrency 1
    and 8: p50 and throughput, and their ratios against the previous guard.
+
+``--peers LIST``: the guard beside KServe, MLServer and Triton (bench/guard_peers.py); ``--workers LIST``
+(e.g. 1,2): ``serve --workers K`` for each K, driven at concurrency 1, 8 and 16 by one tritonclient process
+whose threads each hold a connection of their own (the kernel spreads connections, not calls, over the
+workers): throughput against one worker, and the client's CPU share (on a small machine the client competes
+with the workers for the same cores). Both write bench-out/guard_{peers,workers}.json and .md.
 """
 
 from __future__ import annotations
@@ -327,6 +333,70 @@ def part_peers(bundle_dir: Path, images: np.ndarray, seconds: float, peers: list
     return result
 
 
+WORKER_LEVELS = (1, 8, 16)
+
+
+def _all_workers_ready(client, count: int, timeout_s: float = 90.0) -> None:
+    """Until the supervisor's /metrics says every worker serves (the port answers once the first one does)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = urllib.request.urlopen(client.metrics_url, timeout=5).read().decode()
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+        if values.get("trojan_guard_ready") == 1 and values.get("trojan_guard_workers", 1) == count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} workers not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def part_workers(bundle_dir: Path, images: np.ndarray, seconds: float, counts: list[int], out: Path) -> dict:
+    """``serve --workers K`` for each K, one image per request, screened; a connection per client thread."""
+    from guard_peers import drive_cells
+
+    singles = images[:64, None].astype(np.float32)
+    rows: dict[int, dict[int, dict]] = {}
+    print(f"\nWORKERS: serve --workers K, one image per request (screened), tritonclient.grpc with a connection "
+          f"per thread, {seconds:.0f} s per cell, {os.cpu_count()} cores")
+    for k in counts:
+        with local_guard(bundle_dir, "--policy", "flag", "--workers", str(k)) as guard:
+            _all_workers_ready(guard, k)
+            rows[k] = drive_cells(int(guard.target.rsplit(":", 1)[1]), guard.model, "input", singles, seconds,
+                                  WORKER_LEVELS, out / "workers" / f"client-{k}", own_connections=True)
+        print(f"  workers {k}: " + "  ".join(f"c{c} p50 {r['p50_ms']:.2f} ms {r['per_s']:.0f}/s client CPU "
+                                             f"{r['client_cpu_s'] / r['seconds'] / os.cpu_count():.0%}"
+                                             for c, r in rows[k].items()))
+    base = rows[counts[0]]
+    result = {"seconds_per_cell": seconds, "cpu_count": os.cpu_count(), "rows": rows,
+              "throughput_ratio": {k: {c: rows[k][c]["per_s"] / base[c]["per_s"] for c in WORKER_LEVELS}
+                                   for k in counts}}
+    for k in counts[1:]:
+        print(f"--workers {k} against --workers {counts[0]} at concurrency 8: "
+              f"{result['throughput_ratio'][k][8]:.2f}x the throughput")
+    return result
+
+
+def workers_table(result: dict) -> str:
+    cores = result["cpu_count"]
+    lines = ["# serve --workers K (bench/bench_guard.py --workers)", "",
+             f"The guard screening one image per request, embedded, K worker processes on one port; one "
+             f"tritonclient.grpc process, a connection per thread; client and guard on loopback, {cores} cores, "
+             f"{result['seconds_per_cell']:.0f} s per cell. Client CPU: the client process's share of the "
+             f"{cores} cores over the cell (what the workers could not use).", "",
+             "| workers | " + " | ".join(f"c{c} p50 ms | c{c} req/s | c{c} x1 | c{c} client CPU"
+                                        for c in WORKER_LEVELS) + " |",
+             "|---|" + "---|---|---|---|" * len(WORKER_LEVELS)]
+    for k, cells in result["rows"].items():
+        ratio = result["throughput_ratio"][k]
+        lines.append(f"| {k} | " + " | ".join(
+            f"{cells[c]['p50_ms']:.2f} | {cells[c]['per_s']:.0f} | {ratio[c]:.2f}x | "
+            f"{cells[c]['client_cpu_s'] / cells[c]['seconds'] / cores:.0%}" for c in WORKER_LEVELS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def peers_table(result: dict) -> str:
     lines = ["# The guard beside the model servers (bench/bench_guard.py --peers)", "",
              "Guard rows: the guard screening one image per request, embedded (onnxruntime in-process) or in "
@@ -370,9 +440,12 @@ def main() -> None:
                         help="only the peers part: comma-separated of kserve, mlserver, pytriton (installed into "
                              "their own virtualenvs under OUT/peers on first use, MLServer from the dev extra); "
                              "writes bench-out/guard_peers.json and .md")
+    parser.add_argument("--workers", default=None, metavar="LIST",
+                        help="only the workers part: comma-separated worker counts, the first the baseline (e.g. "
+                             "1,2); writes bench-out/guard_workers.json and .md")
     args = parser.parse_args()
     out = Path(args.out)
-    parts = ["peers"] if args.peers else args.parts.split(",")
+    parts = ["peers"] if args.peers else ["workers"] if args.workers else args.parts.split(",")
     name, trigger, target, seed = next(z for z in ZOO if z[0] == MODEL)
     verdict_case = ROOT / "bench-out" / "verdict" / name  # bench_verdict.py builds the same model
     case = verdict_case if (verdict_case / "model.pt").exists() and not (out / name).exists() else out / name
@@ -408,6 +481,13 @@ def main() -> None:
         (out.parent / "guard_peers.json").write_text(json.dumps(peers_result, indent=2, default=float))
         (out.parent / "guard_peers.md").write_text(peers_table(peers_result))
         print(f"written: {out.parent / 'guard_peers.json'}, {out.parent / 'guard_peers.md'}")
+        return
+    if "workers" in parts:
+        counts = [int(k) for k in args.workers.split(",") if k]
+        workers_result = part_workers(bundle_dir, test.x, args.seconds, counts, out)
+        (out.parent / "guard_workers.json").write_text(json.dumps(workers_result, indent=2, default=float))
+        (out.parent / "guard_workers.md").write_text(workers_table(workers_result))
+        print(f"written: {out.parent / 'guard_workers.json'}, {out.parent / 'guard_workers.md'}")
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float))

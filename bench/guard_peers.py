@@ -123,13 +123,15 @@ def peer_server(peer: str, model: Path, root: Path) -> Iterator[int]:
 
 
 def drive_cells(port: int, model_name: str, input_name: str, items: np.ndarray, seconds: float,
-                levels: tuple[int, ...], work: Path) -> dict[int, dict]:
-    """Every concurrency level against the server at ``port``, from a tritonclient process of its own."""
+                levels: tuple[int, ...], work: Path, own_connections: bool = False) -> dict[int, dict]:
+    """Every concurrency level against the server at ``port``, from a tritonclient process of its own
+    (``own_connections``: a TCP connection per client thread instead of one shared)."""
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "items.npy", items)
     proc = subprocess.run([sys.executable, str(HERE / "peers" / "triton_drive.py"), f"127.0.0.1:{port}", model_name,
                            input_name, str(work / "items.npy"), str(seconds), *map(str, levels)],
-                          capture_output=True, text=True, timeout=60 + len(levels) * (seconds + 30))
+                          capture_output=True, text=True, timeout=60 + len(levels) * (seconds + 30),
+                          env={**os.environ, "TRITON_DRIVE_OWN_CONNECTIONS": "1" if own_connections else "0"})
     if proc.returncode != 0:
         raise RuntimeError(f"the client failed: {proc.stderr[-3000:]}")
     return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}

@@ -76,6 +76,11 @@ _SERVE_FLAGS: list[tuple[str, dict]] = [
                                                "guard.json changed, e.g. after a patch job rewrote it (default 0: "
                                                "off; SIGHUP and the admin RPC always reload)")),
     ("--grace-s", dict(type=float, help="shutdown waits this long for in-flight requests (default 10)")),
+    ("--workers", dict(type=int, help="guard processes serving the gRPC port together (SO_REUSEPORT; the kernel "
+                                      "spreads connections over them), each with its own model session and "
+                                      "batcher; one supervisor serves /metrics (summed over the workers) and the "
+                                      "admin service, reloads them one by one, restarts a worker that dies; "
+                                      "evidence goes to --evidence-dir/worker-N (default 1: one process)")),
     ("--threads", dict(type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")),
     ("--providers", dict(help="onnxruntime execution providers in order of preference, comma-separated: cpu "
                               "(default), cuda (needs the onnxruntime-gpu wheel, extra 'gpu'), tensorrt, or a "
@@ -187,7 +192,12 @@ def _serve(args: argparse.Namespace) -> None:
         raise GuardError(problems) from None  # exit 2, one line, like a bad bundle
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(asctime)s trojan-guard %(levelname)s %(message)s")
-    asyncio.run(serve(settings))
+    if settings.workers > 1:
+        from guard.transport.workers import serve_workers
+
+        asyncio.run(serve_workers(settings))
+    else:
+        asyncio.run(serve(settings))
 
 
 def _evidence(directory: str, export: str | None, as_json: bool, key_file: str | None) -> int:

@@ -206,8 +206,8 @@ class ServingState:
 
     def set_gauges(self) -> None:
         m, metrics, name = self.bundle.manifest, self.metrics, self.model_name
-        metrics.threshold.clear()
-        metrics.target_rate.clear()
+        metrics.clear(metrics.threshold)
+        metrics.clear(metrics.target_rate)
         metrics.threshold.labels(name, "combined").set(self.screen.budget.rate)
         metrics.target_rate.labels(name, "combined").set(m.verdict.frr)
         for d, rate in zip(self.screen.names, self.screen.budget.alone, strict=True):
@@ -222,7 +222,7 @@ class ServingState:
             metrics.bundle_created.set(datetime.fromisoformat(m.provenance.created).timestamp())
         except ValueError:
             pass
-        metrics.build_info.clear()
+        metrics.clear(metrics.build_info)
         metrics.build_info.labels(__version__, name, self.sha256, self.policy, self.backend.name).set(1)
 
     async def close(self) -> None:
@@ -237,6 +237,25 @@ def make_metrics(bundle: GuardBundle) -> GuardMetrics:
                                        for d, spec in m.detector_specs()})
 
 
+def load_first_bundle(settings: GuardSettings, bundle: GuardBundle | None = None
+                      ) -> tuple[GuardBundle, dict | None]:
+    """The bundle a guard starts with, verified as ``serve`` requires (signature by a --trusted-key, at least
+    --min-bundle-version), and the trusted keys (key id -> public key; None when bundles need no signature)."""
+    trusted = None
+    if settings.trusted_key:
+        from guard.signing import trusted_keys, verify
+
+        trusted = trusted_keys(settings.trusted_key)
+    bundle = bundle or GuardBundle.load(Path(settings.bundle), trusted)
+    if trusted is not None and bundle.signed is None:
+        bundle.signed = verify(bundle.root, trusted)
+    try:
+        check_bundle_version(bundle, settings.min_bundle_version)
+    except BundleError as exc:
+        raise UntrustedBundle(str(exc)) from None
+    return bundle, trusted
+
+
 class Guard:
     """The data plane: the serving state, the policy, evidence and metrics."""
 
@@ -247,18 +266,7 @@ class Guard:
         self.settings = settings
         self.upstream = upstream
         self.bundle_path = Path(settings.bundle)
-        self.trusted = None  # key id -> public key: bundles must be signed by one of them
-        if settings.trusted_key:
-            from guard.signing import trusted_keys, verify
-
-            self.trusted = trusted_keys(settings.trusted_key)
-        self.first_bundle = bundle or GuardBundle.load(self.bundle_path, self.trusted)
-        if self.trusted is not None and self.first_bundle.signed is None:
-            self.first_bundle.signed = verify(self.first_bundle.root, self.trusted)
-        try:
-            check_bundle_version(self.first_bundle, settings.min_bundle_version)
-        except BundleError as exc:
-            raise UntrustedBundle(str(exc)) from None
+        self.first_bundle, self.trusted = load_first_bundle(settings, bundle)
         self.metrics = metrics or make_metrics(self.first_bundle)
         self.model_name = settings.model_name or self.first_bundle.manifest.model.name
         # model runs and evidence writes leave the event loop; one model thread keeps batches in order
@@ -272,9 +280,9 @@ class Guard:
         self._reload_lock = asyncio.Lock()
         self.started = time.time()
         self.counts = {"requests": 0, "flagged": 0, "reloads": 0}
-        self.metrics.queue_depth.set_function(lambda: self.state.batcher.depth if self.state else 0)
+        self.metrics.set_function(self.metrics.queue_depth, lambda: self.state.batcher.depth if self.state else 0)
         if self.evidence is not None:
-            self.metrics.evidence_bytes.set_function(lambda: self.evidence.total_bytes)
+            self.metrics.set_function(self.metrics.evidence_bytes, lambda: self.evidence.total_bytes)
 
     @property
     def ready(self) -> bool:

@@ -236,7 +236,30 @@ def _spans(seqs: list[int]) -> str:
 
 
 def audit_evidence(root: str | Path, key: bytes | None = None) -> EvidenceAudit:
-    """Read every record and check the chain.
+    """Read every record and check the chain; a directory of ``serve --workers`` (one chain per worker in
+    ``worker-N/``, records of an earlier one-process guard beside them) is read chain by chain, records merged
+    in time order with ``worker`` set and ``segment`` naming the worker's directory."""
+    root = Path(root)
+    workers = sorted(p for p in root.glob("worker-*") if p.is_dir() and p.name[len("worker-"):].isdigit())
+    if not workers:
+        return _audit_chain(root, key)
+    chains = ([("", _audit_chain(root, key))] if _segments(root) else []) + [(p.name, _audit_chain(p, key))
+                                                                            for p in workers]
+    audit = EvidenceAudit(keyed=any(a.keyed for _, a in chains), unchained=sum(a.unchained for _, a in chains))
+    for name, chain in chains:
+        for record in chain.records:
+            record["worker"] = name
+            record["segment"] = f"{name}/{record['segment']}" if name else record["segment"]
+        audit.records.extend(chain.records)
+        audit.problems.extend(f"{name}/{p}" if name else p for p in chain.problems)
+    audit.records.sort(key=lambda r: float(r.get("unix_time") or 0.0))
+    written = [a for _, a in chains if a.records]
+    audit.authenticated = key is not None and bool(written) and all(a.authenticated for a in written)
+    return audit
+
+
+def _audit_chain(root: Path, key: bytes | None) -> EvidenceAudit:
+    """Read every record of one chain (one directory of segments) and check it.
 
     Each flagged-input record gets ``intact`` (its tensor matches its SHA-256
     and its link matches its bytes) and ``problem`` (empty, or what is wrong:

@@ -110,6 +110,9 @@ class GuardSettings(BaseSettings):
                                          "off saves CPU on cores shared with other work)")
     strip_rounds: bool = Field(True, description="sequential STRIP, where the bundle has it: blends in rounds, "
                                                  "stopping once the verdict is clear (off: all in one model call)")
+    workers: int = Field(1, ge=1, le=64, description="guard processes sharing the gRPC port (SO_REUSEPORT), each "
+                         "with its own model session and batcher, under one supervisor that serves the metrics "
+                         "and the admin service")
     seed: int = 0
     log_level: str = "INFO"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "proto"
-DEFAULT_OUT = ROOT / "guard" / "proto"
+DEFAULT_OUT = ROOT / "guard" / "transport" / "proto"
 
 
 def generate(out: Path) -> list[Path]:

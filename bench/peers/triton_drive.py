@@ -2,11 +2,14 @@
 the guard's in one descriptor pool). ``python triton_drive.py URL MODEL INPUT ITEMS.npy SECONDS LEVEL...``:
 for each concurrency LEVEL, that many threads (a client each) send ITEMS (one request per item, cycled) for
 SECONDS; prints one JSON object {level: {requests, p50_ms, p99_ms, per_s, errors, client_cpu_s, seconds}}.
+With ``TRITON_DRIVE_OWN_CONNECTIONS=1`` each thread's client has a TCP connection of its own (gRPC otherwise
+shares one between channels to the same address): what spreads a client's calls over ``serve --workers``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +20,9 @@ import tritonclient.grpc as tc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from drive import drive  # noqa: E402
 
+CHANNEL_ARGS = ([("grpc.use_local_subchannel_pool", 1)] if os.environ.get("TRITON_DRIVE_OWN_CONNECTIONS") == "1"
+                else None)
+
 
 def caller(url: str, model: str, input_name: str):
     """``call(x)``: one ModelInfer of ``x`` through a client of the calling thread's own."""
@@ -24,7 +30,7 @@ def caller(url: str, model: str, input_name: str):
 
     def call(x: np.ndarray) -> None:
         if not hasattr(local, "client"):
-            local.client = tc.InferenceServerClient(url)
+            local.client = tc.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
             local.outputs = [tc.InferRequestedOutput("logits")]
         inp = tc.InferInput(input_name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)

@@ -33,6 +33,7 @@ from guard.bundle import MANIFEST, GuardBundle, sha256_file
 from guard.dataplane import Guard
 from guard.decision import Refused
 from guard.errors import GuardError, InvalidInput, ModelNotFound, Unauthenticated
+from guard.metrics import GuardMetrics, multiprocess
 from guard.settings import GuardSettings
 from guard.transport.codec import check_request_id, decode_inputs, encode_response, requested_outputs, trailing_metadata
 from guard.transport.proto import guard_admin_pb2 as admin_pb
@@ -73,12 +74,18 @@ class InferenceServicer:
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self.draining = False
+        self.listening = True  # a --workers worker: False until its port is open
+
+    @property
+    def serving(self) -> bool:
+        """The bundle is warmed up, the port is open, and no shutdown is under way."""
+        return self.guard.ready and self.listening and not self.draining
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.guard.ready and not self.draining)
+        return pb.ServerReadyResponse(ready=self.serving)
 
     def _check_model(self, name: str, version: str) -> None:
         if name != self.guard.model_name:
@@ -91,7 +98,7 @@ class InferenceServicer:
             self._check_model(request.name, request.version)
         except ModelNotFound:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.guard.ready and not self.draining)
+        return pb.ModelReadyResponse(ready=self.serving)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="trojan-guard", version=__version__, extensions=[])
@@ -148,7 +155,7 @@ class AdminServicer:
         return admin_pb.StatusResponse(
             version=__version__, model_name=g.model_name, bundle_path=str(g.bundle_path),
             bundle_sha256=state.sha256 if state else "", policy=state.policy if state else "",
-            backend=g.settings.backend, ready=g.ready and not self.inference.draining,
+            backend=g.settings.backend, ready=self.inference.serving,
             uptime_seconds=time.time() - g.started, bundle_loaded_at=state.loaded_at if state else 0.0,
             requests=g.counts["requests"], flagged=g.counts["flagged"], reloads=g.counts["reloads"])
 
@@ -195,7 +202,7 @@ def _inference_handlers(inference: InferenceServicer) -> list[grpc.GenericRpcHan
     return [grpc.method_handlers_generic_handler(INFERENCE_SERVICE, methods)]
 
 
-def _admin_handlers(admin: AdminServicer, token: str | None) -> list[grpc.GenericRpcHandler]:
+def _admin_handlers(admin: Any, token: str | None) -> list[grpc.GenericRpcHandler]:
     """The admin methods; with a token, each call must carry ``authorization: Bearer <token>``."""
 
     def guarded(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -255,52 +262,102 @@ def _bind_admin(admin_server: grpc.aio.Server, address: str) -> None:
         os.chmod(path, 0o600)
 
 
+def admin_listener(settings: GuardSettings, admin: Any) -> grpc.aio.Server | None:
+    """The admin service's own server on --admin-address (None when it is off), bound and not yet started;
+    ``admin`` has the coroutines ``Status`` and ``ReloadBundle`` (a guard's, or a --workers supervisor's)."""
+    if settings.admin_address == "off":
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
+    server.add_generic_rpc_handlers(_admin_handlers(admin, _admin_token(settings)))
+    reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), server)
+    _bind_admin(server, settings.admin_address)
+    return server
+
+
+async def watch_bundle(path: Callable[[], Path], serving: Callable[[], str | None],
+                       reload: Callable[[], Awaitable[Any]], every_s: float) -> None:
+    """Reload when guard.json at the bundle path changes (a patch job swapped a new bundle in)."""
+    loop = asyncio.get_running_loop()
+    refused = ""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            current = await loop.run_in_executor(None, sha256_file, path() / MANIFEST)
+        except OSError:
+            continue  # mid-swap, or gone for now: keep serving what is loaded
+        if serving() is None or current in (serving(), refused):
+            continue
+        try:
+            await reload()
+            refused = ""
+        except GuardError as exc:
+            refused = current  # retried once guard.json changes again
+            log.error("bundle watch: %s", exc)
+
+
+async def poll_gauges(metrics: GuardMetrics, every_s: float = 1.0) -> None:
+    """A worker's function gauges (queue depth, evidence bytes) into its multiprocess files, every second."""
+    while True:
+        metrics.poll()
+        await asyncio.sleep(every_s)
+
+
 async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
-                started: Callable[[int, int], None] | None = None) -> None:
-    """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle."""
+                started: Callable[[int, int], None] | None = None, reuse_port: bool = False) -> None:
+    """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle.
+
+    ``reuse_port``: bind the gRPC port with SO_REUSEPORT beside the other workers of ``serve --workers``
+    (otherwise a port in use is an error, never silently shared), and listen only once warmed up, so that no
+    connection lands on a worker that is still starting (again, after a crash) while the others serve."""
     guard = Guard(settings, bundle, upstream=UpstreamBackend)
     limit = max_message_bytes(guard.first_bundle, settings)
-    # calls beyond maximum_concurrent_rpcs get RESOURCE_EXHAUSTED before their request is read: memory for
-    # requests is bounded before --max-queue can apply
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", max(limit, 64 << 20)),
-        ("grpc.so_reuseport", 0),
-    ], maximum_concurrent_rpcs=settings.concurrent_rpcs)
     inference = InferenceServicer(guard)
-    server.add_generic_rpc_handlers(_inference_handlers(inference))
     health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
     for name in HEALTH_NAMES:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+    server: grpc.aio.Server | None = None
 
-    address = f"{settings.host}:{settings.port}"
-    try:
-        credentials = _server_credentials(settings)
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)") from exc
-    admin_server = None
-    if settings.admin_address != "off":
-        admin_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=16)
-        admin_server.add_generic_rpc_handlers(_admin_handlers(AdminServicer(guard, inference), _admin_token(settings)))
-        reflection.enable_server_reflection((ADMIN_SERVICE, reflection.SERVICE_NAME), admin_server)
-        _bind_admin(admin_server, settings.admin_address)
+    async def open_client_port() -> int:
+        nonlocal server
+        # calls beyond maximum_concurrent_rpcs get RESOURCE_EXHAUSTED before their request is read: memory for
+        # requests is bounded before --max-queue can apply
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", max(limit, 64 << 20)),
+            ("grpc.so_reuseport", int(reuse_port)),
+        ], maximum_concurrent_rpcs=settings.concurrent_rpcs)
+        server.add_generic_rpc_handlers(_inference_handlers(inference))
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        address = f"{settings.host}:{settings.port}"
+        try:
+            credentials = _server_credentials(settings)
+            port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)") from exc
+        await server.start()
+        log.info("gRPC on %s:%d (%s)", settings.host, port,
+                 "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext")
+        return port
+
+    # one process: the port answers at once (health NOT_SERVING while the bundle warms up); a worker of
+    # --workers binds it once it serves, since the kernel hands connections to every socket that listens
+    inference.listening = not reuse_port
+    port = 0 if reuse_port else await open_client_port()
+    admin_server = admin_listener(settings, AdminServicer(guard, inference))
     try:
         metrics_server = guard.metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port else None
     except OSError as exc:
         raise OSError(f"cannot bind the metrics port {settings.host}:{settings.metrics_port} ({exc})") from exc
-    await server.start()
     if admin_server is not None:
         await admin_server.start()
-    log.info("gRPC on %s:%d (%s), admin on %s%s, metrics on http://%s:%d/metrics", settings.host, port,
-             "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext",
-             settings.admin_address, " (token)" if settings.admin_token_file else "", settings.host,
-             settings.metrics_port)
+    metrics_at = (f"http://{settings.host}:{settings.metrics_port}/metrics" if metrics_server else
+                  "the supervisor's /metrics" if multiprocess() else "off")
+    log.info("admin on %s%s, metrics on %s", settings.admin_address,
+             " (token)" if settings.admin_token_file else "", metrics_at)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -322,9 +379,13 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
     async def warm_up() -> None:
+        nonlocal port
         await guard.start()
         for name in HEALTH_NAMES:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if reuse_port:
+            port = await open_client_port()
+            inference.listening = True
         state = guard.state
         log.info("serving model '%s' from bundle %s (sha256 %s), policy %s, backend %s", guard.model_name,
                  settings.bundle, state.sha256[:12] if state else "?", state.policy if state else "?",
@@ -332,25 +393,13 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
         if started:
             started(port, settings.metrics_port)
 
-    async def watch_bundle() -> None:
-        """Reload when guard.json at the bundle path changes (a patch job swapped a new bundle in)."""
-        refused = ""
-        while True:
-            await asyncio.sleep(settings.watch_bundle_s)
-            try:
-                current = await loop.run_in_executor(None, sha256_file, guard.bundle_path / MANIFEST)
-            except OSError:
-                continue  # mid-swap, or gone for now: keep serving what is loaded
-            if guard.state is None or current in (guard.state.sha256, refused):
-                continue
-            try:
-                await guard.reload()
-                refused = ""
-            except GuardError as exc:
-                refused = current  # retried once guard.json changes again
-                log.error("bundle watch: %s", exc)
-
-    watcher = loop.create_task(watch_bundle()) if settings.watch_bundle_s > 0 else None
+    background = []
+    if settings.watch_bundle_s > 0:
+        background.append(loop.create_task(watch_bundle(
+            lambda: guard.bundle_path, lambda: guard.state.sha256 if guard.state else None, guard.reload,
+            settings.watch_bundle_s)))
+    if multiprocess():
+        background.append(loop.create_task(poll_gauges(guard.metrics)))
     starting = loop.create_task(warm_up())
     stopping = loop.create_task(stop.wait())
     try:
@@ -362,11 +411,12 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
     finally:
         starting.cancel()
         stopping.cancel()
-        if watcher is not None:
-            watcher.cancel()
+        for task in background:
+            task.cancel()
         inference.draining = True
         await health.enter_graceful_shutdown()
-        await server.stop(settings.grace_s)
+        if server is not None:
+            await server.stop(settings.grace_s)
         if admin_server is not None:
             await admin_server.stop(0)
         await guard.close()

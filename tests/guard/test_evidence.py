@@ -195,3 +195,26 @@ def test_a_short_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
     _store(tmp_path / "ev", 1)
     code, _, err = _audit_cli(tmp_path / "ev", capsys, "--key-file", str(tmp_path / "key"))
     assert code == 2 and "at least 32 bytes" in err
+
+
+def test_the_chains_of_workers_are_read_together_and_a_gap_in_one_is_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``serve --workers 2`` writes a chain per worker in worker-N/; an earlier one-process guard's beside them."""
+    _store(tmp_path, 2)  # the guard before it ran with workers
+    _store(tmp_path / "worker-0", 3)
+    _store(tmp_path / "worker-1", 3)
+    audit = audit_evidence(tmp_path, KEY)
+    assert audit.authenticated and not audit.problems and len(audit.records) == 8
+    assert sorted({r["worker"] for r in audit.records}) == ["", "worker-0", "worker-1"]
+    times = [r["unix_time"] for r in audit.records]
+    assert times == sorted(times)
+    segment, lines = _lines(tmp_path / "worker-1")
+    segment.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # one record of worker 1 removed
+    code, out, err = _audit_cli(tmp_path, capsys, "--key-file", str(_key_file(tmp_path.parent)))
+    assert code == 1 and "worker-1/evidence-" in err and "seq 2 removed before it" in err, err
+    assert out.count(" ok") == 6 and out.count("CHAIN: seq 2 removed") == 1  # 7 records, the one after the gap named
+
+
+def _key_file(root: Path) -> Path:
+    (root / "key").write_bytes(KEY)
+    return root / "key"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11guard_admin.proto\x12\x15trojan_guard.admin.v1\"\x0f\n\rStatusRequest\"\xf7\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x03 \x01(\t\x12\x15\n\rbundle_sha256\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x62undle_loaded_at\x18\t \x01(\x01\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x0f\n\x07\x66lagged\x18\x0b \x01(\x04\x12\x0f\n\x07reloads\x18\x0c \x01(\x04\"*\n\x13ReloadBundleRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\"[\n\x14ReloadBundleResponse\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x17\n\x0fprevious_sha256\x18\x03 \x01(\t2\xd0\x01\n\nGuardAdmin\x12W\n\x06Status\x12$.trojan_guard.admin.v1.StatusRequest\x1a%.trojan_guard.admin.v1.StatusResponse\"\x00\x12i\n\x0cReloadBundle\x12*.trojan_guard.admin.v1.ReloadBundleRequest\x1a+.trojan_guard.admin.v1.ReloadBundleResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11guard_admin.proto\x12\x15trojan_guard.admin.v1\"\x0f\n\rStatusRequest\"\xad\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x03 \x01(\t\x12\x15\n\rbundle_sha256\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x18\n\x10\x62undle_loaded_at\x18\t \x01(\x01\x12\x10\n\x08requests\x18\n \x01(\x04\x12\x0f\n\x07\x66lagged\x18\x0b \x01(\x04\x12\x0f\n\x07reloads\x18\x0c \x01(\x04\x12\x34\n\x07workers\x18\r \x03(\x0b\x32#.trojan_guard.admin.v1.WorkerStatus\"\x85\x01\n\x0cWorkerStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x15\n\rbundle_sha256\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x0f\n\x07\x66lagged\x18\x06 \x01(\x04\x12\x10\n\x08restarts\x18\x07 \x01(\x04\"*\n\x13ReloadBundleRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\"[\n\x14ReloadBundleResponse\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\x12\x15\n\rbundle_sha256\x18\x02 \x01(\t\x12\x17\n\x0fprevious_sha256\x18\x03 \x01(\t2\xd0\x01\n\nGuardAdmin\x12W\n\x06Status\x12$.trojan_guard.admin.v1.StatusRequest\x1a%.trojan_guard.admin.v1.StatusResponse\"\x00\x12i\n\x0cReloadBundle\x12*.trojan_guard.admin.v1.ReloadBundleRequest\x1a+.trojan_guard.admin.v1.ReloadBundleResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=44
   _globals['_STATUSREQUEST']._serialized_end=59
   _globals['_STATUSRESPONSE']._serialized_start=62
-  _globals['_STATUSRESPONSE']._serialized_end=309
-  _globals['_RELOADBUNDLEREQUEST']._serialized_start=311
-  _globals['_RELOADBUNDLEREQUEST']._serialized_end=353
-  _globals['_RELOADBUNDLERESPONSE']._serialized_start=355
-  _globals['_RELOADBUNDLERESPONSE']._serialized_end=446
-  _globals['_GUARDADMIN']._serialized_start=449
-  _globals['_GUARDADMIN']._serialized_end=657
+  _globals['_STATUSRESPONSE']._serialized_end=363
+  _globals['_WORKERSTATUS']._serialized_start=366
+  _globals['_WORKERSTATUS']._serialized_end=499
+  _globals['_RELOADBUNDLEREQUEST']._serialized_start=501
+  _globals['_RELOADBUNDLEREQUEST']._serialized_end=543
+  _globals['_RELOADBUNDLERESPONSE']._serialized_start=545
+  _globals['_RELOADBUNDLERESPONSE']._serialized_end=636
+  _globals['_GUARDADMIN']._serialized_start=639
+  _globals['_GUARDADMIN']._serialized_end=847
 # @@protoc_insertion_point(module_scope)
