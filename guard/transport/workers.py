@@ -102,6 +102,12 @@ class Worker:
         return admin_grpc.GuardAdminStub(self.channel)
 
 
+def _cores() -> int:
+    """Cores this process may run on (its CPU set; a CFS quota is not seen: give --threads under one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     """Bind ``host:port`` with SO_REUSEPORT without listening: the workers bind beside it, ``port`` 0 becomes one
     free port for all of them, and a port that a server already listens on is refused."""
@@ -155,7 +161,7 @@ class WorkerPool:
             workers=1, port=self.port, metrics_port=0, admin_address=worker.admin, admin_token_file=None,
             watch_bundle_s=0.0, bundle=self.bundle_path,
             # onnxruntime takes every core by default: K workers would each spin that many threads
-            threads=s.threads or max(1, (os.cpu_count() or 1) // s.workers))
+            threads=s.threads or max(1, _cores() // s.workers))
         if s.evidence_dir is not None:
             share = max(s.evidence_max_bytes // s.workers, 1 << 16)
             update.update(evidence_dir=s.evidence_dir / f"worker-{worker.index}", evidence_max_bytes=share,
@@ -340,7 +346,11 @@ class PoolAdmin:
 async def serve_workers(settings: GuardSettings, started: Callable[[int, int], None] | None = None) -> None:
     """Run ``settings.workers`` guard processes on one port until SIGTERM or SIGINT; SIGHUP reloads them."""
     load_first_bundle(settings)  # a bundle that cannot serve is refused here, once, before any worker starts
-    run_dir = Path(tempfile.mkdtemp(prefix="trojan-guard-"))  # mode 0700: the workers' admin sockets
+    try:
+        run_dir = Path(tempfile.mkdtemp(prefix="trojan-guard-"))  # mode 0700: the workers' admin sockets
+    except OSError as exc:
+        raise OSError(f"--workers needs a writable temporary directory for the workers' sockets and metrics "
+                      f"files (TMPDIR, default /tmp; a read-only root needs an emptyDir there): {exc}") from exc
     reservation = None
     pool: WorkerPool | None = None
     admin_server = metrics_server = None

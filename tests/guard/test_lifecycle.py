@@ -116,10 +116,13 @@ def test_hot_reload_swaps_bundles_without_dropping_requests_and_refuses_a_tamper
     assert server.stop() == 0
 
 
-def test_sigterm_drains_in_flight_requests(guard_only_bundle: Path, tmp_path: Path,
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_drains_in_flight_requests(workers: str, guard_only_bundle: Path, tmp_path: Path,
                                            traffic: dict[str, np.ndarray]) -> None:
-    # a batch that waits 5 s to fill keeps the requests in flight when SIGTERM arrives
-    server = GuardProcess(guard_only_bundle, tmp_path, "--max-batch", "64", "--max-delay-ms", "5000")
+    # a batch that waits 5 s to fill keeps the requests in flight when SIGTERM arrives (under --workers 2 at
+    # the supervisor, which passes it on to every worker)
+    server = GuardProcess(guard_only_bundle, tmp_path, "--max-batch", "64", "--max-delay-ms", "5000",
+                          "--workers", workers)
     results: list[object] = []
 
     def send(i: int) -> None:
