@@ -107,6 +107,17 @@ class GuardProcess:
         return self.proc.returncode
 
 
+def tampered_copy(bundle: Path, dest: Path) -> Path:
+    """A copy of ``bundle`` whose model.onnx no longer matches the SHA-256 in its guard.json."""
+    import shutil
+
+    shutil.copytree(bundle, dest)
+    with open(dest / "model.onnx", "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    return dest
+
+
 def request(x: np.ndarray, model: str = "model", request_id: str = "", outputs: tuple[str, ...] = ()
             ) -> pb.ModelInferRequest:
     return infer_request(x, model, "input", request_id, outputs)

@@ -22,7 +22,7 @@ from guard.transport.proto import guard_admin_pb2 as admin_pb
 from guard.transport.proto import guard_admin_pb2_grpc
 from guard.transport.proto import inference_pb2 as pb
 
-from .conftest import ROOT, GuardProcess, free_port, logits_of
+from .conftest import ROOT, GuardProcess, free_port, logits_of, tampered_copy
 
 pytestmark = pytest.mark.slow
 
@@ -89,11 +89,7 @@ def test_hot_reload_swaps_bundles_without_dropping_requests_and_refuses_a_tamper
             assert time.monotonic() < deadline, server.log
             time.sleep(0.2)
 
-        tampered = tmp_path / "tampered"
-        shutil.copytree(guard_only_bundle, tampered)
-        with open(tampered / "model.onnx", "r+b") as fh:
-            fh.seek(100)
-            fh.write(b"\x00\x01\x02")
+        tampered = tampered_copy(guard_only_bundle, tmp_path / "tampered")
         with pytest.raises(grpc.RpcError) as info:
             admin.ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path=str(tampered)))
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

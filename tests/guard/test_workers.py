@@ -20,7 +20,7 @@ from guard.bundle import GuardBundle
 from guard.transport.proto import guard_admin_pb2 as admin_pb
 from guard.transport.proto import guard_admin_pb2_grpc, inference_pb2_grpc
 
-from .conftest import ROOT, GuardProcess, free_port, request
+from .conftest import ROOT, GuardProcess, free_port, request, tampered_copy
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-bundle"
 
@@ -99,11 +99,7 @@ def test_workers_share_the_port_and_the_supervisor_sums_reloads_and_restarts_the
 
         # reload: every worker, one after another; a tampered bundle is refused by the first and changes nothing
         admin = guard_admin_pb2_grpc.GuardAdminStub(server.admin_channel)
-        tampered = tmp_path / "tampered"
-        shutil.copytree(guard_only_bundle, tampered)
-        with open(tampered / "model.onnx", "r+b") as fh:
-            fh.seek(100)
-            fh.write(b"\x00\x01\x02")
+        tampered = tampered_copy(guard_only_bundle, tmp_path / "tampered")
         with pytest.raises(grpc.RpcError) as info:
             admin.ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path=str(tampered)), timeout=60)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
