@@ -237,11 +237,16 @@ class ServingState:
         self.backend.close()
 
 
+def bundle_score_buckets(bundle: GuardBundle) -> dict[str, tuple[float, ...]]:
+    """Each detector's score histogram buckets: dense where this bundle's clean calibration scores end."""
+    m = bundle.manifest
+    return {d.score_name: score_buckets(d.side, spec.calibration_scores, m.verdict.frr)
+            for d, spec in m.detector_specs()}
+
+
 def make_metrics(bundle: GuardBundle) -> GuardMetrics:
     """Metrics whose score histograms resolve the region where this bundle's clean scores end."""
-    m = bundle.manifest
-    return GuardMetrics(score_buckets={d.score_name: score_buckets(d.side, spec.calibration_scores, m.verdict.frr)
-                                       for d, spec in m.detector_specs()})
+    return GuardMetrics(score_buckets=bundle_score_buckets(bundle))
 
 
 def load_first_bundle(settings: GuardSettings, bundle: GuardBundle | None = None

@@ -303,13 +303,16 @@ async def poll_gauges(metrics: GuardMetrics, every_s: float = 1.0) -> None:
 
 
 async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
-                started: Callable[[int, int], None] | None = None, reuse_port: bool = False) -> None:
+                started: Callable[[int, int], None] | None = None, reuse_port: bool = False,
+                metrics: GuardMetrics | None = None) -> None:
     """Run the guard until SIGTERM or SIGINT; SIGHUP reloads the bundle.
 
     ``reuse_port``: bind the gRPC port with SO_REUSEPORT beside the other workers of ``serve --workers``
     (otherwise a port in use is an error, never silently shared), and listen only once warmed up, so that no
-    connection lands on a worker that is still starting (again, after a crash) while the others serve."""
-    guard = Guard(settings, bundle, upstream=UpstreamBackend)
+    connection lands on a worker that is still starting (again, after a crash) while the others serve.
+    ``metrics``: the workers' metrics share the supervisor's histogram buckets (a worker started again after a
+    reload must not bring the new bundle's score buckets into sums with the others')."""
+    guard = Guard(settings, bundle, metrics=metrics, upstream=UpstreamBackend)
     limit = max_message_bytes(guard.first_bundle, settings)
     inference = InferenceServicer(guard)
     health = health_aio.HealthServicer()

@@ -55,9 +55,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import mark_process_dead
 
 from guard import __version__
-from guard.dataplane import load_first_bundle
+from guard.dataplane import bundle_score_buckets, load_first_bundle
 from guard.errors import GuardError, ReloadFailed
-from guard.metrics import MULTIPROCESS_DIR, PREFIX, multiprocess_registry
+from guard.metrics import MULTIPROCESS_DIR, PREFIX, GuardMetrics, multiprocess_registry
 from guard.settings import GuardSettings
 from guard.transport.proto import guard_admin_pb2 as admin_pb
 from guard.transport.proto import guard_admin_pb2_grpc as admin_grpc
@@ -137,8 +137,10 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
 class WorkerPool:
     """The workers of one guard: started, watched, reloaded, stopped, summed."""
 
-    def __init__(self, settings: GuardSettings, run_dir: Path, port: int) -> None:
+    def __init__(self, settings: GuardSettings, run_dir: Path, port: int,
+                 score_buckets: dict[str, tuple[float, ...]]) -> None:
         self.settings = settings
+        self.score_buckets = score_buckets
         self.port = port
         self.run_dir = run_dir
         self.metrics_dir = run_dir / "metrics"
@@ -170,7 +172,8 @@ class WorkerPool:
 
     async def spawn(self, worker: Worker) -> None:
         worker.config.write_text(json.dumps({"index": worker.index, "parent": os.getpid(),
-                                             "settings": self._settings_of(worker)}))
+                                             "settings": self._settings_of(worker),
+                                             "score_buckets": self.score_buckets}))
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "guard.transport.workers", str(worker.config),
             env={**os.environ, MULTIPROCESS_DIR: str(self.metrics_dir)})
@@ -250,8 +253,13 @@ class WorkerPool:
             target = Path(path) if path else self.bundle_path
             previous, switched = self.sha256, []
             for worker in self.workers:
-                if not worker.alive:
-                    continue  # it starts again on self.bundle_path
+                try:  # one started again moments ago must first finish loading what it started with
+                    await asyncio.wait_for(self.wait_ready(worker), RELOAD_TIMEOUT_S)
+                except GuardError:
+                    continue  # not running: it starts again on self.bundle_path
+                except asyncio.TimeoutError:
+                    raise ReloadFailed(f"worker {worker.index} is still starting after {RELOAD_TIMEOUT_S:.0f} s; "
+                                       f"reload again once it serves") from None
                 try:
                     reply = await worker.stub.ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path=str(target)),
                                                            timeout=RELOAD_TIMEOUT_S)
@@ -345,7 +353,9 @@ class PoolAdmin:
 
 async def serve_workers(settings: GuardSettings, started: Callable[[int, int], None] | None = None) -> None:
     """Run ``settings.workers`` guard processes on one port until SIGTERM or SIGINT; SIGHUP reloads them."""
-    load_first_bundle(settings)  # a bundle that cannot serve is refused here, once, before any worker starts
+    # a bundle that cannot serve is refused here, once, before any worker starts; its score buckets are every
+    # worker's, for good (their histograms are summed)
+    buckets = bundle_score_buckets(load_first_bundle(settings)[0])
     try:
         run_dir = Path(tempfile.mkdtemp(prefix="trojan-guard-"))  # mode 0700: the workers' admin sockets
     except OSError as exc:
@@ -358,7 +368,7 @@ async def serve_workers(settings: GuardSettings, started: Callable[[int, int], N
     stop = asyncio.Event()
     try:
         reservation, port = reserve_port(settings.host, settings.port)
-        pool = WorkerPool(settings, run_dir, port)
+        pool = WorkerPool(settings, run_dir, port, buckets)
         admin_server = admin_listener(settings, PoolAdmin(pool))
         if settings.metrics_port:
             try:
@@ -434,7 +444,8 @@ def worker_main(config_path: str) -> int:
         settings = GuardSettings(**config["settings"])
         logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                             format=f"%(asctime)s trojan-guard[worker {index}] %(levelname)s %(message)s")
-        asyncio.run(serve(settings, reuse_port=True))
+        metrics = GuardMetrics(score_buckets={k: tuple(v) for k, v in config["score_buckets"].items()})
+        asyncio.run(serve(settings, reuse_port=True, metrics=metrics))
     except (BundleError, GuardError, OSError, ValueError) as exc:
         print(f"trojan-guard[worker {index}]: error: {exc}", file=sys.stderr)
         return 2

@@ -55,6 +55,10 @@ def _infer_on_new_connections(server: GuardProcess, xs: np.ndarray) -> list[grpc
     return codes
 
 
+def _histogram_buckets(server: GuardProcess) -> set[tuple[str, str]]:
+    return {(name, dict(labels)["le"]) for name, labels in server.metrics() if name.endswith("_bucket")}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -66,8 +70,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_workers_share_the_port_and_the_supervisor_sums_reloads_and_restarts_them(
         guard_only_bundle: Path, patched: tuple[Path, dict], tmp_path: Path, traffic: dict[str, np.ndarray]) -> None:
-    evidence = tmp_path / "evidence"
-    server = GuardProcess(guard_only_bundle, tmp_path, "--workers", "2", "--evidence-dir", str(evidence))
+    evidence, live = tmp_path / "evidence", tmp_path / "live"
+    shutil.copytree(guard_only_bundle, live)
+    server = GuardProcess(live, tmp_path, "--workers", "2", "--evidence-dir", str(evidence))
     try:
         status = _wait_for_workers(server)
         assert len(status.workers) == 2 and all(w.ready for w in status.workers)
@@ -88,6 +93,7 @@ def test_workers_share_the_port_and_the_supervisor_sums_reloads_and_restarts_the
         assert server.metric("trojan_guard_inputs_total") == 32
         assert server.metric("trojan_guard_ready") == 1 and server.metric("trojan_guard_workers") == 2
         assert server.metric("trojan_guard_in_flight_requests") == 0
+        buckets = _histogram_buckets(server)
 
         # evidence: one chain per worker, read together
         assert sorted(p.name for p in evidence.iterdir()) == ["worker-0", "worker-1"]
@@ -105,10 +111,16 @@ def test_workers_share_the_port_and_the_supervisor_sums_reloads_and_restarts_the
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "worker 0:" in info.value.details() and "SHA-256 mismatch" in info.value.details()
         patched_sha = GuardBundle.load(patched[0]).sha256
-        reply = admin.ReloadBundle(admin_pb.ReloadBundleRequest(bundle_path=str(patched[0])), timeout=60)
-        assert reply.bundle_sha256 == patched_sha
+        # SIGHUP to the supervisor: the bundle swapped in at the same path, every worker in turn
+        shutil.move(live, tmp_path / "retired")
+        shutil.copytree(patched[0], live)
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while _status(server).reloads < 1:
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.2)
         status = _status(server)
-        assert {w.bundle_sha256 for w in status.workers} == {patched_sha} and status.reloads == 1
+        assert {w.bundle_sha256 for w in status.workers} == {patched_sha} == {status.bundle_sha256}
         assert server.metric("trojan_guard_build_info", bundle_sha256=patched_sha) == 1
         assert server.metric("trojan_guard_build_info", bundle_sha256=GuardBundle.load(guard_only_bundle).sha256) == 0
         assert server.metric("trojan_guard_bundle_reloads_total", result="ok") == 2  # one per worker
@@ -123,6 +135,10 @@ def test_workers_share_the_port_and_the_supervisor_sums_reloads_and_restarts_the
         assert server.metric("trojan_guard_worker_restarts_total") == 1
         assert server.metric("trojan_guard_requests_total") >= 32 + 8  # the dead worker's counts are kept
         assert "worker 0 (pid" in server.log and "exited with status -9" in server.log
+        _infer_on_new_connections(server, traffic["clean_x"][:8])
+        # the new worker loaded the patched bundle but kept the first bundle's score buckets: the supervisor's
+        # sums stay histograms
+        assert _histogram_buckets(server) == buckets
         pids = [w.pid for w in status.workers]
     finally:
         code = server.stop()
