@@ -155,7 +155,7 @@ class WorkerPool:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.registry = multiprocess_registry(str(self.metrics_dir))
-        self.registry.register(_PoolCollector(self))
+        self.registry.register(PoolCollector(self))
 
     def _settings_of(self, worker: Worker) -> dict[str, Any]:
         s = self.settings
@@ -322,7 +322,7 @@ class WorkerPool:
                 await worker.channel.close()
 
 
-class _PoolCollector:
+class PoolCollector:
     """The supervisor's own metrics, beside the workers' sums."""
 
     def __init__(self, pool: WorkerPool) -> None:

@@ -10,12 +10,14 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 
 from guard.metrics import GuardMetrics
+from guard.transport.workers import PoolCollector
 from tests.guard.conftest import GuardProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +63,8 @@ def _exported_names() -> set[str]:
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count",
                                                                               "_created")}
     names = set()
-    for family in GuardMetrics().registry.collect():
+    supervisor = PoolCollector(SimpleNamespace(workers=[]))  # serve --workers: the supervisor's own
+    for family in [*GuardMetrics().registry.collect(), *supervisor.collect()]:
         names |= {family.name + s for s in suffixes[family.type]}
     return names
 
