@@ -247,23 +247,14 @@ def _evidence(directory: str, export: str | None, as_json: bool, key_file: str |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from guard.bundle import BundleError
-    from guard.errors import GuardError
+    from guard.errors import exit_status
 
-    try:
-        if args.command == "inspect":
-            _inspect(args.bundle, args.json, args.trusted_key, args.min_bundle_version)
-        elif args.command == "serve":
-            _serve(args)
-        elif args.command == "evidence":
-            return _evidence(args.dir, args.export, args.json, args.key_file)
-    except (BundleError, GuardError, OSError) as exc:
-        print(f"trojan-guard: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return exit_status(lambda: _inspect(args.bundle, args.json, args.trusted_key, args.min_bundle_version))
+    if args.command == "serve":
+        return exit_status(lambda: _serve(args))
+    return exit_status(lambda: _evidence(args.dir, args.export, args.json, args.key_file))
 
 
 if __name__ == "__main__":

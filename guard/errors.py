@@ -1,11 +1,15 @@
 """Errors of the guard's data plane, each carrying the gRPC status it maps to.
 
 Raised deep inside (decoding, screening, backends, reload) and translated once,
-at the gRPC edge (``guard.transport.server``). ``reason`` is a short, bounded label for the
+at the gRPC edge (``guard.transport.server``), or into a command's exit status
+(:func:`exit_status`). ``reason`` is a short, bounded label for the
 ``trojan_guard_request_errors_total`` metric; the message is for the caller.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class GuardError(Exception):
@@ -92,3 +96,15 @@ class UntrustedBundle(GuardError):
 class BundleError(Exception):
     """A bundle that cannot be used, with the file and the reason (raised by guard.bundle and guard.signing;
     the serving path turns it into ReloadFailed or UntrustedBundle)."""
+
+
+def exit_status(run: Callable[[], int | None], prog: str = "trojan-guard") -> int:
+    """``run()``'s status (0 for None) for a command line: a bundle, guard or OS error is one line on stderr and
+    status 2."""
+    try:
+        return run() or 0
+    except (BundleError, GuardError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -56,7 +56,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from guard import __version__
 from guard.dataplane import bundle_score_buckets, load_first_bundle
-from guard.errors import GuardError, ReloadFailed
+from guard.errors import GuardError, ReloadFailed, exit_status
 from guard.metrics import MULTIPROCESS_DIR, PREFIX, GuardMetrics, multiprocess_registry
 from guard.settings import GuardSettings
 from guard.transport.proto import guard_admin_pb2 as admin_pb
@@ -438,20 +438,12 @@ def worker_main(config_path: str) -> int:
     config = json.loads(Path(config_path).read_text())
     index = config["index"]
     _die_with_parent(config["parent"])
-    from guard.bundle import BundleError
-
-    try:
-        settings = GuardSettings(**config["settings"])
-        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                            format=f"%(asctime)s trojan-guard[worker {index}] %(levelname)s %(message)s")
-        metrics = GuardMetrics(score_buckets={k: tuple(v) for k, v in config["score_buckets"].items()})
-        asyncio.run(serve(settings, reuse_port=True, metrics=metrics))
-    except (BundleError, GuardError, OSError, ValueError) as exc:
-        print(f"trojan-guard[worker {index}]: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    settings = GuardSettings(**config["settings"])  # the supervisor's own, validated there
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s trojan-guard[worker {index}] %(levelname)s %(message)s")
+    metrics = GuardMetrics(score_buckets={k: tuple(v) for k, v in config["score_buckets"].items()})
+    return exit_status(lambda: asyncio.run(serve(settings, reuse_port=True, metrics=metrics)),
+                       f"trojan-guard[worker {index}]")
 
 
 if __name__ == "__main__":
