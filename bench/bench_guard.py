@@ -430,6 +430,13 @@ def peers_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_tables(stem: Path, result: dict, table) -> None:
+    """``stem``.json and ``stem``.md (the table docs/lab copies)."""
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float))
+    stem.with_suffix(".md").write_text(table(result))
+    print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-out/guard")
@@ -477,17 +484,13 @@ def main() -> None:
         peers = [p for p in args.peers.split(",") if p]
         if unknown := set(peers) - set(PEERS):
             raise SystemExit(f"--peers: unknown {sorted(unknown)}; choose from {', '.join(PEERS)}")
-        peers_result = part_peers(bundle_dir, test.x, args.seconds, peers, out)
-        (out.parent / "guard_peers.json").write_text(json.dumps(peers_result, indent=2, default=float))
-        (out.parent / "guard_peers.md").write_text(peers_table(peers_result))
-        print(f"written: {out.parent / 'guard_peers.json'}, {out.parent / 'guard_peers.md'}")
+        _write_tables(out.parent / "guard_peers", part_peers(bundle_dir, test.x, args.seconds, peers, out),
+                      peers_table)
         return
     if "workers" in parts:
         counts = [int(k) for k in args.workers.split(",") if k]
-        workers_result = part_workers(bundle_dir, test.x, args.seconds, counts, out)
-        (out.parent / "guard_workers.json").write_text(json.dumps(workers_result, indent=2, default=float))
-        (out.parent / "guard_workers.md").write_text(workers_table(workers_result))
-        print(f"written: {out.parent / 'guard_workers.json'}, {out.parent / 'guard_workers.md'}")
+        _write_tables(out.parent / "guard_workers", part_workers(bundle_dir, test.x, args.seconds, counts, out),
+                      workers_table)
         return
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float))

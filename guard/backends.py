@@ -32,11 +32,16 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def in_chunks(run: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray, size: int,
-               extra: tuple[str, ...] = ()) -> Outputs:
-    """``run`` over slices of at most ``size`` rows, each output concatenated."""
+def chunked(run: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray, size: int) -> list[np.ndarray]:
+    """``run`` over slices of at most ``size`` rows, each of its outputs concatenated."""
     parts = [run(x[i:i + size]) for i in range(0, len(x), size)]
-    return _outputs([np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))], extra)
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def in_chunks(run: Callable[[np.ndarray], list[np.ndarray]], x: np.ndarray, size: int,
+              extra: tuple[str, ...] = ()) -> Outputs:
+    """:func:`chunked`, as (logits, features[, {extra output: array}])."""
+    return _outputs(chunked(run, x, size), extra)
 
 
 class EmbeddedBackend:
@@ -74,9 +79,8 @@ class EmbeddedBackend:
                           self.extra)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        parts = [self.session.run(self.outputs[:1], {self.input_name: x[i:i + self.max_batch]})[0]
-                 for i in range(0, len(x), self.max_batch)]
-        return np.concatenate(parts)
+        return chunked(lambda part: self.session.run(self.outputs[:1], {self.input_name: part}), x,
+                       self.max_batch)[0]
 
     def close(self) -> None:
         pass

@@ -74,7 +74,7 @@ class InferenceServicer:
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self.draining = False
-        self.listening = True  # a --workers worker: False until its port is open
+        self.listening = False  # until the client port is open (a --workers worker opens it once warmed up)
 
     @property
     def serving(self) -> bool:
@@ -342,13 +342,13 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
         except RuntimeError as exc:
             raise OSError(f"cannot bind the gRPC port {address} (in use, or not an address of this host)") from exc
         await server.start()
+        inference.listening = True
         log.info("gRPC on %s:%d (%s)", settings.host, port,
                  "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext")
         return port
 
     # one process: the port answers at once (health NOT_SERVING while the bundle warms up); a worker of
     # --workers binds it once it serves, since the kernel hands connections to every socket that listens
-    inference.listening = not reuse_port
     port = 0 if reuse_port else await open_client_port()
     admin_server = admin_listener(settings, AdminServicer(guard, inference))
     try:
@@ -388,7 +388,6 @@ async def serve(settings: GuardSettings, bundle: GuardBundle | None = None,
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if reuse_port:
             port = await open_client_port()
-            inference.listening = True
         state = guard.state
         log.info("serving model '%s' from bundle %s (sha256 %s), policy %s, backend %s", guard.model_name,
                  settings.bundle, state.sha256[:12] if state else "?", state.policy if state else "?",

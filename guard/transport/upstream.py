@@ -7,7 +7,7 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from guard.backends import Outputs, in_chunks
+from guard.backends import Outputs, chunked, in_chunks
 from guard.errors import UpstreamError
 from guard.transport.codec import infer_request, output_arrays
 from guard.transport.proto import inference_pb2_grpc
@@ -65,8 +65,7 @@ class UpstreamBackend:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Only the logits output is asked for: a server that encodes outputs slowly (KServe 0.21: 26 rows in
         1.3 ms with logits alone, 1.9 ms with the features too) sends less."""
-        return np.concatenate([self._call(x[i:i + self.max_batch], self.outputs[:1])[0]
-                               for i in range(0, len(x), self.max_batch)])
+        return chunked(lambda part: self._call(part, self.outputs[:1]), x, self.max_batch)[0]
 
     def close(self) -> None:
         self.channel.close()

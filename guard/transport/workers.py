@@ -193,7 +193,7 @@ class WorkerPool:
                     return status
             await asyncio.sleep(0.1)
 
-    def _spawn_task(self, coroutine: Any) -> None:
+    def background(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -213,7 +213,7 @@ class WorkerPool:
                 raise wait.exception()  # type: ignore[misc]
         self.sha256 = waits[0].result().bundle_sha256
         for worker in self.workers:
-            self._spawn_task(self.supervise(worker))
+            self.background(self.supervise(worker))
 
     async def supervise(self, worker: Worker) -> None:
         """Start the worker again whenever it exits, until the pool stops."""
@@ -235,7 +235,7 @@ class WorkerPool:
             async with self._reload_lock:  # it starts on the bundle the others serve, not one mid-roll
                 await self.spawn(worker)
                 worker.restarts += 1
-            self._spawn_task(self._announce(worker))
+            self.background(self._announce(worker))
 
     async def _announce(self, worker: Worker) -> None:
         with contextlib.suppress(GuardError):
@@ -398,9 +398,9 @@ async def serve_workers(settings: GuardSettings, started: Callable[[int, int], N
             except GuardError as exc:
                 log.error("reload failed: %s", exc)
 
-        loop.add_signal_handler(signal.SIGHUP, lambda: pool._spawn_task(reload_quietly()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: pool.background(reload_quietly()))
         if settings.watch_bundle_s > 0:
-            pool._spawn_task(watch_bundle(lambda: pool.bundle_path, lambda: pool.sha256 or None, pool.reload,
+            pool.background(watch_bundle(lambda: pool.bundle_path, lambda: pool.sha256 or None, pool.reload,
                                           settings.watch_bundle_s))
         if started:
             started(port, settings.metrics_port)
